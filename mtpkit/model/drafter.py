@@ -1,0 +1,152 @@
+"""Reference assistant drafter (Gemma 4 "assistant" design, DESIGN.md §2), plain PyTorch.
+
+One draft step: x = pre_projection(concat(target_embed(token) * sqrt(d_target), h)); a few blocks whose
+attention has queries only and reads the *target's* K/V (sliding blocks: its last sliding layer, full
+blocks: its last full layer) straight from the target's KVCache buffers, no copy; final norm; logits
+from a dense head tied to the drafter's `embed_tokens` or from a centroid-sparse head; and
+post_projection(normed) = the next step's h. All steps of one round query at the same position (the
+bonus token's); a query at position q sees target keys k < q (the bonus's own K/V is not cached yet).
+
+Canonical keys: `pre_projection.weight`, `layers.{i}.{input_layernorm,post_attention_layernorm,
+pre_feedforward_layernorm,post_feedforward_layernorm}.weight`, `layers.{i}.self_attn.{q_proj,o_proj,q_norm}.weight`,
+`layers.{i}.mlp.{gate,up,down}_proj.weight`, `layers.{i}.layer_scalar`, `norm.weight`, `embed_tokens.weight`,
+`post_projection.weight`, and for the centroid head `centroids.weight` + `token_ordering`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from mtpkit.model.cache import KVCache
+from mtpkit.model.config import SLIDING, DrafterConfig, GemmaConfig
+from mtpkit.model.layers import GeGLU, RMSNorm, apply_rope, attend, rope_inv_freq, softcap
+
+
+class DraftOutput(NamedTuple):
+    logits: torch.Tensor  # dense: [B, T, V]; centroid: [B, T, N] logits of the candidate ids
+    hidden: torch.Tensor  # [B, T, d_target] next step's h
+    ids: torch.Tensor | None = None  # centroid head: [B, T, N] candidate token ids (N = top_k * tokens_per_centroid)
+    centroid_logits: torch.Tensor | None = None  # centroid head: [B, T, num_centroids] router logits
+
+    def dense_logits(self, vocab_size: int, floor: float = float("-inf")) -> torch.Tensor:
+        """[B, T, V] logits; with the centroid head, tokens outside the chosen clusters get `floor`."""
+        if self.ids is None:
+            return self.logits
+        out = self.logits.new_full((*self.logits.shape[:-1], vocab_size), floor)
+        return out.scatter(-1, self.ids, self.logits)
+
+
+def draft_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[T, S] bool: a drafter query at q sees target keys 0 <= k < q (and q - k < window when sliding)."""
+    k, q = k_pos[None, :], q_pos[:, None]
+    m = (k >= 0) & (k < q)
+    if window:
+        m &= (q - k) < window
+    return m
+
+
+class QOnlyAttention(nn.Module):
+    def __init__(self, c: DrafterConfig):
+        super().__init__()
+        self.n_heads, self.hd, self.scale = c.num_attention_heads, c.head_dim, c.attn_scale
+        self.q_proj = nn.Linear(c.hidden_size, self.n_heads * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, c.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.hd, c.rms_norm_eps)
+
+    def forward(self, x, q_pos, inv_freq, k, v, mask):
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2))
+        q = apply_rope(q, q_pos, inv_freq)
+        out = attend(q, k.to(q.dtype), v.to(q.dtype), mask, self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+
+class DrafterBlock(nn.Module):
+    def __init__(self, c: DrafterConfig):
+        super().__init__()
+        self.self_attn = QOnlyAttention(c)
+        self.mlp = GeGLU(c.hidden_size, c.intermediate_size)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.pre_feedforward_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_feedforward_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.layer_scalar = nn.Parameter(torch.ones(1))
+
+    def forward(self, x, q_pos, inv_freq, k, v, mask):
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), q_pos, inv_freq, k, v, mask))
+        x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        return x * self.layer_scalar
+
+
+class DrafterModel(nn.Module):
+    def __init__(self, config: DrafterConfig):
+        super().__init__()
+        self.config = c = config
+        self.pre_projection = nn.Linear(2 * c.target_hidden_size, c.hidden_size, bias=False)
+        self.layers = nn.ModuleList(DrafterBlock(c) for _ in c.layer_types)
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)  # the head's weight (tied)
+        self.post_projection = nn.Linear(c.hidden_size, c.target_hidden_size, bias=False)
+        if c.head == "centroid":
+            self.centroids = nn.Linear(c.hidden_size, c.num_centroids, bias=False)
+            # token_ordering[j * tokens_per_centroid : (j + 1) * tokens_per_centroid] = token ids of cluster j
+            self.register_buffer("token_ordering", torch.arange(c.vocab_size))
+        self.register_buffer("inv_freq_full", rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling_factor),
+                             persistent=False)
+        self.register_buffer("inv_freq_sliding", rope_inv_freq(c.head_dim, c.rope_local_base_freq), persistent=False)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, token_embeds: torch.Tensor, h: torch.Tensor, q_pos: torch.Tensor,
+                kv: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> DraftOutput:
+        """token_embeds [B, T, d_t] (already * sqrt(d_t)), h [B, T, d_t], q_pos [T] query positions,
+        kv {SLIDING|FULL: (k [B, KV, S, D], v, key_pos [S])} -> DraftOutput.
+
+        T > 1 is for training (each row its own position); the runtime drafts with T = 1.
+        """
+        c = self.config
+        x = self.pre_projection(torch.cat([token_embeds, h], dim=-1))
+        for kind, layer in zip(c.layer_types, self.layers):
+            k, v, k_pos = kv[kind]
+            sliding = kind == SLIDING
+            mask = draft_mask(q_pos, k_pos, c.sliding_window if sliding else None)
+            x = layer(x, q_pos, self.inv_freq_sliding if sliding else self.inv_freq_full, k, v, mask)
+        x = self.norm(x)
+        h_next = self.post_projection(x)
+        if c.head == "dense":
+            return DraftOutput(softcap((x @ self.embed_tokens.weight.T).float(), c.final_logit_softcapping), h_next)
+        return self._centroid_head(x, h_next)
+
+    def _centroid_head(self, x: torch.Tensor, h_next: torch.Tensor) -> DraftOutput:
+        c = self.config
+        router = self.centroids(x).float()  # [B, T, C]
+        top = router.topk(c.centroid_top_k, dim=-1).indices  # [B, T, K]
+        clusters = self.token_ordering.view(c.num_centroids, c.tokens_per_centroid)
+        ids = clusters[top].flatten(-2)  # [B, T, K * tokens_per_centroid]
+        w = self.embed_tokens(ids)  # [B, T, N, d]
+        logits = softcap(torch.einsum("btd,btnd->btn", x, w).float(), c.final_logit_softcapping)
+        return DraftOutput(logits, h_next, ids, router)
+
+
+def target_kv(cache: KVCache, target: GemmaConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The K/V views the drafter reads: the target's last sliding and last full layer (no copy)."""
+    out = {}
+    for kind in set(target.layer_types):
+        out[kind] = cache.layer(target.last_layer_of(kind))
+    return out
+
+
+def draft_step(target, drafter: DrafterModel, token: torch.Tensor, h: torch.Tensor,
+               cache: KVCache) -> DraftOutput:
+    """One runtime draft step: token [B], h [B, d_t] -> DraftOutput with T = 1.
+
+    Queries at position cache.length (the bonus token's); reads target K/V < cache.length.
+    `target` is the GemmaModel whose embedding and cache the drafter shares.
+    """
+    q_pos = torch.tensor([cache.length], device=token.device)
+    emb = target.embed(token[:, None])
+    return drafter(emb, h[:, None].to(emb.dtype), q_pos, target_kv(cache, target.config))

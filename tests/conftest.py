@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny random Gemma targets and drafters (seconds, no downloads)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from mtpkit.model.config import FULL, SLIDING, DrafterConfig, GemmaConfig
+from mtpkit.model.drafter import DrafterModel
+from mtpkit.model.gemma import GemmaModel
+
+
+def tiny_config(seed: int = 0, **overrides) -> GemmaConfig:
+    """A random small Gemma config: GQA, sliding + full layers, small window."""
+    rng = random.Random(seed)
+    n_kv = rng.choice([1, 2])
+    kw = dict(
+        vocab_size=rng.choice([64, 96, 128]), hidden_size=rng.choice([32, 48, 64]),
+        intermediate_size=rng.choice([64, 96]), num_hidden_layers=rng.choice([2, 3, 4]),
+        num_attention_heads=n_kv * rng.choice([1, 2]), num_key_value_heads=n_kv, head_dim=rng.choice([8, 16]),
+        query_pre_attn_scalar=rng.choice([8.0, 16.0]), sliding_window=rng.choice([4, 6, 8]),
+        rope_theta=10_000.0, rope_local_base_freq=100.0, max_position_embeddings=512,
+        final_logit_softcapping=rng.choice([None, 30.0]))
+    kw.update(overrides)
+    n = kw["num_hidden_layers"]
+    kw.setdefault("layer_types", [FULL if (i + 1) % 2 == 0 or i == n - 1 else SLIDING for i in range(n)])
+    if SLIDING not in kw["layer_types"] and kw["sliding_window"]:
+        kw["layer_types"][0] = SLIDING
+    return GemmaConfig(**kw)
+
+
+def randomize_(model: torch.nn.Module, seed: int, std: float = 0.3) -> torch.nn.Module:
+    """Random weights, norms included (so the (1 + w) convention is exercised)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layer_scalar"):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(std * torch.randn(p.shape, generator=g))
+    return model
+
+
+def tiny_target(seed: int = 0, **overrides) -> GemmaModel:
+    torch.manual_seed(seed)
+    return randomize_(GemmaModel(tiny_config(seed, **overrides)), seed).eval()
+
+
+def tiny_drafter(target: GemmaModel, seed: int = 0, **overrides) -> DrafterModel:
+    c = target.config
+    kw = dict(hidden_size=32, intermediate_size=64, layer_types=[SLIDING, FULL])
+    kw.update(overrides)
+    return randomize_(DrafterModel(DrafterConfig.for_target(c, **kw)), seed + 1000).eval()
+
+
+@pytest.fixture
+def target() -> GemmaModel:
+    return tiny_target(0)
