@@ -1,19 +1,16 @@
 """SentencePiece tokenizer for GGUF (``tokenizer.ggml.model == "llama"``) and HF ``tokenizer.model`` checkpoints.
 
-The GGUF vocab (pieces, scores, token types, special ids) is turned into a SentencePiece BPE
-``ModelProto`` with byte fallback and Gemma's normalizer (identity normalization, no dummy
-prefix, whitespace escaped to U+2581, extra whitespace kept), so encoding and decoding are done
-by the maintained ``sentencepiece`` library and match llama.cpp token for token.  The serialized
-model is cached once under ``$XDG_CACHE_HOME/mtpkit/tokenizers/<sha256>.model`` (``~/.cache``
-by default), so later loads only hash the vocab and read the file.
-
-Streaming: ``Tokenizer.stream()`` returns a ``StreamDecoder``; ``push(ids)`` returns the new text
-and holds back an incomplete trailing UTF-8 sequence (byte-fallback tokens) until it completes;
-``flush()`` returns whatever is left at the end.
+The GGUF vocab (pieces, scores, token types, special ids) becomes a SentencePiece BPE ``ModelProto``
+with byte fallback and Gemma's normalizer (identity, no dummy prefix, spaces escaped to U+2581, extra
+whitespace kept), so the maintained ``sentencepiece`` library does the work and matches llama.cpp id for
+id.  The serialized model is cached at ``$XDG_CACHE_HOME/mtpkit/tokenizers/<sha256>.model`` (default
+``~/.cache``).  ``Tokenizer.stream()`` gives a ``StreamDecoder`` for printing tokens as they arrive
+without emitting broken UTF-8.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import operator
@@ -37,11 +34,10 @@ def _build_model_proto(tokens, scores, token_types, bos_id, eos_id, unk_id, pad_
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     sp_type = pb.ModelProto.SentencePiece.Type
-    type_map = {1: sp_type.NORMAL, 2: sp_type.UNKNOWN, 3: sp_type.CONTROL,
-                4: sp_type.USER_DEFINED, 5: sp_type.UNUSED, 6: sp_type.BYTE}
+    # GGUF token_type 1 normal, 2 unknown, 3 control, 4 user_defined, 5 unused, 6 byte: same numbers as the proto
     pieces = []
     for i, (piece, score, tt) in enumerate(zip(tokens, scores, token_types)):
-        t = type_map.get(int(tt), sp_type.NORMAL)
+        t = int(tt) if 1 <= int(tt) <= 6 else sp_type.NORMAL
         if i == unk_id:
             t = sp_type.UNKNOWN  # SentencePiece needs exactly one UNKNOWN piece (Gemma's GGUF marks it CONTROL)
         elif t == sp_type.UNKNOWN:
@@ -54,18 +50,13 @@ def _build_model_proto(tokens, scores, token_types, bos_id, eos_id, unk_id, pad_
     m = pb.ModelProto()
     m.pieces.extend(pieces)
     ts = m.trainer_spec
-    ts.model_type = pb.TrainerSpec.BPE
-    ts.vocab_size = len(tokens)
-    ts.byte_fallback = any(int(t) == 6 for t in token_types)
+    ts.model_type, ts.vocab_size, ts.byte_fallback = pb.TrainerSpec.BPE, len(tokens), 6 in token_types
     ts.unk_id, ts.bos_id, ts.eos_id, ts.pad_id = unk_id, bos_id, eos_id, pad_id
     for name, idx in (("unk", unk_id), ("bos", bos_id), ("eos", eos_id), ("pad", pad_id)):
         if 0 <= idx < len(tokens):
             setattr(ts, name + "_piece", tokens[idx])
-    ns = m.normalizer_spec
-    ns.name = "identity"
-    ns.add_dummy_prefix = add_space_prefix
-    ns.remove_extra_whitespaces = False
-    ns.escape_whitespaces = True
+    m.normalizer_spec.CopyFrom(pb.NormalizerSpec(name="identity", add_dummy_prefix=add_space_prefix,
+                                                 remove_extra_whitespaces=False, escape_whitespaces=True))
     return m.SerializeToString()
 
 
@@ -87,10 +78,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
 
 
@@ -185,12 +174,8 @@ class Tokenizer:
         except Exception as e:
             raise MtpkitError(f"cannot load SentencePiece model {model_file}: {e}") from e
         add_bos = True
-        config = model_file.parent / "tokenizer_config.json"
-        if config.is_file():
-            try:
-                add_bos = bool(json.loads(config.read_text()).get("add_bos_token", True))
-            except (ValueError, OSError):
-                pass
+        with contextlib.suppress(ValueError, OSError):
+            add_bos = bool(json.loads((model_file.parent / "tokenizer_config.json").read_text()).get("add_bos_token", True))
         return cls(sp, sp.bos_id(), sp.eos_id(), add_bos, sp.pad_id(), model_file)
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
@@ -202,11 +187,9 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         """Text for ``ids``; control tokens (bos/eos/...) decode to nothing."""
-        ids = [int(i) for i in ids]
-        n = self.vocab_size
-        bad = [i for i in ids if not 0 <= i < n]
-        if bad:
-            raise MtpkitError(f"token id {bad[0]} out of range for vocab of size {n}")
+        ids, n = [int(i) for i in ids], self.vocab_size
+        if any(not 0 <= i < n for i in ids):
+            raise MtpkitError(f"token id {next(i for i in ids if not 0 <= i < n)} out of range for vocab of size {n}")
         return self.sp.decode(ids)
 
     def stream(self) -> "StreamDecoder":
@@ -222,10 +205,8 @@ class StreamDecoder:
     """
 
     def __init__(self, tokenizer: Tokenizer):
-        self.tok = tokenizer
-        self.ids: list[int] = []
-        self._prefix = 0  # start of the window that is re-decoded for context
-        self._read = 0  # ids before this have been emitted
+        self.tok, self.ids = tokenizer, []
+        self._prefix = self._read = 0  # window start re-decoded for context / ids before _read are emitted
 
     def push(self, ids) -> str:
         """Add one id or an iterable of ids; return the newly completed text (maybe "")."""

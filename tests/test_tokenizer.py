@@ -192,8 +192,11 @@ PARITY = [
     "mixed   \t \t  whitespace\n \n  \n",
     "".join(chr(c) for c in range(32, 127)),
     "\u00a0nbsp \u2009thin \u3000ideographic \u200bzero-width \ufeffbom",
-    "\u2581already escaped \u2581\u2581",  # U+2581 is the escaped space: ids must match, round trip is lossy
+    "\u2581already\u2581escaped\u2581",  # U+2581 is the escaped space; decodes back as " "
 ]
+# Known divergence: runs of literal U+2581 / spaces.  llama.cpp matches Gemma's whitespace user-defined
+# tokens on raw spaces only; SentencePiece (like Gemma's own tokenizer.model) matches them after escaping.
+DIVERGENT = ["a \u2581b", "a\u2581\u2581b"]
 
 
 def _real_model_path():
@@ -234,8 +237,9 @@ def test_real_basics(real_tok):
 
 
 @pytest.mark.slow
-def test_real_matches_llama_cpp(real_tok, llama_vocab):
-    assert _mismatches(real_tok, llama_vocab, PARITY) == []
+@pytest.mark.parametrize("text", PARITY + [pytest.param(t, marks=pytest.mark.xfail(strict=True)) for t in DIVERGENT])
+def test_real_matches_llama_cpp(real_tok, llama_vocab, text):
+    assert _mismatches(real_tok, llama_vocab, [text]) == []
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ from mtpkit.model.drafter import DrafterModel
 from mtpkit.model.gemma import GemmaModel
 
 DEFAULT_TARGET = "gemma3-270m"
-CACHE_FORMAT = 1  # bump when the cached layout or the GGUF mapping changes
+CACHE_FORMAT = 2  # bump when the cached layout or the GGUF mapping changes
 
 
 def _default_target_path() -> Path:
@@ -240,6 +240,9 @@ def gguf_config(reader) -> GemmaConfig:
         if f is None:
             return default
         v = f.contents()
+        if isinstance(v, float):  # GGUF floats are f32: keep the shortest decimal (1e-06, not 9.99999997e-07)
+            import numpy as np
+            v = float(np.format_float_positional(np.float32(v), unique=True, trim="-"))
         return v
     arch = get("general.architecture")
     if arch != "gemma3":
@@ -312,10 +315,10 @@ def import_gguf(path: Path, out: Path) -> dict[str, Any]:
             raise MtpkitError(f"GGUF {path.name} lacks tensor for {k!r}")
         if tuple(tensors[k].shape) != tuple(own[k].shape):
             raise MtpkitError(f"GGUF tensor for {k!r} has shape {tuple(tensors[k].shape)}, metadata implies {tuple(own[k].shape)}")
-    tok = Tokenizer.from_gguf(path, reader=reader)
+    tok = Tokenizer.from_gguf(reader)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     save_file(tensors, str(out / "model.safetensors"))
-    tok.save(out / "tokenizer.model")
+    (out / "tokenizer.model").write_bytes(tok.sp.serialized_model_proto())
     types = sorted({t.tensor_type.name for t in reader.tensors})
     return {"tensor_types": types, "gguf_name": str(reader.fields["general.name"].contents())
             if "general.name" in reader.fields else None}
