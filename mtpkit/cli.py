@@ -9,7 +9,8 @@ import functools
 import json
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import typer
 

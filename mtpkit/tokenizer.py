@@ -3,8 +3,7 @@
 The GGUF vocab (pieces, scores, token types, special ids) becomes a SentencePiece BPE ``ModelProto``
 with byte fallback and Gemma's normalizer (identity, no dummy prefix, spaces escaped to U+2581, extra
 whitespace kept), so the maintained ``sentencepiece`` library does the work and matches llama.cpp id for
-id.  The serialized model is cached at ``$XDG_CACHE_HOME/mtpkit/tokenizers/<sha256>.model`` (default
-``~/.cache``).  ``Tokenizer.stream()`` gives a ``StreamDecoder`` for printing tokens as they arrive
+id.  The serialized model is cached at ``<mtpkit cache>/tokenizers/<sha256>.model`` (see ``mtpkit.paths``).  ``Tokenizer.stream()`` gives a ``StreamDecoder`` for printing tokens as they arrive
 without emitting broken UTF-8.
 """
 
@@ -26,8 +25,8 @@ _SPACE = "\u2581"
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "mtpkit" / "tokenizers"
+    from mtpkit.paths import cache_dir as root
+    return root() / "tokenizers"
 
 
 def _build_model_proto(tokens, scores, token_types, bos_id, eos_id, unk_id, pad_id, add_space_prefix) -> bytes:
@@ -36,7 +35,7 @@ def _build_model_proto(tokens, scores, token_types, bos_id, eos_id, unk_id, pad_
     sp_type = pb.ModelProto.SentencePiece.Type
     # GGUF token_type 1 normal, 2 unknown, 3 control, 4 user_defined, 5 unused, 6 byte: same numbers as the proto
     pieces = []
-    for i, (piece, score, tt) in enumerate(zip(tokens, scores, token_types)):
+    for i, (piece, score, tt) in enumerate(zip(tokens, scores, token_types, strict=True)):
         t = int(tt) if 1 <= int(tt) <= 6 else sp_type.NORMAL
         if i == unk_id:
             t = sp_type.UNKNOWN  # SentencePiece needs exactly one UNKNOWN piece (Gemma's GGUF marks it CONTROL)
@@ -98,7 +97,7 @@ class Tokenizer:
 
     @classmethod
     def from_gguf_fields(cls, tokens, scores, token_types, bos_id, eos_id, unk_id, pad_id=-1,
-                         add_bos: bool = True, add_space_prefix: bool = False) -> "Tokenizer":
+                         add_bos: bool = True, add_space_prefix: bool = False) -> Tokenizer:
         """Build from already-parsed GGUF tokenizer metadata (no GGUF file access)."""
         import sentencepiece as spm
 
@@ -129,7 +128,7 @@ class Tokenizer:
         return cls(sp, ids[0], ids[1], add_bos, ids[3], path)
 
     @classmethod
-    def from_gguf(cls, path) -> "Tokenizer":
+    def from_gguf(cls, path) -> Tokenizer:
         """Read the tokenizer from a GGUF file (``path`` may also be an open ``gguf.GGUFReader``)."""
         if hasattr(path, "fields"):
             reader, path = path, "<GGUFReader>"
@@ -161,7 +160,7 @@ class Tokenizer:
         )
 
     @classmethod
-    def from_sentencepiece(cls, path) -> "Tokenizer":
+    def from_sentencepiece(cls, path) -> Tokenizer:
         """Load an HF-layout directory containing ``tokenizer.model`` (or a ``.model`` file itself)."""
         import sentencepiece as spm
 
@@ -192,7 +191,7 @@ class Tokenizer:
             raise MtpkitError(f"token id {next(i for i in ids if not 0 <= i < n)} out of range for vocab of size {n}")
         return self.sp.decode(ids)
 
-    def stream(self) -> "StreamDecoder":
+    def stream(self) -> StreamDecoder:
         return StreamDecoder(self)
 
 

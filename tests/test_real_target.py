@@ -109,7 +109,7 @@ def test_greedy_matches_llama_cpp(real, tmp_path):
         for p in PROMPTS:
             toks, logits = ours[p]
             lc = [t for t, _ in theirs[p]]
-            first = next((i for i, (a, b) in enumerate(zip(toks, lc)) if a != b), None)
+            first = next((i for i, (a, b) in enumerate(zip(toks, lc, strict=True)) if a != b), None)
             msg = "identical" if first is None else f"diverges at token {first}"
             if first is not None:
                 our_gap = float(logits[first][toks[first]] - logits[first][lc[first]])

@@ -5,8 +5,8 @@ import string
 
 import pytest
 
-from mtpkit.errors import MtpkitError
 from mtpkit import tokenizer as tokmod
+from mtpkit.errors import MtpkitError
 from mtpkit.tokenizer import Tokenizer
 
 SP = "\u2581"

@@ -110,7 +110,7 @@ class DrafterModel(nn.Module):
         """
         c = self.config
         x = self.pre_projection(torch.cat([token_embeds, h], dim=-1))
-        for kind, layer in zip(c.layer_types, self.layers):
+        for kind, layer in zip(c.layer_types, self.layers, strict=True):
             k, v, k_pos = kv[kind]
             sliding = kind == SLIDING
             mask = draft_mask(q_pos, k_pos, c.sliding_window if sliding else None)

@@ -27,6 +27,7 @@ from mtpkit.errors import MtpkitError
 from mtpkit.model.config import FULL, SLIDING, DrafterConfig, GemmaConfig
 from mtpkit.model.drafter import DrafterModel
 from mtpkit.model.gemma import GemmaModel
+from mtpkit.paths import cache_dir
 
 DEFAULT_TARGET = "gemma3-270m"
 CACHE_FORMAT = 2  # bump when the cached layout or the GGUF mapping changes
@@ -41,12 +42,6 @@ def _default_target_path() -> Path:
 
 
 KNOWN_TARGETS = {DEFAULT_TARGET: _default_target_path}
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("MTPKIT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mtpkit")
-    return Path(base)
 
 
 @dataclass
@@ -191,6 +186,19 @@ def gguf_to_canonical(name: str) -> tuple[str, bool]:
         suffix, is_norm = _GGUF_NAMES[parts[2]]
         return f"layers.{parts[1]}.{suffix}.weight", is_norm
     raise MtpkitError(f"unexpected tensor {name!r} in a gemma3 GGUF (untied output heads are not supported)")
+
+
+def canonical_to_gguf(name: str) -> tuple[str, bool]:
+    """Inverse of `gguf_to_canonical` (for writers): canonical name -> (GGUF name, store as 1 + w)."""
+    if name == "embed_tokens.weight":
+        return "token_embd.weight", False
+    if name == "norm.weight":
+        return "output_norm.weight", True
+    _, i, rest = name.split(".", 2)
+    for g, (suffix, is_norm) in _GGUF_NAMES.items():
+        if rest == f"{suffix}.weight":
+            return f"blk.{i}.{g}.weight", is_norm
+    raise KeyError(name)
 
 
 def _sha256(path: Path) -> str:
