@@ -37,7 +37,7 @@ def tiny_fields():
 
 @pytest.fixture
 def cache_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("MTPKIT_CACHE", str(tmp_path / "cache" / "mtpkit"))
     return tmp_path / "cache" / "mtpkit" / "tokenizers"
 
 
