@@ -88,7 +88,7 @@ def test_cache_written_once_and_reused(cache_home, monkeypatch):
     assert t2.model_path == t1.model_path and t2.encode("hello world") == t1.encode("hello world")
     assert sorted(os.listdir(cache_home)) == files  # no leftover temp files
     monkeypatch.undo()
-    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home.parent.parent))
+    monkeypatch.setenv("MTPKIT_CACHE", str(cache_home.parent))
     scores2 = list(scores)
     scores2[-1] -= 1.0  # different vocab content -> different cache key
     Tokenizer.from_gguf_fields(tokens, scores2, types, 2, 1, 3, 0, add_bos=True)
