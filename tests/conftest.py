@@ -31,15 +31,23 @@ def tiny_config(seed: int = 0, **overrides) -> GemmaConfig:
     return GemmaConfig(**kw)
 
 
-def randomize_(model: torch.nn.Module, seed: int, std: float = 0.3) -> torch.nn.Module:
-    """Random weights, norms included (so the (1 + w) convention is exercised)."""
+def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random weights, norms included (so the (1 + w) convention is exercised).
+
+    Small embeddings and gain-2 matrices keep the tied head from just echoing the input token, so
+    greedy text from a tiny random model is varied (tens of distinct tokens), not one token repeated.
+    """
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("layer_scalar"):
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            elif "embed" in name:
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+            elif p.dim() == 2:
+                p.copy_(2.0 * torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
             else:
-                p.copy_(std * torch.randn(p.shape, generator=g))
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
     return model
 
 

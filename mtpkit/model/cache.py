@@ -50,23 +50,17 @@ class KVCache:
     def is_ring(self, layer: int) -> bool:
         return self.sizes[layer] < self.max_len
 
-    def write(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k, v [B, KV, T, D] for positions start..start+T-1 of `layer`."""
-        T, n = k.shape[2], self.sizes[layer]
-        if start + T > self.max_len:
-            raise MtpkitError(f"context full: {start + T} positions > cache max_len {self.max_len}")
-        if n == self.max_len:
-            self.k[layer][:, :, start:start + T] = k
-            self.v[layer][:, :, start:start + T] = v
-        else:
-            if T > self.max_chunk:
-                raise MtpkitError(f"a ring layer takes at most {self.max_chunk} tokens per write, got {T}")
-            slots = torch.arange(start, start + T, device=k.device) % n
-            self.k[layer][:, :, slots] = k
-            self.v[layer][:, :, slots] = v
+    def write(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k, v [B, KV, T, D] for positions pos [T] of `layer` (tensor ops only: CUDA-graph safe).
 
-    def key_positions(self, layer: int, length: int | None = None) -> torch.Tensor:
-        """[S] position held by each slot of `layer` when `length` positions are valid; -1 = empty.
+        Bounds (pos < max_len, T <= max_chunk on rings) are the caller's to check: GemmaModel.forward does.
+        """
+        slots = pos % self.sizes[layer]
+        self.k[layer].index_copy_(2, slots, k.to(self.k[layer].dtype))
+        self.v[layer].index_copy_(2, slots, v.to(self.v[layer].dtype))
+
+    def key_positions(self, layer: int, length: int | torch.Tensor | None = None) -> torch.Tensor:
+        """[S] position held by each slot of `layer` when `length` positions are valid (< 0 = empty).
 
         Entries >= length (full layers) or < 0 must be masked by the caller.
         """

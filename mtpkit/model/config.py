@@ -148,7 +148,10 @@ class DrafterConfig:
     attn_scale: float = 1.0  # q is RMS-normed and k was normed by the target: no 1/sqrt(d) needed
     rms_norm_eps: float = 1e-6
     final_logit_softcapping: float | None = None
-    head: str = "dense"  # "dense" (tied to the drafter's embed_tokens) or "centroid"
+    head: str = "dense"  # "dense" (tied to the head's embedding matrix) or "centroid"
+    # True: the head (and the centroid gather) use the *target's* embedding matrix, bound at load time with
+    # `DrafterModel.bind_target`; the drafter then owns no vocab-sized tensor (needs hidden == target hidden)
+    share_target_embedding: bool = False
     num_centroids: int = 2048  # centroid head: vocab_size must equal num_centroids * tokens_per_centroid
     centroid_top_k: int = 32  # clusters kept per step
 
@@ -178,6 +181,9 @@ class DrafterConfig:
                 raise MtpkitError("centroid head: vocab_size must be a multiple of num_centroids")
             if self.centroid_top_k > self.num_centroids:
                 raise MtpkitError("centroid head: centroid_top_k exceeds num_centroids")
+        if self.share_target_embedding and self.hidden_size != self.target_hidden_size:
+            raise MtpkitError(f"share_target_embedding needs hidden_size == target_hidden_size "
+                              f"({self.hidden_size} != {self.target_hidden_size})")
 
     def check_target(self, t: GemmaConfig) -> None:
         """Raise MtpkitError naming the first field where this drafter cannot run on target `t`."""

@@ -7,10 +7,17 @@ from a dense head tied to the drafter's `embed_tokens` or from a centroid-sparse
 post_projection(normed) = the next step's h. All steps of one round query at the same position (the
 bonus token's); a query at position q sees target keys k < q (the bonus's own K/V is not cached yet).
 
+With `share_target_embedding` the head reads the *target's* embedding matrix instead of its own: it is
+bound with `bind_target(weight)` (a plain reference, not a parameter or buffer, so `state_dict`, save and
+load never contain it and `num_parameters` does not count it); `draft_step` binds it from the target it
+is given. `forward` = `body` (blocks + final norm + post_projection) then `head` (logits); training
+calls the two separately so it can compute vocabulary-sized logits in chunks.
+
 Canonical keys: `pre_projection.weight`, `layers.{i}.{input_layernorm,post_attention_layernorm,
 pre_feedforward_layernorm,post_feedforward_layernorm}.weight`, `layers.{i}.self_attn.{q_proj,o_proj,q_norm}.weight`,
 `layers.{i}.mlp.{gate,up,down}_proj.weight`, `layers.{i}.layer_scalar`, `norm.weight`, `embed_tokens.weight`,
-`post_projection.weight`, and for the centroid head `centroids.weight` + `token_ordering`.
+`post_projection.weight` (no `embed_tokens.weight` when the target's is shared), and for the centroid head
+`centroids.weight` + `token_ordering`.
 """
 
 from __future__ import annotations
@@ -18,8 +25,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from mtpkit.errors import MtpkitError
 from mtpkit.model.cache import KVCache
 from mtpkit.model.config import SLIDING, DrafterConfig, GemmaConfig
 from mtpkit.model.layers import GeGLU, RMSNorm, apply_rope, attend, rope_inv_freq, softcap
@@ -88,7 +97,9 @@ class DrafterModel(nn.Module):
         self.pre_projection = nn.Linear(2 * c.target_hidden_size, c.hidden_size, bias=False)
         self.layers = nn.ModuleList(DrafterBlock(c) for _ in c.layer_types)
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)  # the head's weight (tied)
+        if not c.share_target_embedding:
+            self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)  # the head's weight (tied)
+        self.__dict__["_target_embedding"] = None  # bound by bind_target; kept out of nn.Module's registries
         self.post_projection = nn.Linear(c.hidden_size, c.target_hidden_size, bias=False)
         if c.head == "centroid":
             self.centroids = nn.Linear(c.hidden_size, c.num_centroids, bias=False)
@@ -99,7 +110,35 @@ class DrafterModel(nn.Module):
         self.register_buffer("inv_freq_sliding", rope_inv_freq(c.head_dim, c.rope_local_base_freq), persistent=False)
 
     def num_parameters(self) -> int:
+        """The drafter's own parameters; a bound target embedding is the target's and is not counted."""
         return sum(p.numel() for p in self.parameters())
+
+    def bind_target(self, embed_weight: torch.Tensor) -> None:
+        """Use the target's embedding matrix [V, d] as the head (only with share_target_embedding).
+
+        Keeps a reference to the tensor (pass the target's nn.Parameter itself so `target.to(...)`, which
+        swaps `.data` in place, is followed); it is never saved, moved or trained through the drafter.
+        """
+        c = self.config
+        if not c.share_target_embedding:
+            raise MtpkitError("bind_target: this drafter has its own embedding (share_target_embedding is False)")
+        if tuple(embed_weight.shape) != (c.vocab_size, c.hidden_size):
+            raise MtpkitError(f"bind_target: target embedding has shape {tuple(embed_weight.shape)}, "
+                              f"the drafter needs {(c.vocab_size, c.hidden_size)}")
+        self.__dict__["_target_embedding"] = embed_weight
+
+    @property
+    def is_bound(self) -> bool:
+        return not self.config.share_target_embedding or self._target_embedding is not None
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """[V, d] the matrix the head is tied to: the drafter's embed_tokens or the bound target embedding."""
+        if not self.config.share_target_embedding:
+            return self.embed_tokens.weight
+        if self._target_embedding is None:
+            raise MtpkitError("drafter shares the target's embedding: call drafter.bind_target(target.embed_tokens.weight)")
+        return self._target_embedding
 
     def forward(self, token_embeds: torch.Tensor, h: torch.Tensor, q_pos: torch.Tensor,
                 kv: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> DraftOutput:
@@ -108,6 +147,12 @@ class DrafterModel(nn.Module):
 
         T > 1 is for training (each row its own position); the runtime drafts with T = 1.
         """
+        x, h_next = self.body(token_embeds, h, q_pos, kv)
+        return self.head(x, h_next)
+
+    def body(self, token_embeds: torch.Tensor, h: torch.Tensor, q_pos: torch.Tensor,
+             kv: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Same inputs as `forward` -> (x [B, T, d] final-normed features the head reads, h_next [B, T, d_t])."""
         c = self.config
         x = self.pre_projection(torch.cat([token_embeds, h], dim=-1))
         for kind, layer in zip(c.layer_types, self.layers, strict=True):
@@ -116,19 +161,31 @@ class DrafterModel(nn.Module):
             mask = draft_mask(q_pos, k_pos, c.sliding_window if sliding else None)
             x = layer(x, q_pos, self.inv_freq_sliding if sliding else self.inv_freq_full, k, v, mask)
         x = self.norm(x)
-        h_next = self.post_projection(x)
-        if c.head == "dense":
-            return DraftOutput(softcap((x @ self.embed_tokens.weight.T).float(), c.final_logit_softcapping), h_next)
+        return x, self.post_projection(x)
+
+    def head(self, x: torch.Tensor, h_next: torch.Tensor) -> DraftOutput:
+        """x [B, T, d] from `body` -> DraftOutput (dense logits, or the centroid head's candidates)."""
+        if self.config.head == "dense":
+            return DraftOutput(self.dense_logits(x), h_next)
         return self._centroid_head(x, h_next)
+
+    def dense_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., d] -> float32 logits [..., V] over the whole vocabulary (any head type)."""
+        w = self.head_weight
+        return softcap((x.to(w.dtype) @ w.T).float(), self.config.final_logit_softcapping)
+
+    def cluster_tokens(self) -> torch.Tensor:
+        """[num_centroids, tokens_per_centroid] token ids of each cluster (centroid head)."""
+        c = self.config
+        return self.token_ordering.view(c.num_centroids, c.tokens_per_centroid)
 
     def _centroid_head(self, x: torch.Tensor, h_next: torch.Tensor) -> DraftOutput:
         c = self.config
         router = self.centroids(x).float()  # [B, T, C]
         top = router.topk(c.centroid_top_k, dim=-1).indices  # [B, T, K]
-        clusters = self.token_ordering.view(c.num_centroids, c.tokens_per_centroid)
-        ids = clusters[top].flatten(-2)  # [B, T, K * tokens_per_centroid]
-        w = self.embed_tokens(ids)  # [B, T, N, d]
-        logits = softcap(torch.einsum("btd,btnd->btn", x, w).float(), c.final_logit_softcapping)
+        ids = self.cluster_tokens()[top].flatten(-2)  # [B, T, K * tokens_per_centroid]
+        w = F.embedding(ids, self.head_weight)  # [B, T, N, d]
+        logits = softcap(torch.einsum("btd,btnd->btn", x.to(w.dtype), w).float(), c.final_logit_softcapping)
         return DraftOutput(logits, h_next, ids, router)
 
 
@@ -145,8 +202,11 @@ def draft_step(target, drafter: DrafterModel, token: torch.Tensor, h: torch.Tens
     """One runtime draft step: token [B], h [B, d_t] -> DraftOutput with T = 1.
 
     Queries at position cache.length (the bonus token's); reads target K/V < cache.length.
-    `target` is the GemmaModel whose embedding and cache the drafter shares.
+    `target` is the GemmaModel whose embedding and cache the drafter shares (a drafter with
+    share_target_embedding that is not bound yet gets bound to it here).
     """
+    if not drafter.is_bound:
+        drafter.bind_target(target.embed_tokens.weight)
     q_pos = torch.tensor([cache.length], device=token.device)
     emb = target.embed(token[:, None])
     return drafter(emb, h[:, None].to(emb.dtype), q_pos, target_kv(cache, target.config))

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from mtpkit.errors import MtpkitError
 from mtpkit.model.cache import KVCache
 from mtpkit.model.config import GemmaConfig
 from mtpkit.model.layers import GeGLU, RMSNorm, apply_rope, attend, attention_mask, rope_inv_freq, softcap
@@ -50,12 +51,12 @@ class Attention(nn.Module):
         k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2))
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, pos, inv_freq), apply_rope(k, pos, inv_freq)
-        start = int(pos[0])
+        length = pos[-1] + 1  # a tensor: no host sync, so the step can be CUDA-graphed
         if cache is None:
-            k_all, v_all, k_pos, length = k, v, pos, start + T
+            k_all, v_all, k_pos = k, v, pos
         else:
-            cache.write(self.layer, start, k, v)
-            k_all, v_all, length = cache.k[self.layer], cache.v[self.layer], start + T
+            cache.write(self.layer, pos, k, v)
+            k_all, v_all = cache.k[self.layer], cache.v[self.layer]
             k_pos = cache.key_positions(self.layer, length)
         mask = attention_mask(pos, k_pos, length, self.window)
         out = attend(q, k_all.to(q.dtype), v_all.to(q.dtype), mask, self.scale)
@@ -108,27 +109,36 @@ class GemmaModel(nn.Module):
         Inputs longer than `cache.max_chunk` are run in chunks (a sliding ring must not overwrite keys
         the same forward still needs). `logits=False` skips the head (returns an empty logits tensor).
         """
+        T = tokens.shape[1]
         if cache is None:
-            return self._forward(tokens, 0 if start is None else start, None, logits)
+            start = 0 if start is None else start
+            return self.step(tokens, torch.arange(start, start + T, device=tokens.device), None, logits)
         start = cache.length if start is None else start
         if start < cache.length:
             cache.rollback(start)
         elif start > cache.length:
             raise ValueError(f"cannot write at {start}: cache holds only {cache.length} positions (no gaps)")
-        step = cache.max_chunk
-        outs = [self._forward(tokens[:, i:i + step], start + i, cache, logits) for i in range(0, tokens.shape[1], step)]
+        if start + T > cache.max_len:
+            raise MtpkitError(f"context full: {start + T} positions > cache max_len {cache.max_len}")
+        step, outs = cache.max_chunk, []
+        for i in range(0, T, step):
+            n = min(step, T - i)
+            outs.append(self.step(tokens[:, i:i + n], torch.arange(start + i, start + i + n, device=tokens.device),
+                                  cache, logits))
+            cache.advance(start + i, n)
         if len(outs) == 1:
             return outs[0]
         return Output(torch.cat([o.logits for o in outs], 1), torch.cat([o.hidden for o in outs], 1))
 
-    def _forward(self, tokens: torch.Tensor, start: int, cache: KVCache | None, logits: bool) -> Output:
-        T = tokens.shape[1]
-        pos = torch.arange(start, start + T, device=tokens.device)
+    def step(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache | None, logits: bool = True) -> Output:
+        """The raw forward: tokens [B, T] at positions pos [T] (contiguous), tensor ops only.
+
+        Writes K/V into `cache` but leaves its bookkeeping (length) to the caller, so a backend can
+        capture this in a CUDA graph and replay it. Use `forward` unless you are such a backend.
+        """
         x = self.embed(tokens)
         for i, layer in enumerate(self.layers):
             x = layer(x, pos, self.inv_freq(i), cache)
-        if cache is not None:
-            cache.advance(start, T)
         hidden = self.norm(x)
         return Output(self.head(hidden) if logits else hidden.new_empty(0), hidden)
 

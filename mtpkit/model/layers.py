@@ -59,12 +59,18 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, length: int, window
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [B, H, T, D], k/v [B, KV, S, D], mask [T, S] -> [B, H, T, D]. GQA by head grouping."""
-    rep = q.shape[1] // k.shape[1]
+    """q [B, H, T, D], k/v [B, KV, S, D], mask [T, S] -> [B, H, T, D].
+
+    GQA without copying K/V: the `rep` query heads sharing a KV head are folded into the query axis.
+    """
+    B, H, T, D = q.shape
+    KV = k.shape[1]
+    rep = H // KV
     if rep > 1:
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        q = q.reshape(B, KV, rep * T, D)
+        mask = mask.repeat(rep, 1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.reshape(B, H, T, D)
 
 
 def softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:

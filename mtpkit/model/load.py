@@ -335,7 +335,10 @@ def import_gguf(path: Path, out: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- drafters
 
 def save_drafter(drafter: DrafterModel, out: str | os.PathLike, meta: dict[str, Any] | None = None) -> None:
-    """Atomically write `out/` = config.json + model.safetensors (+ meta.json)."""
+    """Atomically write `out/` = config.json + model.safetensors (+ meta.json).
+
+    Only the drafter's own tensors are written: a shared (bound) target embedding is not in its state_dict.
+    """
     from safetensors.torch import save_file
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -359,18 +362,25 @@ def save_drafter(drafter: DrafterModel, out: str | os.PathLike, meta: dict[str, 
         raise
 
 
-def load_drafter(path: str | os.PathLike, target: GemmaConfig | None = None, *,
+def load_drafter(path: str | os.PathLike, target: GemmaConfig | GemmaModel | None = None, *,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> DrafterModel:
-    """Load a drafter directory; with `target`, check it can run on that target first."""
+    """Load a drafter directory; with `target`, check it can run on that target first.
+
+    A drafter with `share_target_embedding` has no embedding of its own on disk: pass the target
+    model (not just its config) to bind it here, or bind later (`drafter.bind_target`, or `draft_step`).
+    """
     d = Path(path).expanduser()
     if not d.is_dir():
         raise MtpkitError(f"drafter {str(path)!r} is not a directory with config.json + model.safetensors")
     config = DrafterConfig.from_dict(_read_json(d / "config.json"))
     if target is not None:
-        config.check_target(target)
+        config.check_target(target.config if isinstance(target, GemmaModel) else target)
     files = sorted(d.glob("*.safetensors"))
     if not files:
         raise MtpkitError(f"no *.safetensors weights in {d}")
     model = DrafterModel(config)
     load_state(model, read_safetensors(files), f"drafter {d}")
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    if isinstance(target, GemmaModel) and config.share_target_embedding:
+        model.bind_target(target.embed_tokens.weight)
+    return model

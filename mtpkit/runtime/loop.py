@@ -1,0 +1,113 @@
+"""The shared-cache speculative loop as small steps and one generator.
+
+Contract of a round (DESIGN.md §3): the target cache holds positions < p, h is the target's post-norm
+hidden at p - 1 and b (the bonus token, position p) is not in the cache yet.
+  draft   d_1..d_k  <- drafter(b, h) at query position p, reading the target's cache
+  verify  target([b, d_1..d_k]) at positions p..p+k -> logits, hidden
+  accept  n drafts (greedy prefix match, or rejection sampling) + the next bonus b'
+  commit  roll the cache back to p + n + 1, h <- hidden[n]
+Every round emits d_1..d_n, b': tau = n + 1 tokens per target forward. With no drafter (or k = 0) the
+same code is plain decoding, which is the baseline every speedup is measured against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from mtpkit.errors import MtpkitError
+from mtpkit.runtime.backend import Backend
+from mtpkit.runtime.sampling import SamplingParams, accept_greedy, accept_rejection, probs, sample
+
+
+@dataclass
+class Round:
+    tokens: list[int]  # emitted this round (accepted drafts, then the target's token), cut at EOS/limit
+    drafted: int  # drafts proposed
+    accepted: int  # drafts accepted
+    draft_s: float = 0.0
+    verify_s: float = 0.0
+    prefill: bool = False  # the first "round": the prompt's forward and the first token
+    finish: str | None = None  # "eos", "length" (max_new_tokens) or "context" on the last round
+
+
+@dataclass
+class GenerationParams:
+    max_new_tokens: int = 128
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    num_draft_tokens: int = 4
+    seed: int = 0
+    min_confidence: float | None = None  # adaptive drafting: stop a draft when the drafter's top prob drops below
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise MtpkitError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if self.num_draft_tokens < 1:
+            raise MtpkitError(f"num_draft_tokens must be >= 1, got {self.num_draft_tokens}")
+        if self.min_confidence is not None and not 0 < self.min_confidence < 1:
+            raise MtpkitError(f"min_confidence must be in (0, 1), got {self.min_confidence}")
+
+
+def first_token(logits: torch.Tensor, sp: SamplingParams, g: torch.Generator | None) -> int:
+    return int(logits.argmax()) if sp.greedy else int(sample(probs(logits, sp), g))
+
+
+def accept(drafts: torch.Tensor, q: torch.Tensor | None, logits: torch.Tensor, sp: SamplingParams,
+           g: torch.Generator | None) -> tuple[int, int]:
+    """(n accepted, next token) for drafts [k] against target logits [k + 1, V]."""
+    if sp.greedy:
+        return accept_greedy(drafts, logits)
+    p = probs(logits, sp)
+    if q is None:  # no drafts
+        q = p.new_zeros((0, p.shape[-1]))
+    return accept_rejection(drafts, q, p, g)
+
+
+def cut(tokens: list[int], eos: set[int], budget: int) -> tuple[list[int], str | None]:
+    """Truncate emitted tokens at the first EOS (kept) or at the remaining budget."""
+    for i, t in enumerate(tokens[:budget]):
+        if t in eos:
+            return tokens[:i + 1], "eos"
+    if len(tokens) >= budget:
+        return tokens[:budget], "length"
+    return tokens, None
+
+
+def generate(backend: Backend, prompt: list[int], params: GenerationParams, eos: set[int],
+             use_drafter: bool = True) -> Iterator[Round]:
+    """Yield one Round per target forward (the first is the prefill)."""
+    if not prompt:
+        raise MtpkitError("empty prompt")
+    if len(prompt) >= backend.max_len:
+        raise MtpkitError(f"prompt of {len(prompt)} tokens does not fit the context of {backend.max_len}")
+    sp, dev = params.sampling, backend.device
+    g = None if sp.greedy else torch.Generator(device=dev).manual_seed(params.seed)
+    t0 = backend.clock()
+    logits, h = backend.start(torch.tensor(prompt, device=dev))
+    bonus = first_token(logits, sp, g)
+    out, finish = cut([bonus], eos, params.max_new_tokens)
+    emitted = len(out)
+    yield Round(out, 0, 0, verify_s=backend.elapsed(t0, backend.clock()), prefill=True, finish=finish)
+    drafting = use_drafter and backend.has_drafter
+    while finish is None:
+        room = backend.max_len - backend.length - 1  # positions left after the bonus
+        if room < 0:
+            yield Round([], 0, 0, finish="context")
+            return
+        k = min(params.num_draft_tokens, params.max_new_tokens - emitted - 1, room) if drafting else 0
+        b = torch.tensor([bonus], device=dev)
+        t0 = backend.clock()
+        d = backend.draft(b[0], h, k, sp, g, params.min_confidence) if k > 0 else None
+        drafts = d.tokens if d is not None else b[:0]
+        t1 = backend.clock()
+        p0 = backend.length
+        logits, hidden = backend.verify(torch.cat([b, drafts]))
+        n, bonus = accept(drafts, d.q if d is not None else None, logits, sp, g)
+        backend.rollback(p0 + n + 1)
+        h = hidden[n]
+        t2 = backend.clock()
+        out, finish = cut(drafts[:n].tolist() + [bonus], eos, params.max_new_tokens - emitted)
+        emitted += len(out)
+        yield Round(out, int(drafts.numel()), n, backend.elapsed(t0, t1), backend.elapsed(t1, t2), finish=finish)

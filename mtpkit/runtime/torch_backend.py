@@ -1,0 +1,114 @@
+"""The torch backend: the reference target and drafter themselves, on CPU or CUDA.
+
+On CUDA (`cuda_graphs=True`) each verify width 1..k+1 and the k-step greedy draft are captured once
+as CUDA graphs over the static KV cache and replayed: one launch per target forward and one per draft,
+and the only host syncs per round are the ones acceptance needs. Positions and lengths enter the
+graphs as device tensors (GemmaModel.step and the cache's ring arithmetic are tensor-only for this).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from mtpkit.errors import MtpkitError
+from mtpkit.model.drafter import DrafterModel, target_kv
+from mtpkit.model.gemma import GemmaModel
+from mtpkit.runtime.backend import Draft
+from mtpkit.runtime.sampling import SamplingParams, probs, sample
+
+
+class TorchBackend:
+    def __init__(self, target: GemmaModel, drafter: DrafterModel | None = None, *, max_len: int = 4096,
+                 max_draft: int = 16, cuda_graphs: bool | None = None):
+        p = target.embed_tokens.weight
+        self.device = p.device
+        self.target, self.drafter = target, drafter
+        self.vocab_size = target.config.vocab_size
+        self.max_len = max_len
+        self.has_drafter = drafter is not None
+        self.max_draft = max_draft
+        # a verify of k + 1 tokens must fit a sliding ring, and rollback undoes up to k positions
+        self.cache = target.new_cache(max_len, slack=max(64, max_draft + 1))
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and self.device.type != "cuda":
+            raise MtpkitError("cuda_graphs needs a CUDA device")
+        self._graphs = None
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    # ------------------------------------------------------------------ target
+    @torch.inference_mode()
+    def start(self, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if prompt.numel() >= self.max_len:
+            raise MtpkitError(f"prompt of {prompt.numel()} tokens does not fit the context ({self.max_len})")
+        self.cache.reset()
+        out = self.target(prompt.to(self.device)[None], self.cache)
+        return out.logits[0, -1], out.hidden[0, -1]
+
+    @torch.inference_mode()
+    def verify(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, start = tokens.numel(), self.cache.length
+        if start + n > self.max_len:
+            raise MtpkitError(f"context full: {start + n} positions > {self.max_len}")
+        if self._graphs is not None:
+            logits, hidden = self._graphs.verify(tokens, start)
+            self.cache.advance(start, n)
+            return logits, hidden
+        out = self.target(tokens[None], self.cache)
+        return out.logits[0], out.hidden[0]
+
+    def rollback(self, length: int) -> None:
+        self.cache.rollback(length)
+
+    # ------------------------------------------------------------------ drafter
+    def _draft_step(self, token: torch.Tensor, h: torch.Tensor, q_pos: torch.Tensor, kv):
+        out = self.drafter(self.target.embed(token.view(1, 1)), h.view(1, 1, -1).to(self.target.embed_tokens.weight.dtype),
+                           q_pos, kv)
+        return out.dense_logits(self.vocab_size)[0, 0], out.hidden[0, 0]
+
+    @torch.inference_mode()
+    def draft(self, token: torch.Tensor, h: torch.Tensor, k: int, sampling: SamplingParams,
+              generator: torch.Generator | None, min_confidence: float | None = None) -> Draft:
+        if self.drafter is None or k <= 0:
+            return Draft(torch.empty(0, dtype=torch.long, device=self.device), None)
+        if self._graphs is not None and sampling.greedy and min_confidence is None:
+            return Draft(self._graphs.draft(token, h, k, self.cache.length), None)
+        q_pos = torch.tensor([self.cache.length], device=self.device)
+        kv = target_kv(self.cache, self.target.config)
+        toks, qs = [], []
+        tok = token.reshape(())
+        for _ in range(k):
+            logits, h = self._draft_step(tok, h, q_pos, kv)
+            if sampling.greedy:
+                tok = logits.argmax()
+                conf = logits.softmax(-1).max() if min_confidence is not None else None
+            else:
+                q = probs(logits, sampling)
+                tok = sample(q, generator)
+                qs.append(q)
+                conf = q.max() if min_confidence is not None else None
+            if conf is not None and float(conf) < min_confidence:
+                if qs:
+                    qs.pop()
+                break
+            toks.append(tok)
+        tokens = torch.stack(toks) if toks else torch.empty(0, dtype=torch.long, device=self.device)
+        return Draft(tokens, torch.stack(qs) if qs else None)
+
+    # ------------------------------------------------------------------ timing
+    def clock(self) -> object:
+        if self.device.type == "cuda":
+            e = torch.cuda.Event(enable_timing=True)
+            e.record()
+            return e
+        return time.perf_counter()
+
+    def elapsed(self, a, b) -> float:
+        if self.device.type == "cuda":
+            b.synchronize()
+            return a.elapsed_time(b) / 1000.0
+        return b - a

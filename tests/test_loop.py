@@ -1,0 +1,196 @@
+"""The speculative loop: lossless greedy on many random configs, exact sampling, no rejected K/V left behind."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from mtpkit.errors import MtpkitError
+from mtpkit.model.config import FULL, SLIDING
+from mtpkit.runtime.backend import Draft
+from mtpkit.runtime.loop import GenerationParams, generate
+from mtpkit.runtime.sampling import SamplingParams, accept_rejection, probs
+from mtpkit.runtime.torch_backend import TorchBackend
+from tests.conftest import tiny_drafter, tiny_target
+
+
+def _run(backend, prompt, eos, **kw):
+    params = GenerationParams(**kw)
+    out, rounds = [], []
+    for r in generate(backend, prompt, params, eos):
+        out += r.tokens
+        rounds.append(r)
+    return out, rounds
+
+
+class OracleBackend(TorchBackend):
+    """Drafts the known greedy continuation, corrupted at random: exercises long accepted runs."""
+
+    def __init__(self, *a, future: list[int], prompt_len: int, corrupt: float, seed: int, **kw):
+        super().__init__(*a, **kw)
+        self.future, self.prompt_len, self.corrupt = future, prompt_len, corrupt
+        self.rng = random.Random(seed)
+        self.has_drafter = True
+
+    def draft(self, token, h, k, sampling, generator, min_confidence=None):
+        i = self.length - self.prompt_len + 1  # index in `future` of the token after the bonus
+        toks = [t if self.rng.random() > self.corrupt else (t + 1) % self.vocab_size
+                for t in self.future[i:i + k]]
+        toks += [0] * (k - len(toks))
+        return Draft(torch.tensor(toks, dtype=torch.long), None)
+
+
+@pytest.mark.parametrize("seed", range(50))
+def test_greedy_speculative_equals_plain_greedy(seed):
+    rng = random.Random(seed)
+    target = tiny_target(seed)
+    drafter = tiny_drafter(target, seed, layer_types=rng.choice([[SLIDING, FULL], [FULL], [SLIDING, SLIDING, FULL]]),
+                           head=rng.choice(["dense", "centroid"]), num_centroids=4, centroid_top_k=rng.choice([1, 2]))
+    w = target.config.sliding_window
+    prompt = [rng.randrange(target.config.vocab_size) for _ in range(rng.randint(1, 2 * w))]
+    n_new = 4 * w + rng.randint(0, 10)  # runs well past the sliding window
+    k = rng.randint(1, 6)
+    plain, _ = _run(TorchBackend(target, None, max_len=128), prompt, set(), max_new_tokens=n_new)
+    spec, rounds = _run(TorchBackend(target, drafter, max_len=128, max_draft=k), prompt, set(),
+                        max_new_tokens=n_new, num_draft_tokens=k)
+    assert spec == plain
+    # the oracle drafter gets most drafts accepted; with an EOS inside the text the output must stop there
+    late = sorted({t for t in plain if plain.index(t) >= len(plain) // 2})  # tokens first seen late
+    eos = {rng.choice(late)} if late else set()
+    want = plain[:plain.index(next(iter(eos))) + 1] if eos else plain
+    oracle = OracleBackend(target, None, max_len=128, max_draft=k, future=plain, prompt_len=len(prompt),
+                           corrupt=0.2, seed=seed)
+    got, rounds = _run(oracle, prompt, eos, max_new_tokens=n_new, num_draft_tokens=k)
+    assert got == want
+    assert rounds[-1].finish == ("eos" if eos else "length")
+    assert sum(r.accepted for r in rounds) > 0
+
+
+def test_eos_in_the_middle_of_accepted_drafts():
+    target = tiny_target(1)
+    prompt = [3, 5, 7]
+    plain, _ = _run(TorchBackend(target, None, max_len=128), prompt, set(), max_new_tokens=30)
+    j = next(j for j in range(4, 30) if plain.index(plain[j]) == j and j % 8 not in (0, 1))  # mid-draft, first seen
+    eos = {plain[j]}
+    want = plain[:j + 1]
+    oracle = OracleBackend(target, None, max_len=128, max_draft=8, future=plain, prompt_len=3, corrupt=0.0, seed=0)
+    got, rounds = _run(oracle, prompt, eos, max_new_tokens=30, num_draft_tokens=8)
+    assert got == want
+    last = rounds[-1]
+    assert last.finish == "eos" and last.accepted > len(last.tokens) - 1  # EOS was drafted, later drafts dropped
+
+
+def test_rejected_tokens_never_stay_visible_in_the_cache():
+    target = tiny_target(2)
+    drafter = tiny_drafter(target, 2)
+    prompt = [1, 2, 3, 4]
+    be = TorchBackend(target, drafter, max_len=96, max_draft=5)
+    out, rounds = _run(be, prompt, set(), max_new_tokens=40, num_draft_tokens=5)
+    assert sum(r.drafted - r.accepted for r in rounds) > 0  # some drafts were rejected
+    # the cache holds exactly prompt + out[:-1]; a fresh prefill of that sequence gives the same K/V
+    seq = torch.tensor([prompt + out[:-1]])
+    assert be.length == seq.shape[1]
+    fresh = target.new_cache(96, slack=be.cache.slack)
+    target(seq, fresh)
+    L = be.length
+    for layer in range(target.config.num_hidden_layers):
+        pos = be.cache.key_positions(layer)
+        valid = (pos >= 0) & (pos < L) & (pos > L - 1 - (target.config.sliding_window or L) - be.cache.slack)
+        if not be.cache.is_ring(layer):
+            valid &= pos < L
+        torch.testing.assert_close(be.cache.k[layer][:, :, valid], fresh.k[layer][:, :, valid], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(be.cache.v[layer][:, :, valid], fresh.v[layer][:, :, valid], rtol=1e-5, atol=1e-5)
+
+
+def _chi2(counts: torch.Tensor, expected: torch.Tensor) -> float:
+    keep = expected > 0
+    return float((((counts - expected) ** 2)[keep] / expected[keep]).sum())
+
+
+CHI2_999 = {7: 24.32, 15: 37.70}  # 99.9 % quantiles (df = V - 1)
+
+
+def test_rejection_sampling_preserves_the_target_distribution():
+    """100k rounds on an 8-token vocabulary: the first two emitted tokens are distributed as p."""
+    V, k, N = 8, 3, 100_000
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(k + 1, V, generator=g).pow(3)
+    p /= p.sum(-1, keepdim=True)
+    q = torch.rand(k, V, generator=g).pow(3)
+    q[:, 0] = 0  # the drafter can never propose token 0: the residual must supply it
+    q /= q.sum(-1, keepdim=True)
+    first = torch.zeros(V)
+    second = torch.zeros(V)
+    n_second = 0
+    for _ in range(N):
+        drafts = torch.multinomial(q, 1, generator=g)[:, 0]
+        n, nxt = accept_rejection(drafts, q, p, g)
+        toks = drafts[:n].tolist() + [nxt]
+        first[toks[0]] += 1
+        if len(toks) > 1:
+            second[toks[1]] += 1
+            n_second += 1
+    assert _chi2(first, N * p[0]) < CHI2_999[7]
+    # given an accepted first draft, the second token follows p[1]
+    assert _chi2(second, n_second * p[1]) < CHI2_999[7]
+
+
+def test_sampled_loop_matches_target_distribution():
+    """End to end on a 16-token tiny target: the 2nd generated token's distribution equals the target's."""
+    target = tiny_target(3, vocab_size=16, final_logit_softcapping=None)
+    drafter = tiny_drafter(target, 3)
+    prompt = [1, 2, 3]
+    sp = SamplingParams(temperature=1.3, top_k=12, top_p=0.95)
+    with torch.no_grad():
+        p1 = probs(target(torch.tensor([prompt])).logits[0, -1], sp)
+        cont = torch.tensor([[*prompt, t] for t in range(16)])
+        p2 = probs(target(cont).logits[:, -1], sp)
+    expected = (p1[:, None] * p2).sum(0)
+    be = TorchBackend(target, drafter, max_len=16, max_draft=3)
+    counts = torch.zeros(16)
+    N = 6000
+    for s in range(N):
+        out, _ = _run(be, prompt, set(), max_new_tokens=2, num_draft_tokens=3, seed=s,
+                      sampling=sp)
+        counts[out[1]] += 1
+    assert _chi2(counts, N * expected) < CHI2_999[15]
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(num_draft_tokens=0), "num_draft_tokens"),
+])
+def test_bad_generation_params(kw, match):
+    with pytest.raises(MtpkitError, match=match):
+        GenerationParams(**kw)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(temperature=-1.0), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(top_k=-1), "top_k"),
+])
+def test_bad_sampling_params(kw, match):
+    with pytest.raises(MtpkitError, match=match):
+        SamplingParams(**kw)
+
+
+def test_prompt_errors(target):
+    be = TorchBackend(target, None, max_len=16)
+    with pytest.raises(MtpkitError, match="empty prompt"):
+        _run(be, [], set())
+    with pytest.raises(MtpkitError, match="does not fit"):
+        _run(be, list(range(16)), set())
+    # generation stops cleanly when the context fills up
+    out, rounds = _run(be, [1, 2, 3], set(), max_new_tokens=100)
+    assert rounds[-1].finish == "context" and len(out) == 16 - 3 + 1  # the last token needs no cache slot
+
+
+def test_adaptive_drafting_is_still_lossless(target):
+    drafter = tiny_drafter(target, 5)
+    prompt = [4, 5, 6]
+    plain, _ = _run(TorchBackend(target, None, max_len=128), prompt, set(), max_new_tokens=40)
+    spec, rounds = _run(TorchBackend(target, drafter, max_len=128), prompt, set(), max_new_tokens=40,
+                        num_draft_tokens=6, min_confidence=0.2)
+    assert spec == plain
+    assert any(r.drafted < 6 for r in rounds[1:-1])  # it did stop some drafts early
