@@ -103,6 +103,78 @@ def info(target: str = typer.Option("gemma3-270m", help="Target name, .gguf file
     con.print(tab)
 
 
+def _stats_line(st) -> str:
+    acc = ", ".join(f"{a:.2f}" for a in st.acceptance)
+    split = st.draft_s + st.verify_s
+    share = f" | draft {100 * st.draft_s / split:.0f}% of decode time" if split and st.drafted else ""
+    return (f"{st.new_tokens} tokens | {st.tok_per_s:.1f} tok/s | tau {st.tau:.2f}"
+            + (f" | acceptance per position [{acc}]" if acc else "") + share + f" | finish: {st.finish}")
+
+
+@app.command()
+@one_line_errors
+def run(prompt: str = typer.Argument(..., help="Text to continue."),
+        target: str = typer.Option("gemma3-270m", help="Target name, .gguf file or HF directory."),
+        drafter: str = typer.Option(None, help="Drafter directory, 'none' for plain decoding; default: the shipped one."),
+        backend: str = typer.Option("torch", help="Runtime backend."),
+        device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
+        dtype: str = typer.Option(None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)."),
+        max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
+        temperature: float = typer.Option(0.0, help="0 = greedy."),
+        top_p: float = typer.Option(1.0, "--top-p"),
+        top_k: int = typer.Option(0, "--top-k"),
+        num_draft_tokens: int = typer.Option(4, "--num-draft-tokens", "-k"),
+        min_confidence: float = typer.Option(None, "--min-confidence",
+                                             help="Adaptive drafting: stop a draft when the drafter's top probability drops below this."),
+        seed: int = typer.Option(0),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON object (tokens, text, stats)."),
+        compare: bool = typer.Option(False, help="Also run plain decoding and print the speedup.")) -> None:
+    """Generate with the shared-cache speculative loop (streams text; stats on stderr)."""
+    import mtpkit
+    from mtpkit.runtime.sampling import SamplingParams
+    SamplingParams(temperature, top_p, top_k)  # validate before the slow load
+    if num_draft_tokens < 1:
+        raise MtpkitError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
+    if max_new_tokens <= 0:
+        raise MtpkitError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    if not prompt:
+        raise MtpkitError("empty prompt")
+    s = mtpkit.load(target=target, drafter=drafter, backend=backend, device=device, dtype=dtype,
+                    max_draft=max(16, num_draft_tokens))
+    if s.drafter_path is None and drafter != "none":
+        typer.echo(f"note: no drafter for target {target!r}: plain decoding (train one with `mtpkit distill`)", err=True)
+    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+              num_draft_tokens=num_draft_tokens, min_confidence=min_confidence)
+    if as_json:
+        r = s.generate(prompt, **kw)
+        out = {"tokens": r.tokens, "text": r.text, "stats": r.stats.to_dict(), "drafter": s.drafter_path}
+    else:
+        from mtpkit.api import Stats
+        st = Stats()
+        dec = s.tokenizer.stream()
+        typer.echo(prompt, nl=False)
+        for rnd in s.stream(prompt, stats=st, **kw):
+            typer.echo(dec.push(rnd.tokens), nl=False)
+        typer.echo(dec.flush())
+        typer.echo(_stats_line(st), err=True)
+        out = {"stats": st.to_dict()}
+    if compare:
+        if s.drafter_path is None:
+            raise MtpkitError("--compare needs a drafter (there is nothing to compare plain decoding with)")
+        s.backend.has_drafter = False
+        try:
+            base = s.generate(prompt, **kw)
+        finally:
+            s.backend.has_drafter = True
+        speedup = out["stats"]["tok_per_s"] / base.stats.tok_per_s if base.stats.tok_per_s else 0.0
+        out["plain"] = {"stats": base.stats.to_dict(), "identical": base.tokens == out.get("tokens", base.tokens)}
+        out["speedup"] = speedup
+        if not as_json:
+            typer.echo(f"plain: {_stats_line(base.stats)}\nspeedup {speedup:.2f}x", err=True)
+    if as_json:
+        typer.echo(json.dumps(out))
+
+
 def main() -> None:  # pragma: no cover - console entry for `python -m mtpkit`
     app()
 

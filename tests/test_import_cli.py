@@ -126,3 +126,28 @@ def test_cli_imports_no_heavy_optional_dependencies():
     assert out.strip() == "[]"
     helped = subprocess.run([sys.executable, "-m", "mtpkit", "--help"], capture_output=True, text=True)
     assert helped.returncode == 0 and "info" in helped.stdout
+
+
+@pytest.mark.parametrize("args,match", [
+    (["run", ""], "empty prompt"), (["run", "x", "--max-new-tokens", "0"], "max_new_tokens"),
+    (["run", "x", "--temperature", "-1"], "temperature"), (["run", "x", "--top-p", "0"], "top_p"),
+    (["run", "x", "--top-p", "1.5"], "top_p"), (["run", "x", "-k", "0"], "num_draft_tokens"),
+    (["run", "x", "--target", "nope"], "unknown target"),
+])
+def test_run_bad_input(args, match):
+    _fails_cleanly(args, match)
+
+
+def test_run_json_and_drafter_mismatch(tiny, tmp_path):
+    from mtpkit.model.load import save_drafter
+    from tests.conftest import tiny_drafter
+    path = write_gguf(tiny, tmp_path / "tiny.gguf")
+    save_drafter(tiny_drafter(tiny), tmp_path / "d")
+    res = runner.invoke(app, ["run", "abc", "--target", str(path), "--drafter", str(tmp_path / "d"),
+                              "--max-new-tokens", "12", "--json", "--compare", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output.strip().splitlines()[-1])
+    assert len(out["tokens"]) == 12 and out["plain"]["identical"] and out["stats"]["tau"] >= 1.0
+    other = tiny_target(0, vocab_size=300, hidden_size=tiny.config.hidden_size + 16)
+    save_drafter(tiny_drafter(other), tmp_path / "bad")
+    _fails_cleanly(["run", "abc", "--target", str(path), "--drafter", str(tmp_path / "bad")], "does not match")

@@ -174,7 +174,7 @@ def test_hf_transformers_parity_tiny():
     pytest.importorskip("transformers")
     model = tiny_target(6)
     c = model.config
-    from tests.hf_oracle import hf_logits
+    from mtpkit.hf import hf_logits
     x = _tokens(model, 3 * c.sliding_window)
     theirs = hf_logits(c, model.state_dict(), x)
     _close(model(x).logits, theirs, tol=1e-4)

@@ -41,7 +41,7 @@ def test_config_and_source(real):
 
 def test_logits_match_transformers(real):
     pytest.importorskip("transformers")
-    from tests.hf_oracle import hf_logits
+    from mtpkit.hf import hf_logits
     worst_rel = 0.0
     for p in PROMPTS[:3]:
         ids = torch.tensor([real.tokenizer.encode(p)])

@@ -31,7 +31,7 @@ from torch import nn
 from mtpkit.errors import MtpkitError
 from mtpkit.model.cache import KVCache
 from mtpkit.model.config import SLIDING, DrafterConfig, GemmaConfig
-from mtpkit.model.layers import GeGLU, RMSNorm, apply_rope, attend, rope_inv_freq, softcap
+from mtpkit.model.layers import GeGLU, RMSNorm, apply_rope, attend, rope_inv_freq, rope_table, softcap
 
 
 class DraftOutput(NamedTuple):
@@ -65,10 +65,10 @@ class QOnlyAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.hd, c.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.hd, c.rms_norm_eps)
 
-    def forward(self, x, q_pos, inv_freq, k, v, mask):
+    def forward(self, x, rope, k, v, mask):
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2))
-        q = apply_rope(q, q_pos, inv_freq)
+        q = apply_rope(q, rope)
         out = attend(q, k.to(q.dtype), v.to(q.dtype), mask, self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
@@ -84,8 +84,8 @@ class DrafterBlock(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.layer_scalar = nn.Parameter(torch.ones(1))
 
-    def forward(self, x, q_pos, inv_freq, k, v, mask):
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), q_pos, inv_freq, k, v, mask))
+    def forward(self, x, rope, k, v, mask):
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, k, v, mask))
         x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         return x * self.layer_scalar
 
@@ -155,11 +155,13 @@ class DrafterModel(nn.Module):
         """Same inputs as `forward` -> (x [B, T, d] final-normed features the head reads, h_next [B, T, d_t])."""
         c = self.config
         x = self.pre_projection(torch.cat([token_embeds, h], dim=-1))
+        ropes = {kind: rope_table(q_pos, self.inv_freq_sliding if kind == SLIDING else self.inv_freq_full)
+                 for kind in set(c.layer_types)}
         for kind, layer in zip(c.layer_types, self.layers, strict=True):
             k, v, k_pos = kv[kind]
             sliding = kind == SLIDING
             mask = draft_mask(q_pos, k_pos, c.sliding_window if sliding else None)
-            x = layer(x, q_pos, self.inv_freq_sliding if sliding else self.inv_freq_full, k, v, mask)
+            x = layer(x, ropes[kind], k, v, mask)
         x = self.norm(x)
         return x, self.post_projection(x)
 
@@ -189,11 +191,15 @@ class DrafterModel(nn.Module):
         return DraftOutput(logits, h_next, ids, router)
 
 
-def target_kv(cache: KVCache, target: GemmaConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The K/V views the drafter reads: the target's last sliding and last full layer (no copy)."""
+def target_kv(cache: KVCache, target: GemmaConfig,
+              length: int | torch.Tensor | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The K/V views the drafter reads: the target's last sliding and last full layer (no copy).
+
+    `length` (default cache.length) may be a device tensor, for CUDA-graph capture."""
     out = {}
     for kind in set(target.layer_types):
-        out[kind] = cache.layer(target.last_layer_of(kind))
+        i = target.last_layer_of(kind)
+        out[kind] = (cache.k[i], cache.v[i], cache.key_positions(i, length))
     return out
 
 

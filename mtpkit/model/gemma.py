@@ -21,8 +21,8 @@ from torch import nn
 
 from mtpkit.errors import MtpkitError
 from mtpkit.model.cache import KVCache
-from mtpkit.model.config import GemmaConfig
-from mtpkit.model.layers import GeGLU, RMSNorm, apply_rope, attend, attention_mask, rope_inv_freq, softcap
+from mtpkit.model.config import SLIDING, GemmaConfig
+from mtpkit.model.layers import GeGLU, RMSNorm, apply_rope, attend, attention_mask, rope_inv_freq, rope_table, softcap
 
 
 class Output(NamedTuple):
@@ -44,13 +44,13 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.hd, c.rms_norm_eps)
         self.k_norm = RMSNorm(self.hd, c.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor,
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2))
         k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2))
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
-        q, k = apply_rope(q, pos, inv_freq), apply_rope(k, pos, inv_freq)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         length = pos[-1] + 1  # a tensor: no host sync, so the step can be CUDA-graphed
         if cache is None:
             k_all, v_all, k_pos = k, v, pos
@@ -73,8 +73,8 @@ class Block(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_feedforward_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
-    def forward(self, x, pos, inv_freq, cache):
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), pos, inv_freq, cache))
+    def forward(self, x, pos, rope, cache):
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), pos, rope, cache))
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
@@ -88,9 +88,6 @@ class GemmaModel(nn.Module):
         self.register_buffer("inv_freq_full", rope_inv_freq(c.head_dim, c.rope_theta, c.rope_scaling_factor),
                              persistent=False)
         self.register_buffer("inv_freq_sliding", rope_inv_freq(c.head_dim, c.rope_local_base_freq), persistent=False)
-
-    def inv_freq(self, layer: int) -> torch.Tensor:
-        return self.inv_freq_sliding if self.config.is_sliding(layer) else self.inv_freq_full
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Scaled input embedding: E[token] * sqrt(d) (the scale rounded to the weight dtype, as HF does)."""
@@ -137,8 +134,10 @@ class GemmaModel(nn.Module):
         capture this in a CUDA graph and replay it. Use `forward` unless you are such a backend.
         """
         x = self.embed(tokens)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, pos, self.inv_freq(i), cache)
+        ropes = {kind: rope_table(pos, self.inv_freq_sliding if kind == SLIDING else self.inv_freq_full)
+                 for kind in set(self.config.layer_types)}
+        for layer, kind in zip(self.layers, self.config.layer_types, strict=True):
+            x = layer(x, pos, ropes[kind], cache)
         hidden = self.norm(x)
         return Output(self.head(hidden) if logits else hidden.new_empty(0), hidden)
 

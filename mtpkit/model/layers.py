@@ -37,11 +37,17 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: float = 1.0) -> torch.Te
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)) / scaling
 
 
-def apply_rope(x: torch.Tensor, pos: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotate-half (NeoX) RoPE. x [B, H, T, D], pos [T] int -> same shape as x."""
-    ang = pos.to(torch.float64)[:, None] * inv_freq.to(device=x.device)[None, :]  # [T, D/2], float64 for long positions
-    cos = torch.cat([ang.cos(), ang.cos()], -1).to(torch.float32)
-    sin = torch.cat([ang.sin(), ang.sin()], -1).to(torch.float32)
+def rope_table(pos: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """pos [T] -> (cos, sin) [T, D] float32, computed once per forward and shared by all layers of a kind."""
+    wide = torch.float32 if pos.device.type == "mps" else torch.float64  # float64 angles: exact at long positions
+    ang = pos.to(wide)[:, None] * inv_freq.to(device=pos.device, dtype=wide)[None, :]  # [T, D/2]
+    ang = torch.cat([ang, ang], -1)
+    return ang.cos().to(torch.float32), ang.sin().to(torch.float32)
+
+
+def apply_rope(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate-half (NeoX) RoPE. x [B, H, T, D], rope = rope_table(pos, inv_freq) -> same shape as x."""
+    cos, sin = rope
     xf = x.float()
     x1, x2 = xf.chunk(2, dim=-1)
     return (xf * cos + torch.cat([-x2, x1], -1) * sin).type_as(x)

@@ -31,10 +31,12 @@ class TorchBackend:
         self.max_draft = max_draft
         # a verify of k + 1 tokens must fit a sliding ring, and rollback undoes up to k positions
         self.cache = target.new_cache(max_len, slack=max(64, max_draft + 1))
+        if drafter is not None and not drafter.is_bound:
+            drafter.bind_target(target.embed_tokens.weight)
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and self.device.type != "cuda":
             raise MtpkitError("cuda_graphs needs a CUDA device")
-        self._graphs = None
+        self._graphs = _Graphs(self) if self.cuda_graphs else None
 
     @property
     def length(self) -> int:
@@ -66,18 +68,35 @@ class TorchBackend:
 
     # ------------------------------------------------------------------ drafter
     def _draft_step(self, token: torch.Tensor, h: torch.Tensor, q_pos: torch.Tensor, kv):
-        out = self.drafter(self.target.embed(token.view(1, 1)), h.view(1, 1, -1).to(self.target.embed_tokens.weight.dtype),
-                           q_pos, kv)
+        """token [], h [d_t] -> (dense logits [V], next h [d_t])."""
+        emb = self.target.embed(token.view(1, 1))
+        out = self.drafter(emb, h.view(1, 1, -1).to(emb.dtype), q_pos, kv)
         return out.dense_logits(self.vocab_size)[0, 0], out.hidden[0, 0]
+
+    def _greedy_drafts(self, token: torch.Tensor, h: torch.Tensor, q_pos: torch.Tensor, k: int) -> torch.Tensor:
+        """k greedy draft tokens [k], all on device (no host sync): what the draft CUDA graph captures."""
+        kv = target_kv(self.cache, self.target.config, q_pos[0])
+        toks = []
+        tok = token.reshape(())
+        for _ in range(k):
+            emb = self.target.embed(tok.view(1, 1))
+            out = self.drafter(emb, h.view(1, 1, -1).to(emb.dtype), q_pos, kv)
+            best = out.logits[0, 0].argmax()
+            tok = best if out.ids is None else out.ids[0, 0, best]
+            h = out.hidden[0, 0]
+            toks.append(tok)
+        return torch.stack(toks)
 
     @torch.inference_mode()
     def draft(self, token: torch.Tensor, h: torch.Tensor, k: int, sampling: SamplingParams,
               generator: torch.Generator | None, min_confidence: float | None = None) -> Draft:
         if self.drafter is None or k <= 0:
             return Draft(torch.empty(0, dtype=torch.long, device=self.device), None)
-        if self._graphs is not None and sampling.greedy and min_confidence is None:
-            return Draft(self._graphs.draft(token, h, k, self.cache.length), None)
         q_pos = torch.tensor([self.cache.length], device=self.device)
+        if sampling.greedy and min_confidence is None:
+            if self._graphs is not None:
+                return Draft(self._graphs.draft(token, h, k, self.cache.length), None)
+            return Draft(self._greedy_drafts(token, h, q_pos, k), None)
         kv = target_kv(self.cache, self.target.config)
         toks, qs = [], []
         tok = token.reshape(())
@@ -112,3 +131,58 @@ class TorchBackend:
             b.synchronize()
             return a.elapsed_time(b) / 1000.0
         return b - a
+
+
+class _Graphs:
+    """Lazily captured CUDA graphs: one per verify width and one per draft length.
+
+    A graph is captured the first time its shape is needed, from the real inputs of that moment: the
+    warm-up run writes exactly the K/V the replay will write, so capturing mid-generation is safe.
+    """
+
+    def __init__(self, be: TorchBackend):
+        self.be = be
+        self.pool = torch.cuda.graph_pool_handle()
+        self.verify_graphs: dict[int, tuple] = {}
+        self.draft_graphs: dict[int, tuple] = {}
+
+    def _capture(self, fn, inputs: tuple[torch.Tensor, ...]):
+        """Warm up on a side stream, then capture fn(*inputs) -> (graph, outputs)."""
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):
+                fn(*inputs)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self.pool):
+            out = fn(*inputs)
+        return g, out
+
+    def verify(self, tokens: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n = tokens.numel()
+        pos = torch.arange(start, start + n, device=self.be.device)
+        if n not in self.verify_graphs:
+            static = (tokens.view(1, n).clone(), pos.clone())
+
+            def fn(t, p):
+                o = self.be.target.step(t, p, self.be.cache)
+                return o.logits[0], o.hidden[0]
+            self.verify_graphs[n] = (*self._capture(fn, static), static)
+        g, out, (t_in, p_in) = self.verify_graphs[n]
+        t_in.copy_(tokens.view(1, n))
+        p_in.copy_(pos)
+        g.replay()
+        return out
+
+    def draft(self, token: torch.Tensor, h: torch.Tensor, k: int, length: int) -> torch.Tensor:
+        q_pos = torch.tensor([length], device=self.be.device)
+        if k not in self.draft_graphs:
+            static = (token.reshape(()).clone(), h.clone(), q_pos.clone())
+            self.draft_graphs[k] = (*self._capture(lambda t, hh, q: self.be._greedy_drafts(t, hh, q, k), static), static)
+        g, out, (t_in, h_in, q_in) = self.draft_graphs[k]
+        t_in.copy_(token.reshape(()))
+        h_in.copy_(h)
+        q_in.copy_(q_pos)
+        g.replay()
+        return out

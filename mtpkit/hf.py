@@ -1,4 +1,6 @@
-"""Hugging Face transformers as a test oracle: Gemma3ForCausalLM on our canonical weights."""
+"""Hugging Face transformers on our canonical weights: the parity oracle in tests and a baseline in benches.
+
+transformers is optional: it is imported inside these functions (the `dev` extra installs it)."""
 
 from __future__ import annotations
 
@@ -24,16 +26,23 @@ def hf_config(c: GemmaConfig):
         bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id)
 
 
+def hf_model(config: GemmaConfig, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+             device: str | torch.device = "cpu", attn: str = "eager"):
+    """transformers' Gemma3ForCausalLM holding `state` (our canonical keys)."""
+    import transformers
+    cfg = hf_config(config)
+    cfg._attn_implementation = attn
+    model = transformers.Gemma3ForCausalLM(cfg)
+    sd = {f"model.{k}": v for k, v in state.items()}
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if unexpected or any("rotary" not in m and "inv_freq" not in m for m in missing):
+        raise RuntimeError(f"transformers state mismatch: missing {missing}, unexpected {unexpected}")
+    return model.to(device=device, dtype=dtype).eval()
+
+
 @torch.no_grad()
 def hf_logits(config: GemmaConfig, state: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
     """float32 logits [B, T, V] of transformers' Gemma3ForCausalLM with `state` (our canonical keys)."""
-    import transformers
-    cfg = hf_config(config)
-    cfg._attn_implementation = "eager"
-    model = transformers.Gemma3ForCausalLM(cfg).float().eval()
-    sd = {f"model.{k}": v.float() for k, v in state.items()}
-    sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    assert not unexpected, unexpected
-    assert all("rotary" in m or "inv_freq" in m for m in missing), missing
+    model = hf_model(config, {k: v.float() for k, v in state.items()})
     return model(input_ids=tokens, use_cache=False).logits.float()
