@@ -36,7 +36,6 @@ class Attention(nn.Module):
         self.layer = layer
         self.n_heads, self.n_kv, self.hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.scale = c.attn_scale
-        self.window = c.sliding_window if c.is_sliding(layer) else None
         self.q_proj = nn.Linear(c.hidden_size, self.n_heads * self.hd, bias=False)
         self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.hd, bias=False)
         self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.hd, bias=False)
@@ -45,20 +44,17 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.hd, c.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: KVCache | None) -> torch.Tensor:
+                mask: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2))
         k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2))
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
-        length = pos[-1] + 1  # a tensor: no host sync, so the step can be CUDA-graphed
         if cache is None:
-            k_all, v_all, k_pos = k, v, pos
+            k_all, v_all = k, v
         else:
             cache.write(self.layer, pos, k, v)
             k_all, v_all = cache.k[self.layer], cache.v[self.layer]
-            k_pos = cache.key_positions(self.layer, length)
-        mask = attention_mask(pos, k_pos, length, self.window)
         out = attend(q, k_all.to(q.dtype), v_all.to(q.dtype), mask, self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
@@ -73,8 +69,8 @@ class Block(nn.Module):
         self.pre_feedforward_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_feedforward_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
-    def forward(self, x, pos, rope, cache):
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), pos, rope, cache))
+    def forward(self, x, pos, rope, mask, cache):
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), pos, rope, mask, cache))
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
@@ -134,10 +130,15 @@ class GemmaModel(nn.Module):
         capture this in a CUDA graph and replay it. Use `forward` unless you are such a backend.
         """
         x = self.embed(tokens)
-        ropes = {kind: rope_table(pos, self.inv_freq_sliding if kind == SLIDING else self.inv_freq_full)
-                 for kind in set(self.config.layer_types)}
-        for layer, kind in zip(self.layers, self.config.layer_types, strict=True):
-            x = layer(x, pos, ropes[kind], cache)
+        c = self.config
+        length = pos[-1] + 1  # a tensor: no host sync, so the step can be CUDA-graphed
+        ropes, masks = {}, {}
+        for kind in set(c.layer_types):  # RoPE tables and masks once per layer kind, not per layer
+            ropes[kind] = rope_table(pos, self.inv_freq_sliding if kind == SLIDING else self.inv_freq_full)
+            k_pos = pos if cache is None else cache.key_positions(c.last_layer_of(kind), length)
+            masks[kind] = attention_mask(pos, k_pos, length, c.sliding_window if kind == SLIDING else None)
+        for layer, kind in zip(self.layers, c.layer_types, strict=True):
+            x = layer(x, pos, ropes[kind], masks[kind], cache)
         hidden = self.norm(x)
         return Output(self.head(hidden) if logits else hidden.new_empty(0), hidden)
 

@@ -82,7 +82,7 @@ class TorchBackend:
             emb = self.target.embed(tok.view(1, 1))
             out = self.drafter(emb, h.view(1, 1, -1).to(emb.dtype), q_pos, kv)
             best = out.logits[0, 0].argmax()
-            tok = best if out.ids is None else out.ids[0, 0, best]
+            tok = best if out.ids is None else out.ids[0, 0].gather(0, best.view(1)).view(())  # no host sync
             h = out.hidden[0, 0]
             toks.append(tok)
         return torch.stack(toks)
