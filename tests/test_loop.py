@@ -9,8 +9,8 @@ import torch
 
 from mtpkit.errors import MtpkitError
 from mtpkit.model.config import FULL, SLIDING
-from mtpkit.runtime.backend import Draft
 from mtpkit.runtime.loop import GenerationParams, generate
+from mtpkit.runtime.oracle import OracleDrafter
 from mtpkit.runtime.sampling import SamplingParams, accept_rejection, probs
 from mtpkit.runtime.torch_backend import TorchBackend
 from tests.conftest import tiny_drafter, tiny_target
@@ -25,21 +25,8 @@ def _run(backend, prompt, eos, **kw):
     return out, rounds
 
 
-class OracleBackend(TorchBackend):
-    """Drafts the known greedy continuation, corrupted at random: exercises long accepted runs."""
-
-    def __init__(self, *a, future: list[int], prompt_len: int, corrupt: float, seed: int, **kw):
-        super().__init__(*a, **kw)
-        self.future, self.prompt_len, self.corrupt = future, prompt_len, corrupt
-        self.rng = random.Random(seed)
-        self.has_drafter = True
-
-    def draft(self, token, h, k, sampling, generator, min_confidence=None):
-        i = self.length - self.prompt_len + 1  # index in `future` of the token after the bonus
-        toks = [t if self.rng.random() > self.corrupt else (t + 1) % self.vocab_size
-                for t in self.future[i:i + k]]
-        toks += [0] * (k - len(toks))
-        return Draft(torch.tensor(toks, dtype=torch.long), None)
+def OracleBackend(target, drafter, *, future, prompt_len, corrupt, seed, **kw):  # noqa: N802
+    return OracleDrafter(TorchBackend(target, drafter, **kw), future, prompt_len, corrupt, seed)
 
 
 @pytest.mark.parametrize("seed", range(50))

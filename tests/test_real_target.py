@@ -121,3 +121,22 @@ def test_greedy_matches_llama_cpp(real, tmp_path):
         print(f"[{label}] {identical}/{len(PROMPTS)} prompts identical over 32 tokens")
         if label.endswith("F32"):
             assert identical == len(PROMPTS)
+
+
+def test_speculative_greedy_equals_plain_on_the_real_target(real):
+    """Verification widths of k + 1 must not change greedy tokens (fp32, CPU): drafts from an oracle that
+    knows the plain continuation (20 % corrupted) are accepted in long runs and rejected at random."""
+    from mtpkit.runtime.loop import GenerationParams, generate
+    from mtpkit.runtime.torch_backend import TorchBackend
+    from tests.test_loop import OracleBackend
+    for p in PROMPTS[:3]:
+        ids = real.tokenizer.encode(p)
+        plain = [t for r in generate(TorchBackend(real.model, None, max_len=256), ids, GenerationParams(40), set())
+                 for t in r.tokens]
+        be = OracleBackend(real.model, None, max_len=256, future=plain, prompt_len=len(ids), corrupt=0.2, seed=1)
+        rounds = list(generate(be, ids, GenerationParams(40, num_draft_tokens=5), set()))
+        spec = [t for r in rounds for t in r.tokens]
+        accepted = sum(r.accepted for r in rounds)
+        print(f"\n[spec vs plain] {p!r}: identical={spec == plain}, {accepted} drafts accepted in {len(rounds) - 1} rounds")
+        assert spec == plain
+        assert accepted > 10
