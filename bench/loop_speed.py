@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("-k", "--num-draft-tokens", type=int, default=4)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--min-confidence", type=float, default=None, help="adaptive drafting threshold")
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--hf", action="store_true", help="also time transformers generate on the same weights")
     ap.add_argument("--out", required=True)
@@ -92,7 +93,8 @@ def main() -> None:
                     random_drafter=rnd, cuda_graphs=False if a.no_cuda_graphs else None,
                     max_draft=max(16, a.num_draft_tokens))
     dev = s.backend.device
-    kw = dict(max_new_tokens=a.max_new_tokens, num_draft_tokens=a.num_draft_tokens, temperature=a.temperature)
+    kw = dict(max_new_tokens=a.max_new_tokens, num_draft_tokens=a.num_draft_tokens, temperature=a.temperature,
+              min_confidence=a.min_confidence)
     hf = None
     if a.hf:
         from mtpkit.hf import hf_model

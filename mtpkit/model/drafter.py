@@ -154,7 +154,8 @@ class DrafterModel(nn.Module):
              kv: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Same inputs as `forward` -> (x [B, T, d] final-normed features the head reads, h_next [B, T, d_t])."""
         c = self.config
-        x = self.pre_projection(torch.cat([token_embeds, h], dim=-1))
+        dt = self.pre_projection.weight.dtype  # the drafter may run in another dtype than the target
+        x = self.pre_projection(torch.cat([token_embeds.to(dt), h.to(dt)], dim=-1))
         ropes = {kind: rope_table(q_pos, self.inv_freq_sliding if kind == SLIDING else self.inv_freq_full)
                  for kind in set(c.layer_types)}
         for kind, layer in zip(c.layer_types, self.layers, strict=True):

@@ -334,10 +334,29 @@ def import_gguf(path: Path, out: Path) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- drafters
 
-def save_drafter(drafter: DrafterModel, out: str | os.PathLike, meta: dict[str, Any] | None = None) -> None:
+def _shards(tensors: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
+    """Split a state dict into groups of at most max_bytes (a single larger tensor gets its own group)."""
+    if max_bytes is None:
+        return [tensors]
+    groups: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, v in tensors.items():
+        n = v.numel() * v.element_size()
+        if groups[-1] and size + n > max_bytes:
+            groups.append({})
+            size = 0
+        groups[-1][k] = v
+        size += n
+    return groups
+
+
+def save_drafter(drafter: DrafterModel, out: str | os.PathLike, meta: dict[str, Any] | None = None, *,
+                 dtype: torch.dtype | None = None, shard_mb: float | None = None) -> None:
     """Atomically write `out/` = config.json + model.safetensors (+ meta.json).
 
     Only the drafter's own tensors are written: a shared (bound) target embedding is not in its state_dict.
+    `dtype` casts floating tensors (e.g. bfloat16 to ship); `shard_mb` splits the weights into
+    model-0000N.safetensors files of at most that size (load_drafter reads every *.safetensors).
     """
     from safetensors.torch import save_file
     out = Path(out)
@@ -345,8 +364,11 @@ def save_drafter(drafter: DrafterModel, out: str | os.PathLike, meta: dict[str, 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         (tmp / "config.json").write_text(json.dumps(drafter.config.to_dict(), indent=2))
-        save_file({k: v.detach().contiguous().cpu() for k, v in drafter.state_dict().items()},
-                  str(tmp / "model.safetensors"))
+        sd = {k: v.detach().to(dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous().cpu()
+              for k, v in drafter.state_dict().items()}
+        groups = _shards(sd, None if shard_mb is None else int(shard_mb * 2**20))
+        for i, g in enumerate(groups):
+            save_file(g, str(tmp / ("model.safetensors" if len(groups) == 1 else f"model-{i:05d}.safetensors")))
         if meta is not None:
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         if out.exists():
