@@ -140,3 +140,18 @@ def test_speculative_greedy_equals_plain_on_the_real_target(real):
         print(f"\n[spec vs plain] {p!r}: identical={spec == plain}, {accepted} drafts accepted in {len(rounds) - 1} rounds")
         assert spec == plain
         assert accepted > 10
+
+
+def test_shipped_default_drafter(real):
+    """`mtpkit.load()` picks the shipped drafter; it is lossless and actually accepted on code."""
+    import mtpkit
+    s = mtpkit.load("gemma3-270m", device="cpu")
+    assert s.drafter_path is not None and s.drafter_path.endswith("gemma3-270m")
+    own = sum(p.numel() for p in s.backend.drafter.parameters())
+    assert own <= 0.10 * sum(p.numel() for p in s.backend.target.parameters())
+    spec = s.generate("def fibonacci(n):", max_new_tokens=48, num_draft_tokens=5)
+    s.backend.has_drafter = False
+    plain = s.generate("def fibonacci(n):", max_new_tokens=48)
+    print(f"\n[default drafter] tau {spec.stats.tau:.2f}, acceptance {[round(a, 2) for a in spec.stats.acceptance]}")
+    assert spec.tokens == plain.tokens
+    assert spec.stats.tau > 2.0
