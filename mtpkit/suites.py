@@ -112,6 +112,17 @@ def mtbench() -> list[SuitePrompt]:
     return [SuitePrompt(f"mtbench/{r['question_id']}", tuple(r["turns"])) for r in rows]
 
 
+def jsonl_records(lines: list[str], path: Path):
+    """Yield (line number, parsed object) for the non-blank lines; a bad line is a one-line MtpkitError."""
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield i, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise MtpkitError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+
+
 def from_jsonl(path: Path) -> list[SuitePrompt]:
     """A jsonl suite: each line an object with `prompt` (str) or `turns` (list of str)."""
     try:
@@ -119,13 +130,7 @@ def from_jsonl(path: Path) -> list[SuitePrompt]:
     except (OSError, UnicodeDecodeError) as e:
         raise MtpkitError(f"cannot read suite {path}: {getattr(e, 'strerror', None) or e}") from None
     out = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise MtpkitError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+    for i, r in jsonl_records(lines, path):
         turns = [r["prompt"]] if isinstance(r, dict) and isinstance(r.get("prompt"), str) else (
             r.get("turns") if isinstance(r, dict) else None)
         if not turns or not all(isinstance(t, str) and t for t in turns):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import json
 import os
 import random
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from mtpkit.errors import MtpkitError
-from mtpkit.suites import EvalFilter
+from mtpkit.suites import EvalFilter, jsonl_records
 
 # tests, installed packages, and codec tables (`encodings/`: megabytes of hex mappings, not code or prose)
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "encodings"}
@@ -76,13 +75,7 @@ def load_corpus(path: str | None) -> Corpus:
     ident = {"kind": "file", "name": p.name, "sha256": hashlib.sha256(raw).hexdigest()}
     docs, prompts = [], []
     if p.suffix == ".jsonl":
-        for i, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MtpkitError(f"{p}:{i}: not valid JSON ({e.msg})") from None
+        for i, r in jsonl_records(text.splitlines(), p):
             if isinstance(r, dict) and isinstance(r.get("prompt"), str):
                 prompts.append(r["prompt"])
             elif isinstance(r, dict) and isinstance(r.get("text"), str):
