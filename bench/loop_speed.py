@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("-k", "--num-draft-tokens", type=int, default=4)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--min-confidence", type=float, default=None, help="adaptive drafting threshold")
+    ap.add_argument("--min-confidence", type=float, default=0.0, help="adaptive drafting threshold (0 = off)")
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--hf", action="store_true", help="also time transformers generate on the same weights")
     ap.add_argument("--out", required=True)
