@@ -132,16 +132,16 @@ def run(prompt: str = typer.Argument(..., help="Text to continue."),
         compare: bool = typer.Option(False, help="Also run plain decoding and print the speedup.")) -> None:
     """Generate with the shared-cache speculative loop (streams text; stats on stderr)."""
     import mtpkit
+    from mtpkit.runtime.loop import GenerationParams
     from mtpkit.runtime.sampling import SamplingParams
-    SamplingParams(temperature, top_p, top_k)  # validate before the slow load
-    if num_draft_tokens < 1:
-        raise MtpkitError(f"num_draft_tokens must be >= 1, got {num_draft_tokens}")
-    if max_new_tokens <= 0:
-        raise MtpkitError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    # validate before the slow load (the loop builds the same objects again)
+    GenerationParams(max_new_tokens, SamplingParams(temperature, top_p, top_k), num_draft_tokens)
     if not prompt:
         raise MtpkitError("empty prompt")
     s = mtpkit.load(target=target, drafter=drafter, backend=backend, device=device, dtype=dtype,
                     max_draft=max(16, num_draft_tokens))
+    if compare and s.drafter_path is None:
+        raise MtpkitError("--compare needs a drafter (there is nothing to compare plain decoding with)")
     if s.drafter_path is None and drafter != "none":
         typer.echo(f"note: no drafter for target {target!r}: plain decoding (train one with `mtpkit distill`)", err=True)
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
@@ -151,27 +151,27 @@ def run(prompt: str = typer.Argument(..., help="Text to continue."),
         out = {"tokens": r.tokens, "text": r.text, "stats": r.stats.to_dict(), "drafter": s.drafter_path}
     else:
         from mtpkit.api import Stats
-        st = Stats()
+        st, toks = Stats(), []
         dec = s.tokenizer.stream()
         typer.echo(prompt, nl=False)
         for rnd in s.stream(prompt, stats=st, **kw):
+            toks += rnd.tokens
             typer.echo(dec.push(rnd.tokens), nl=False)
         typer.echo(dec.flush())
         typer.echo(_stats_line(st), err=True)
-        out = {"stats": st.to_dict()}
+        out = {"tokens": toks, "stats": st.to_dict()}
     if compare:
-        if s.drafter_path is None:
-            raise MtpkitError("--compare needs a drafter (there is nothing to compare plain decoding with)")
         s.backend.has_drafter = False
         try:
             base = s.generate(prompt, **kw)
         finally:
             s.backend.has_drafter = True
         speedup = out["stats"]["tok_per_s"] / base.stats.tok_per_s if base.stats.tok_per_s else 0.0
-        out["plain"] = {"stats": base.stats.to_dict(), "identical": base.tokens == out.get("tokens", base.tokens)}
+        out["plain"] = {"stats": base.stats.to_dict(), "identical": base.tokens == out["tokens"]}
         out["speedup"] = speedup
         if not as_json:
-            typer.echo(f"plain: {_stats_line(base.stats)}\nspeedup {speedup:.2f}x", err=True)
+            same = "identical tokens" if out["plain"]["identical"] else "tokens DIFFER"
+            typer.echo(f"plain: {_stats_line(base.stats)}\nspeedup {speedup:.2f}x ({same})", err=True)
     if as_json:
         typer.echo(json.dumps(out))
 

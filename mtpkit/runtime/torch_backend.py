@@ -13,7 +13,7 @@ import time
 import torch
 
 from mtpkit.errors import MtpkitError
-from mtpkit.model.drafter import DrafterModel, target_kv
+from mtpkit.model.drafter import DrafterModel, DraftOutput, target_kv
 from mtpkit.model.gemma import GemmaModel
 from mtpkit.runtime.backend import Draft
 from mtpkit.runtime.sampling import SamplingParams, probs, sample
@@ -67,11 +67,16 @@ class TorchBackend:
         self.cache.rollback(length)
 
     # ------------------------------------------------------------------ drafter
-    def _draft_step(self, token: torch.Tensor, h: torch.Tensor, q_pos: torch.Tensor, kv):
-        """token [], h [d_t] -> (dense logits [V], next h [d_t])."""
+    def _step(self, token: torch.Tensor, h: torch.Tensor, q_pos: torch.Tensor, kv) -> DraftOutput:
+        """One drafter step: token [], h [d_t] -> DraftOutput with B = T = 1."""
         emb = self.target.embed(token.view(1, 1))
-        out = self.drafter(emb, h.view(1, 1, -1).to(emb.dtype), q_pos, kv)
-        return out.dense_logits(self.vocab_size)[0, 0], out.hidden[0, 0]
+        return self.drafter(emb, h.view(1, 1, -1).to(emb.dtype), q_pos, kv)
+
+    @staticmethod
+    def _argmax(out: DraftOutput) -> torch.Tensor:
+        """The greedy draft token as a 0-d device tensor (no host sync; centroid head: among its candidates)."""
+        best = out.logits[0, 0].argmax()
+        return best if out.ids is None else out.ids[0, 0].gather(0, best.view(1)).view(())
 
     def _greedy_drafts(self, token: torch.Tensor, h: torch.Tensor, q_pos: torch.Tensor, k: int) -> torch.Tensor:
         """k greedy draft tokens [k], all on device (no host sync): what the draft CUDA graph captures."""
@@ -79,11 +84,8 @@ class TorchBackend:
         toks = []
         tok = token.reshape(())
         for _ in range(k):
-            emb = self.target.embed(tok.view(1, 1))
-            out = self.drafter(emb, h.view(1, 1, -1).to(emb.dtype), q_pos, kv)
-            best = out.logits[0, 0].argmax()
-            tok = best if out.ids is None else out.ids[0, 0].gather(0, best.view(1)).view(())  # no host sync
-            h = out.hidden[0, 0]
+            out = self._step(tok, h, q_pos, kv)
+            tok, h = self._argmax(out), out.hidden[0, 0]
             toks.append(tok)
         return torch.stack(toks)
 
@@ -101,12 +103,13 @@ class TorchBackend:
         toks, qs = [], []
         tok = token.reshape(())
         for _ in range(k):
-            logits, h = self._draft_step(tok, h, q_pos, kv)
-            if sampling.greedy:
-                tok = logits.argmax()
-                conf = logits.softmax(-1).max() if min_confidence is not None else None
+            out = self._step(tok, h, q_pos, kv)
+            h = out.hidden[0, 0]
+            if sampling.greedy:  # the top probability over the candidates = over the vocabulary (the rest is 0)
+                tok = self._argmax(out)
+                conf = out.logits[0, 0].softmax(-1).max() if min_confidence is not None else None
             else:
-                q = probs(logits, sampling)
+                q = probs(out.dense_logits(self.vocab_size)[0, 0], sampling)
                 tok = sample(q, generator)
                 qs.append(q)
                 conf = q.max() if min_confidence is not None else None
