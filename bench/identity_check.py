@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mtpkit  # noqa: E402
-from bench.loop_speed import machine, prompts  # noqa: E402
+from mtpkit.bench.runner import machine_info  # noqa: E402
 from mtpkit.runtime.loop import GenerationParams, generate  # noqa: E402
 from mtpkit.runtime.oracle import OracleDrafter  # noqa: E402
 
@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--target", default="gemma3-270m")
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
-    ap.add_argument("--suite", default=None)
+    ap.add_argument("--suite", default="humaneval", help="humaneval | mtbench | FILE.jsonl")
     ap.add_argument("--limit", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("-k", "--num-draft-tokens", type=int, default=5)
@@ -35,7 +35,8 @@ def main() -> None:
     a = ap.parse_args()
     s = mtpkit.load(a.target, drafter="none", device=a.device, dtype=a.dtype)
     rows = []
-    for i, p in enumerate(prompts(a.suite, a.limit)):
+    from mtpkit.suites import load_suite
+    for i, p in enumerate(q.text for q in load_suite(a.suite, a.limit)):
         ids = s.tokenizer.encode(p)
         plain = [t for r in generate(s.backend, ids, GenerationParams(a.max_new_tokens), s.eos) for t in r.tokens]
         be = OracleDrafter(s.backend, plain, len(ids), corrupt=0.2, seed=i)
@@ -45,7 +46,7 @@ def main() -> None:
         rows.append({"prompt": p[:60], "identical": spec == plain, "first_difference": first, "tokens": len(plain),
                      "accepted": sum(r.accepted for r in rounds), "rounds": len(rounds) - 1})
         print(json.dumps(rows[-1]), flush=True)
-    out = {"bench": "identity_check", "machine": machine(s.backend.device), "device": str(s.backend.device),
+    out = {"bench": "identity_check", "machine": machine_info(s.backend.device), "device": str(s.backend.device),
            "dtype": str(s.backend.target.embed_tokens.weight.dtype), "cuda_graphs": s.backend.cuda_graphs,
            "settings": vars(a), "identical": sum(r["identical"] for r in rows), "prompts": len(rows), "rows": rows}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

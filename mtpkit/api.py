@@ -24,7 +24,7 @@ from mtpkit.runtime.sampling import SamplingParams
 
 DEFAULT_DRAFTERS = Path(__file__).parent / "drafters"  # shipped drafters: <target name>/ (config.json + safetensors)
 # adaptive drafting threshold used by default on CPU: with the default drafter on this repo's 2-core CPU it
-# raised the speedup from 1.37x to 1.58x on HumanEval and from 0.68x to 1.02x on MT-Bench (bench/results/loop_cpu_*)
+# raised the speedup from 1.37x to 1.58x on HumanEval and from 0.68x to 1.02x on MT-Bench (bench/results/v0_loop_speed/loop_cpu_*)
 AUTO_MIN_CONFIDENCE = 0.3
 
 
@@ -89,8 +89,10 @@ class Result:
 
 
 class Session:
-    def __init__(self, backend, tokenizer, target_config, drafter_path: str | None):
+    def __init__(self, backend, tokenizer, target_config, drafter_path: str | None,
+                 source: dict[str, Any] | None = None):
         self.backend = backend
+        self.source = source or {}  # where the target's weights came from (load_target's `source`)
         self.tokenizer = tokenizer
         self.config = target_config
         self.drafter_path = drafter_path
@@ -112,9 +114,11 @@ class Session:
 
     def stream(self, prompt: str | list[int], max_new_tokens: int = 128, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, seed: int = 0, num_draft_tokens: int = 4,
-               min_confidence: float | str | None = "auto", stats: Stats | None = None) -> Iterator[Round]:
+               min_confidence: float | str | None = "auto", stats: Stats | None = None,
+               use_drafter: bool = True) -> Iterator[Round]:
         """Yield one Round per target forward; pass a Stats to have it filled as you go.
 
+        use_drafter=False decodes plainly through the same loop (the baseline of every speedup).
         min_confidence (adaptive drafting): stop a draft once the drafter's top probability falls below it.
         "auto" = AUTO_MIN_CONFIDENCE on CPU, off on GPUs (there the k-step draft is one CUDA graph, and
         stopping early would need a host sync per step); None or 0 = off.
@@ -126,7 +130,7 @@ class Session:
         ids = self._ids(prompt)
         st = stats if stats is not None else Stats()
         t0 = time.perf_counter()
-        for r in generate(self.backend, ids, params, self.eos):
+        for r in generate(self.backend, ids, params, self.eos, use_drafter=use_drafter):
             st.add(r)
             st.wall_s = time.perf_counter() - t0
             yield r
@@ -178,4 +182,4 @@ def load(target: str = "gemma3-270m", drafter: str | None = None, backend: str =
         d = load_drafter(path, t.config, dtype=dt, device=dev)
     from mtpkit.runtime.torch_backend import TorchBackend
     be = TorchBackend(t.model, d, max_len=max_len, max_draft=max_draft, cuda_graphs=cuda_graphs)
-    return Session(be, t.tokenizer, t.config, path)
+    return Session(be, t.tokenizer, t.config, path, t.source)

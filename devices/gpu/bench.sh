@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# mtpkit bench on an NVIDIA GPU: a measured device profile, then HumanEval and MT-Bench benches (ours vs
+# transformers generate and prompt lookup, interleaved), each with the predictor's check against it.
+#
+#   pip install -e ".[dev]"                     # torch with CUDA, transformers
+#   bash devices/gpu/bench.sh OUT_DIR [SUITE...] # default suites: humaneval mtbench
+#   mtpkit report OUT_DIR/bench_humaneval.json --plot OUT_DIR/bench_humaneval.png   # plots (needs matplotlib)
+#
+# Environment: MTPKIT (command, default `mtpkit`), LIMIT (prompts, 10), REPEATS (2), TOKENS (128), K (5),
+# BENCH_ARGS (more `mtpkit bench` options). Writes profile.json, bench_<suite>.{json,md}, predict_<suite>.json.
+set -uo pipefail
+out=${1:?usage: devices/gpu/bench.sh OUT_DIR [SUITE...]}; shift
+suites=${*:-humaneval mtbench}
+mt=${MTPKIT:-mtpkit}
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$out/gpu.txt" 2>/dev/null || true
+$mt profile-device --device cuda --kind datacenter-gpu --name "$(hostname)-gpu" --out "$out/profile.json" >/dev/null \
+  || echo "profile-device failed" >&2
+rc=0
+for suite in $suites; do
+  $mt bench --device cuda --suite "$suite" --limit "${LIMIT:-10}" --repeats "${REPEATS:-2}" \
+    --max-new-tokens "${TOKENS:-128}" -k "${K:-5}" --quiet ${BENCH_ARGS:-} \
+    --json "$out/bench_$suite.json" --markdown "$out/bench_$suite.md" || rc=1
+  cat "$out/bench_$suite.md" 2>/dev/null
+  [ -f "$out/profile.json" ] && $mt predict "$out/bench_$suite.json" --profile "$out/profile.json" --json \
+    > "$out/predict_$suite.json" && tail -n 12 "$out/predict_$suite.json"
+done
+exit $rc

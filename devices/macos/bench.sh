@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# mtpkit bench on a Mac (Apple Silicon): a measured device profile, then HumanEval and MT-Bench benches
+# (ours vs transformers generate / prompt lookup vs llama.cpp on Metal / prompt lookup), the predictor's
+# check, Markdown tables and PNG plots. Run from the repository root:
+#
+#   bash devices/macos/bench.sh OUT_DIR [SUITE...]        # default suites: humaneval mtbench
+#
+# First run: creates .venv-bench and installs mtpkit with the dev and bench extras (llama-cpp-python builds
+# with Metal, a few minutes). Environment: DEVICE (torch device for our loop, default cpu; mps is not tested
+# yet), BACKEND (default torch; mlx once that backend lands), LIMIT (8), REPEATS (2), TOKENS (128), K (5),
+# THREADS (default: performance cores), BENCH_ARGS (more `mtpkit bench` options).
+set -uo pipefail
+out=${1:?usage: devices/macos/bench.sh OUT_DIR [SUITE...]}; shift
+suites=${*:-humaneval mtbench}
+[ "$(uname -s)" = Darwin ] || { echo "this runner is for macOS; on Linux use mtpkit bench directly" >&2; exit 2; }
+if [ ! -x .venv-bench/bin/mtpkit ]; then
+  python3 -m venv .venv-bench && .venv-bench/bin/pip install -q -e ".[dev,bench]" || exit 1
+fi
+mt=.venv-bench/bin/mtpkit
+threads=${THREADS:-$(sysctl -n hw.perflevel0.physicalcpu 2>/dev/null || sysctl -n hw.physicalcpu)}
+mkdir -p "$out"
+{ sysctl -n machdep.cpu.brand_string; sysctl -n hw.memsize; sw_vers; } > "$out/machine.txt" 2>/dev/null
+$mt profile-device --device cpu --threads "$threads" --kind laptop --name "$(hostname -s)-cpu" \
+  --out "$out/profile.json" >/dev/null || echo "profile-device failed" >&2
+rc=0
+for suite in $suites; do
+  $mt bench --backend "${BACKEND:-torch}" --device "${DEVICE:-cpu}" --threads "$threads" --suite "$suite" \
+    --limit "${LIMIT:-8}" --repeats "${REPEATS:-2}" --max-new-tokens "${TOKENS:-128}" -k "${K:-5}" ${BENCH_ARGS:-} \
+    --json "$out/bench_$suite.json" --markdown "$out/bench_$suite.md" --plot "$out/bench_$suite.png" || rc=1
+  [ -f "$out/profile.json" ] && [ -f "$out/bench_$suite.json" ] && \
+    $mt predict "$out/bench_$suite.json" --profile "$out/profile.json"
+done
+echo "results in $out (compare only with results from this same machine)"
+exit $rc

@@ -1,0 +1,244 @@
+"""The decoding methods a bench compares: ours (plain, speculative) and the baselines a user would pick instead.
+
+Every method turns prompt token ids into a `Run` with the same definitions, so numbers line up:
+  tok/s  = (new tokens - 1) / seconds after the first new token (the prefill and first token excluded)
+  tau    = (new tokens - 1) / decode forwards of the target (1.0 for plain decoding)
+Baselines are built only when their package is installed; transformers and llama_cpp are imported here.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mtpkit.errors import MtpkitError
+
+LOOKUP_TOKENS = 10  # prompt-lookup draft length: the default of llama-cpp-python's LlamaPromptLookupDecoding
+
+
+@dataclass
+class Run:
+    tokens: list[int]
+    decode_s: float  # seconds from the first new token to the last
+    forwards: int | None  # target forwards after the prefill; None if the method does not expose them
+    drafted_per_position: list[int] = field(default_factory=list)
+    accepted_per_position: list[int] = field(default_factory=list)
+    draft_s: float | None = None  # time spent drafting (ours only)
+    drafted: int = 0  # draft tokens proposed
+    verify_s: float | None = None  # time in target decode forwards (ours only)
+
+    @property
+    def tok_per_s(self) -> float:
+        n = len(self.tokens) - 1
+        return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+
+@dataclass
+class Method:
+    """One way to decode. `reference` names the method whose greedy output this one must reproduce
+    (`must`) or is expected to reproduce up to kernel numerics (not `must`)."""
+    name: str
+    description: str
+    weights: str  # what weights it runs (e.g. "ours fp32", "GGUF Q4_K_M")
+    weights_mb: float
+    reference: str | None = None
+    must_match: bool = False
+
+    def run(self, ids: list[int], max_new_tokens: int) -> Run:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+@dataclass
+class Sampling:
+    temperature: float
+    seed: int
+    eos: set[int]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class OurLoop(Method):
+    session: Any = None
+    use_drafter: bool = False
+    gen: dict[str, Any] = field(default_factory=dict)
+
+    def run(self, ids: list[int], max_new_tokens: int) -> Run:
+        from mtpkit.api import Stats
+        st = Stats()
+        toks: list[int] = []
+        t_first = None
+        for r in self.session.stream(ids, max_new_tokens=max_new_tokens, stats=st, use_drafter=self.use_drafter,
+                                     **self.gen):
+            toks += r.tokens
+            if r.prefill:
+                t_first = time.perf_counter()
+        _sync(self.session.backend.device)
+        decode_s = time.perf_counter() - t_first
+        return Run(toks, decode_s, st.target_forwards, st.drafted_per_position, st.accepted_per_position,
+                   st.draft_s, st.drafted, st.verify_s)
+
+
+class _Clock:
+    """A transformers streamer that stamps each put(): the prompt, then one put per forward."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: torch.Tensor) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+@dataclass
+class HFGenerate(Method):
+    model: Any = None
+    lookup: int | None = None  # prompt_lookup_num_tokens, None = plain generate
+    sampling: Sampling | None = None
+
+    def run(self, ids: list[int], max_new_tokens: int) -> Run:
+        dev = self.model.device
+        x = torch.tensor([ids], device=dev)
+        sp = self.sampling
+        kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, eos_token_id=sorted(sp.eos), pad_token_id=0)
+        if sp.temperature > 0:
+            torch.manual_seed(sp.seed)
+            kw.update(do_sample=True, temperature=sp.temperature, top_k=0, top_p=1.0)
+        else:
+            kw.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+        if self.lookup:
+            kw["prompt_lookup_num_tokens"] = self.lookup
+        clock = _Clock()
+        with torch.no_grad():
+            out = self.model.generate(x, streamer=clock, **kw)
+        _sync(dev)
+        end = time.perf_counter()
+        toks = out[0, len(ids):].tolist()
+        # times[0] = the prompt, times[1] = the first new token (prefill), then one put per forward
+        t_first = clock.times[1] if len(clock.times) > 1 else end
+        return Run(toks, end - t_first, max(len(clock.times) - 2, 0))
+
+
+@dataclass
+class LlamaCpp(Method):
+    llm: Any = None
+    lookup: Any = None  # a _CountingLookup, or None for plain decoding
+    sampling: Sampling | None = None
+
+    def run(self, ids: list[int], max_new_tokens: int) -> Run:
+        sp = self.sampling
+        if self.lookup is not None:
+            self.lookup.calls = 0
+        self.llm.reset()
+        kw = dict(top_k=1, top_p=1.0, min_p=0.0, temp=0.0) if sp.temperature <= 0 else dict(
+            top_k=0, top_p=1.0, min_p=0.0, temp=sp.temperature)
+        if sp.temperature > 0:
+            self.llm.set_seed(sp.seed)
+        toks: list[int] = []
+        t_first = None
+        for tok in self.llm.generate(ids, repeat_penalty=1.0, reset=True, **kw):
+            toks.append(int(tok))
+            if t_first is None:
+                t_first = time.perf_counter()
+            if tok in sp.eos or len(toks) >= max_new_tokens:
+                break
+        decode_s = time.perf_counter() - t_first
+        forwards = self.lookup.calls if self.lookup is not None else len(toks) - 1
+        return Run(toks, decode_s, forwards)
+
+
+def _lookup_class():
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+    class _CountingLookup(LlamaPromptLookupDecoding):
+        """llama-cpp-python's prompt lookup, counting its calls: one per verify forward after the prefill."""
+        calls = 0
+
+        def __call__(self, input_ids, /, **kw):
+            self.calls += 1
+            return super().__call__(input_ids, **kw)
+
+    return _CountingLookup
+
+
+def our_methods(session, gen: dict[str, Any]) -> list[Method]:
+    t = session.backend.target
+    mb = sum(p.numel() * p.element_size() for p in t.parameters()) / 2**20
+    dtype = str(t.embed_tokens.weight.dtype).removeprefix("torch.")
+    d = session.backend.drafter
+    dmb = sum(p.numel() * p.element_size() for p in d.parameters()) / 2**20 if d is not None else 0.0
+    return [
+        OurLoop("plain", "mtpkit loop, no drafter (the baseline of every speedup)", f"mtpkit {dtype}", mb,
+                session=session, use_drafter=False, gen=gen),
+        OurLoop("speculative", "mtpkit shared-cache speculative loop", f"mtpkit {dtype} + drafter", mb + dmb,
+                reference="plain", must_match=True, session=session, use_drafter=True, gen=gen),
+    ]
+
+
+def hf_methods(session, sampling: Sampling, lookup_tokens: int) -> list[Method]:
+    """transformers `generate` on the same weights (dtype and device as ours): plain and prompt lookup."""
+    from mtpkit.hf import hf_model
+    t = session.backend.target
+    dev = session.backend.device
+    dtype = t.embed_tokens.weight.dtype
+    model = hf_model(t.config, t.state_dict(), dtype=dtype, device=dev, attn="sdpa")
+    mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    w = f"same weights, transformers {str(dtype).removeprefix('torch.')}"
+    return [
+        HFGenerate("hf_generate", "transformers generate (greedy/sampling)", w, mb, reference="plain",
+                   model=model, sampling=sampling),
+        HFGenerate("hf_prompt_lookup", f"transformers generate, prompt_lookup_num_tokens={lookup_tokens}", w, mb,
+                   reference="hf_generate", must_match=True, model=model, lookup=lookup_tokens, sampling=sampling),
+    ]
+
+
+_LOG_CALLBACK = None
+
+
+def _quiet_llama_logs() -> None:
+    """llama.cpp's C log: keep errors, drop the rest. It logs "using full-size SWA cache" at error level
+    although nothing is wrong (a context without SWA memory savings); that line is dropped too."""
+    global _LOG_CALLBACK
+    import ctypes
+    import sys
+
+    import llama_cpp
+    if _LOG_CALLBACK is None:
+        @llama_cpp.llama_log_callback
+        def cb(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+            if level == 3 and b"full-size SWA cache" not in text:  # GGML_LOG_LEVEL_ERROR
+                print(text.decode("utf-8", "replace"), end="", file=sys.stderr)
+        _LOG_CALLBACK = cb
+    llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
+
+
+def llamacpp_methods(gguf: str, threads: int, n_ctx: int, sampling: Sampling, lookup_tokens: int,
+                     gpu: bool) -> list[Method]:
+    """llama-cpp-python on the target's GGUF: plain and LlamaPromptLookupDecoding (which makes it compute
+    logits for every position, as llama-cpp-python requires for any draft model)."""
+    from llama_cpp import Llama
+    _quiet_llama_logs()
+    mb = os.path.getsize(gguf) / 2**20
+    w = f"GGUF {os.path.basename(gguf)}" + (", all layers on the GPU" if gpu else ", CPU")
+    common = dict(model_path=gguf, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False,
+                  seed=sampling.seed, n_gpu_layers=-1 if gpu else 0)
+    try:
+        plain = Llama(**common)
+        lookup = _lookup_class()(num_pred_tokens=lookup_tokens)
+        spec = Llama(**common, draft_model=lookup)
+    except (ValueError, RuntimeError) as e:
+        raise MtpkitError(f"llama-cpp-python cannot load {gguf}: {e}") from None
+    return [
+        LlamaCpp("llamacpp", "llama-cpp-python generate", w, mb, reference="plain", llm=plain, sampling=sampling),
+        LlamaCpp("llamacpp_prompt_lookup", f"llama-cpp-python LlamaPromptLookupDecoding(num_pred_tokens={lookup_tokens})",
+                 w, mb, reference="llamacpp", must_match=True, llm=spec, lookup=lookup, sampling=sampling),
+    ]

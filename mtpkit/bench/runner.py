@@ -1,0 +1,415 @@
+"""`mtpkit bench`: every method on every prompt, interleaved in one process, into one JSON document.
+
+Per prompt and repeat the methods run back to back (their order rotates each repeat), after one
+warm-up run per method that is not counted. The document's layout is `docs/bench.md`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mtpkit.bench.methods import LOOKUP_TOKENS, Method, Run, Sampling, hf_methods, llamacpp_methods, our_methods
+from mtpkit.errors import MtpkitError
+
+SCHEMA = "mtpkit.bench/1"
+BASELINES = ("hf", "llamacpp")
+
+
+@dataclass
+class BenchConfig:
+    target: str = "gemma3-270m"
+    drafter: str | None = None  # None = the shipped default
+    backend: str = "torch"
+    device: str | None = None
+    dtype: str | None = None
+    suite: str = "humaneval"
+    limit: int = 8
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    num_draft_tokens: int = 5
+    min_confidence: float | str | None = "auto"  # as `mtpkit run`: 0.3 on CPU, off on GPU
+    repeats: int = 3
+    seed: int = 0
+    threads: int | None = None  # CPU threads for torch and llama.cpp (None = torch's current setting)
+    baselines: str = "auto"  # auto (all installed) | none | comma list of hf, llamacpp
+    lookup_tokens: int = LOOKUP_TOKENS
+
+    def check(self) -> None:
+        if self.repeats < 1:
+            raise MtpkitError(f"--repeats must be >= 1, got {self.repeats}")
+        if self.limit < 1:
+            raise MtpkitError(f"--limit must be >= 1, got {self.limit}")
+        if self.threads is not None and self.threads < 1:
+            raise MtpkitError(f"--threads must be >= 1, got {self.threads}")
+        if self.lookup_tokens < 1:
+            raise MtpkitError(f"--lookup-tokens must be >= 1, got {self.lookup_tokens}")
+        self.baseline_set()
+
+    def baseline_set(self) -> tuple[set[str], bool]:
+        """(requested baselines, whether they were asked for by name: then a missing one is an error)."""
+        if self.baselines == "auto":
+            return set(BASELINES), False
+        if self.baselines == "none":
+            return set(), True
+        names = {b.strip() for b in self.baselines.split(",") if b.strip()}
+        bad = names - set(BASELINES)
+        if bad or not names:
+            raise MtpkitError(f"unknown baselines {sorted(bad) or self.baselines!r}: use auto, none or a comma list of "
+                              f"{', '.join(BASELINES)}")
+        return names, True
+
+
+class PeakRSS:
+    """Samples this process's resident set size every `every` s while active (Linux /proc; else ru_maxrss)."""
+
+    def __init__(self, every: float = 0.005):
+        self.every, self.peak, self._stop = every, 0, threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @staticmethod
+    def now() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError, IndexError):
+            import resource
+            r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            return r if platform.system() == "Darwin" else r * 1024
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.now())
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> PeakRSS:
+        self.start = self.peak = self.now()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.now())
+
+
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """What produced the numbers: never compare documents whose `machine` differs."""
+    import importlib.metadata as md
+
+    def ver(pkg: str) -> str | None:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = None
+    try:
+        mem = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    info = {"hostname": platform.node(), "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+            "memory_gb": mem, "torch_threads": torch.get_num_threads(), "device": str(device),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "versions": {p: ver(p) for p in ("mtpkit", "torch", "transformers", "llama_cpp_python", "numpy")}}
+    info["versions"]["python"] = platform.python_version()
+    return info
+
+
+def spread(prompts: list, limit: int) -> list:
+    """The first `limit` prompts, taken in turn from each category when there are several (MT-Bench lists
+    its 8 categories one after another: the first 8 questions would all be `writing`)."""
+    cats: dict[str, list] = {}
+    for p in prompts:
+        cats.setdefault(p.category, []).append(p)
+    if len(cats) <= 1 or limit >= len(prompts):
+        return prompts[:limit]
+    out: list = []
+    for i in range(max(len(v) for v in cats.values())):
+        out += [v[i] for v in cats.values() if i < len(v)]
+    return out[:limit]
+
+
+def model_info(session) -> dict[str, Any]:
+    """Sizes the predictor needs to carry per-token costs to other devices."""
+    t, d = session.backend.target, session.backend.drafter
+    c = t.config
+    out: dict[str, Any] = {"target": {"params": sum(p.numel() for p in t.parameters()),
+                                      "embedding_params": t.embed_tokens.weight.numel(), "layers": c.num_hidden_layers,
+                                      "hidden_size": c.hidden_size, "vocab_size": c.vocab_size,
+                                      "tied_head": True}, "drafter": None}
+    if d is not None:
+        dc = d.config
+        own = sum(p.numel() for p in d.parameters())
+        # weights one drafter step reads: its own, plus the embedding rows its head scores
+        # (dense head shared with the target: every row; centroid head: top_k clusters of vocab/centroids rows)
+        if dc.head == "centroid":
+            rows = dc.centroid_top_k * -(-dc.vocab_size // dc.num_centroids)
+        else:
+            rows = dc.vocab_size if dc.share_target_embedding else 0
+        out["drafter"] = {"params": own, "blocks": len(dc.layer_types), "head": dc.head,
+                          "params_read_per_step": own + rows * dc.hidden_size}
+    return out
+
+
+def _median(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def _sum_lists(lists: list[list[int]]) -> list[int]:
+    out: list[int] = []
+    for li in lists:
+        out += [0] * (len(li) - len(out))
+        for i, v in enumerate(li):
+            out[i] += v
+    return out
+
+
+def _build_methods(cfg: BenchConfig, session, prompts_len: int, note: Callable[[str], None]
+                   ) -> tuple[list[Method], dict[str, str]]:
+    gen = dict(temperature=cfg.temperature, seed=cfg.seed, num_draft_tokens=cfg.num_draft_tokens,
+               min_confidence=cfg.min_confidence)
+    methods = our_methods(session, gen)
+    skipped: dict[str, str] = {}
+    wanted, explicit = cfg.baseline_set()
+    sampling = Sampling(cfg.temperature, cfg.seed, session.eos)
+
+    def unavailable(name: str, why: str) -> None:
+        if explicit:
+            raise MtpkitError(f"baseline {name}: {why}")
+        skipped[name] = why
+        note(f"skipping baseline {name}: {why}")
+
+    if "hf" in wanted:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            unavailable("hf", "transformers is not installed (pip install -e '.[dev]')")
+        else:
+            methods += hf_methods(session, sampling, cfg.lookup_tokens)
+    if "llamacpp" in wanted:
+        source = getattr(session, "source", {}) or {}
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            unavailable("llamacpp", "llama-cpp-python is not installed (pip install -e '.[gguf]')")
+        else:
+            if source.get("kind") != "gguf":
+                unavailable("llamacpp", "the target was not loaded from a GGUF file")
+            else:
+                n_ctx = prompts_len + cfg.max_new_tokens + cfg.lookup_tokens + 16
+                methods += llamacpp_methods(source["path"], cfg.threads or torch.get_num_threads(), n_ctx, sampling,
+                                            cfg.lookup_tokens,
+                                            # on a Mac llama.cpp runs on Metal: the baseline a Mac user would pick
+                                            gpu=session.backend.device.type == "cuda" or platform.system() == "Darwin")
+    return methods, skipped
+
+
+def _measure(m: Method, ids: list[int], n: int, cuda: bool) -> tuple[Run, dict[str, float]]:
+    """One run with its memory: the process's peak RSS, and how far it rose above where the run started
+    (the method's working memory: cache, activations, logits; its weights are `weights_mb`)."""
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    with PeakRSS() as rss:
+        run = m.run(ids, n)
+    mem = {"peak_rss_mb": rss.peak / 2**20, "rss_growth_mb": (rss.peak - rss.start) / 2**20}
+    if cuda:
+        mem["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        mem["cuda_growth_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return run, mem
+
+
+def _prompt_result(m: Method, runs: list[Run], mems: list[dict[str, float]], ref: list[Run] | None,
+                   plain: list[Run] | None, greedy: bool) -> dict[str, Any]:
+    """One method on one prompt, over its repeats."""
+    fw = [r.forwards for r in runs]
+    res: dict[str, Any] = {
+        "tok_per_s": _median([r.tok_per_s for r in runs]),
+        "tok_per_s_runs": [r.tok_per_s for r in runs],
+        "new_tokens": [len(r.tokens) for r in runs],
+        "tau": sum(len(r.tokens) - 1 for r in runs) / sum(fw) if None not in fw and sum(fw) else None,
+        "drafted_per_position": _sum_lists([r.drafted_per_position for r in runs]),
+        "accepted_per_position": _sum_lists([r.accepted_per_position for r in runs]),
+        "c": None, "verify_rel": None, "identical_to_reference": None,
+        **{k: max(x[k] for x in mems) if k in mems[0] else None
+           for k in ("peak_rss_mb", "rss_growth_mb", "peak_cuda_mb", "cuda_growth_mb")},
+    }
+    if plain is not None and any(r.drafted for r in runs):
+        # c = seconds per drafted token / seconds per plain target decode step (both measured here)
+        step = sum(r.decode_s for r in plain) / max(sum(len(r.tokens) - 1 for r in plain), 1)
+        res["c"] = sum(r.draft_s for r in runs) / sum(r.drafted for r in runs) / step
+        # verify_rel = seconds per verify forward (k + 1 tokens) / seconds per plain decode forward (loop timers)
+        plain_fwd = sum(r.verify_s for r in plain) / max(sum(r.forwards for r in plain), 1)
+        res["verify_rel"] = sum(r.verify_s for r in runs) / max(sum(r.forwards for r in runs), 1) / plain_fwd
+        res["draft_steps_per_forward"] = sum(r.drafted for r in runs) / max(sum(r.forwards for r in runs), 1)
+    if greedy and ref is not None:
+        res["identical_to_reference"] = all(r.tokens == ref[0].tokens for r in runs)
+    return res
+
+
+def _aggregate(rows: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    """Summary of one method over prompts: medians of per-prompt values, tau and acceptance from pooled counts."""
+    rs = [r["results"][name] for r in rows]
+    drafted = _sum_lists([r["drafted_per_position"] for r in rs])
+    accepted = _sum_lists([r["accepted_per_position"] for r in rs])
+    toks = sum(sum(n - 1 for n in r["new_tokens"]) for r in rs)
+    taus = [r["tau"] for r in rs]
+    # pooled tau: tokens after the first / decode forwards, over every prompt and repeat
+    fw = sum(sum(n - 1 for n in r["new_tokens"]) / r["tau"] for r in rs if r["tau"]) if None not in taus else None
+    ident = [r["identical_to_reference"] for r in rs if r["identical_to_reference"] is not None]
+    return {
+        "tok_per_s": _median([r["tok_per_s"] for r in rs]),
+        "speedup": _median([r["speedup"] for r in rs]),
+        "tau": toks / fw if fw else None,
+        "acceptance": [a / d if d else 0.0 for a, d in zip(accepted, drafted, strict=True)],
+        "c": _median([r["c"] for r in rs]),
+        "verify_rel": _median([r["verify_rel"] for r in rs]),
+        "draft_steps_per_forward": _median([r.get("draft_steps_per_forward") for r in rs]),
+        **{k: max((r[k] for r in rs if r[k] is not None), default=None)
+           for k in ("peak_rss_mb", "rss_growth_mb", "peak_cuda_mb", "cuda_growth_mb")},
+        "greedy_identical": {"identical": sum(ident), "prompts": len(ident)} if ident else None,
+        "prompts": len(rs),
+    }
+
+
+def run_bench(cfg: BenchConfig, note: Callable[[str], None] = lambda s: None, progress: bool = True) -> dict[str, Any]:
+    """Run the bench and return the result document (see docs/bench.md)."""
+    import mtpkit
+    from mtpkit.runtime.loop import GenerationParams
+    from mtpkit.runtime.sampling import SamplingParams
+    from mtpkit.suites import load_suite
+    cfg.check()
+    GenerationParams(cfg.max_new_tokens, SamplingParams(cfg.temperature), cfg.num_draft_tokens)
+    prompts = spread(load_suite(cfg.suite), cfg.limit)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    session = mtpkit.load(cfg.target, drafter=cfg.drafter, backend=cfg.backend, device=cfg.device, dtype=cfg.dtype,
+                          max_draft=max(16, cfg.num_draft_tokens))
+    if session.drafter_path is None:
+        raise MtpkitError(f"no drafter for target {cfg.target!r}: pass --drafter DIR (train one with `mtpkit distill`)")
+    if session.tokenizer is None:
+        raise MtpkitError("this target has no tokenizer: the bench needs text prompts")
+    ids = [session.tokenizer.encode(p.text) for p in prompts]
+    longest = max(len(i) for i in ids)
+    if longest + cfg.max_new_tokens + cfg.num_draft_tokens + 1 > session.backend.max_len:
+        raise MtpkitError(f"a prompt of {longest} tokens + {cfg.max_new_tokens} new does not fit the context "
+                          f"of {session.backend.max_len}")
+    methods, skipped = _build_methods(cfg, session, longest, note)
+    dev = session.backend.device
+    cuda = dev.type == "cuda"
+    greedy = cfg.temperature <= 0
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    total = len(methods) * (1 + len(prompts) * cfg.repeats)
+    bar = Progress(TextColumn("[bold]bench[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), disable=not progress, transient=True)
+    rows = []
+    t_start = time.perf_counter()
+    with bar:
+        task = bar.add_task("warm-up", total=total)
+        for m in methods:  # warm-up (first calls, CUDA graph captures, allocator growth): not counted
+            bar.update(task, description=f"warm-up {m.name}")
+            m.run(ids[0], min(16, cfg.max_new_tokens))
+            bar.advance(task)
+        for p, x in zip(prompts, ids, strict=True):
+            runs: dict[str, list[Run]] = {m.name: [] for m in methods}
+            mems: dict[str, list[dict[str, float]]] = {m.name: [] for m in methods}
+            for rep in range(cfg.repeats):
+                order = methods[rep % len(methods):] + methods[:rep % len(methods)]
+                for m in order:
+                    bar.update(task, description=f"{p.id} {m.name}")
+                    run, mem = _measure(m, x, cfg.max_new_tokens, cuda)
+                    runs[m.name].append(run)
+                    mems[m.name].append(mem)
+                    bar.advance(task)
+            results = {m.name: _prompt_result(m, runs[m.name], mems[m.name], runs.get(m.reference) if m.reference
+                                              else None, runs["plain"], greedy) for m in methods}
+            base = results["plain"]["tok_per_s"]
+            for r in results.values():
+                r["speedup"] = r["tok_per_s"] / base if base else None
+            rows.append({"id": p.id, "category": p.category or "uncategorized", "prompt": p.text[:200],
+                         "prompt_tokens": len(x), "results": results})
+    summary = {m.name: _aggregate(rows, m.name) for m in methods}
+    cats = sorted({r["category"] for r in rows})
+    by_cat = {c: {m.name: _aggregate([r for r in rows if r["category"] == c], m.name) for m in methods} for c in cats}
+    for c in by_cat.values():  # keep the per-category view small: speed, speedup, tau
+        for k, v in c.items():
+            c[k] = {f: v[f] for f in ("tok_per_s", "speedup", "tau", "acceptance", "prompts")}
+    failed = [m.name for m in methods if m.must_match and greedy and summary[m.name]["greedy_identical"]
+              and summary[m.name]["greedy_identical"]["identical"] < summary[m.name]["greedy_identical"]["prompts"]]
+    settings = asdict(cfg)
+    settings.update(threads=torch.get_num_threads(), resolved_drafter=session.drafter_path, device=str(dev),
+                    dtype=str(session.backend.target.embed_tokens.weight.dtype).removeprefix("torch."),
+                    cuda_graphs=getattr(session.backend, "cuda_graphs", None))
+    doc = {
+        "schema": SCHEMA,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine_info(dev),
+        "settings": settings,
+        "models": model_info(session),
+        "methods": {m.name: {"description": m.description, "weights": m.weights, "weights_mb": round(m.weights_mb, 1),
+                             "reference": m.reference, "must_match_reference": m.must_match} for m in methods},
+        "skipped": skipped,
+        "summary": summary,
+        "by_category": by_cat,
+        "greedy_mismatch": failed,
+        "prompts": rows,
+        "wall_s": round(time.perf_counter() - t_start, 1),
+    }
+    check_document(doc)
+    return doc
+
+
+SUMMARY_KEYS = ("tok_per_s", "speedup", "tau", "acceptance", "c", "verify_rel", "peak_rss_mb", "rss_growth_mb",
+                "peak_cuda_mb", "cuda_growth_mb", "greedy_identical", "prompts")
+DOC_KEYS = ("schema", "created", "machine", "settings", "models", "methods", "skipped", "summary", "by_category",
+            "greedy_mismatch", "prompts")
+
+
+def check_document(doc: Any, where: str = "document") -> None:
+    """Raise a one-line MtpkitError unless `doc` has the layout of docs/bench.md (this schema version)."""
+    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
+        got = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
+        raise MtpkitError(f"{where} is not an {SCHEMA} document (schema: {got!r})")
+    missing = [k for k in DOC_KEYS if k not in doc]
+    if missing:
+        raise MtpkitError(f"{where}: missing {', '.join(missing)}")
+    for name in ("plain", "speculative"):
+        if name not in doc["summary"]:
+            raise MtpkitError(f"{where}: summary has no {name!r}")
+    for name, s in doc["summary"].items():
+        lost = [k for k in SUMMARY_KEYS if k not in s]
+        if lost or name not in doc["methods"]:
+            raise MtpkitError(f"{where}: summary[{name!r}] lacks {', '.join(lost) or 'its methods entry'}")
+
+
+def write_json(doc: dict[str, Any], path: str | os.PathLike) -> None:
+    """Write atomically: a reader never sees half a document."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2))
+    os.replace(tmp, p)
