@@ -159,9 +159,11 @@ def load(target: str = "gemma3-270m", drafter: str | None = None, backend: str =
          random_drafter: dict[str, Any] | None = None) -> Session:
     """Load target + drafter on a backend. `random_drafter` (config overrides) builds an untrained drafter
     for cost measurements; it is never used unless asked for."""
+    if backend == "mlx":
+        return _load_mlx(target, drafter, device, dtype, max_len, random_drafter)
     from mtpkit.model.load import load_drafter, load_target
     if backend != "torch":
-        raise MtpkitError(f"backend {backend!r} is not available yet (have: torch)")
+        raise MtpkitError(f"unknown backend {backend!r} (have: torch, mlx)")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MtpkitError("device cuda requested but torch sees no CUDA GPU")
@@ -183,3 +185,28 @@ def load(target: str = "gemma3-270m", drafter: str | None = None, backend: str =
     from mtpkit.runtime.torch_backend import TorchBackend
     be = TorchBackend(t.model, d, max_len=max_len, max_draft=max_draft, cuda_graphs=cuda_graphs)
     return Session(be, t.tokenizer, t.config, path, t.source)
+
+
+def _load_mlx(target: str, drafter: str | None, device: str | None, dtype: str | None, max_len: int,
+              random_drafter: dict[str, Any] | None) -> Session:
+    """MLX: `target` is a directory from `mtpkit export --format mlx`; drafter None = its sibling `drafter/`."""
+    if device not in (None, "cpu", "gpu"):
+        raise MtpkitError(f"backend mlx picks its own device (MLX's default); --device {device} is for the torch backend")
+    if dtype is not None or random_drafter is not None:
+        raise MtpkitError("backend mlx runs the exported weights as they are: dtype and random drafters are torch-only")
+    try:
+        import mlx.core  # noqa: F401
+        import mlx_lm  # noqa: F401
+    except ImportError:
+        raise MtpkitError("backend mlx needs mlx and mlx-lm (pip install -e '.[mlx]')") from None
+    from mtpkit.runtime.mlx_backend import MLXBackend
+    t = Path(target)
+    if not t.is_dir():
+        raise MtpkitError(f"backend mlx needs an exported target directory, got {target!r} "
+                          f"(make one with `mtpkit export --format mlx --out DIR`, then pass DIR/target)")
+    if drafter is None:
+        drafter = str(t.parent / "drafter") if (t.parent / "drafter" / "config.json").is_file() else None
+    elif drafter == "none":
+        drafter = None
+    be = MLXBackend(t, drafter, max_len=max_len)
+    return Session(be, be.tokenizer, be.config, drafter, {"kind": "mlx-dir", "path": str(t.resolve())})

@@ -190,6 +190,9 @@ def _register_bench() -> None:
         one_line_errors(predict_command))
     app.command("profile-device", help="Measure this machine into a device profile JSON.")(
         one_line_errors(profile_device_command))
+    from mtpkit.export.cli import export_command
+    app.command("export", help="Export target + drafter (mlx) and check the target against the reference.")(
+        one_line_errors(export_command))
 
 
 _register_bench()

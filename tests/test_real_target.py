@@ -179,3 +179,36 @@ def test_bench_on_the_real_target(real, tmp_path):
     assert s["speculative"]["greedy_identical"] == {"identical": 1, "prompts": 1}
     assert s["speculative"]["tau"] > 1.0 and s["hf_generate"]["greedy_identical"]["prompts"] == 1
     print("\n[bench] " + ", ".join(f"{k} {v['tok_per_s']:.1f} tok/s" for k, v in s.items()))
+
+
+def test_mlx_export_and_backend_on_the_real_target(real, tmp_path):
+    """MLX export of Gemma 3 270M + the shipped drafter (float32): logits close to the reference (mlx-lm rounds
+    sqrt(d) to bf16, so not exact), drafts equal to the torch backend's, greedy speculative == MLX plain."""
+    pytest.importorskip("mlx_lm")
+    from mtpkit.api import DEFAULT_DRAFTERS
+    from mtpkit.export.mlx import check_target, write_target
+    from mtpkit.model.load import load_drafter, save_drafter
+    from mtpkit.runtime.loop import GenerationParams, generate
+    from mtpkit.runtime.mlx_backend import MLXBackend
+    from mtpkit.runtime.sampling import SamplingParams
+    from mtpkit.runtime.torch_backend import TorchBackend
+    d = load_drafter(DEFAULT_DRAFTERS / "gemma3-270m", real.config, dtype=torch.float32)
+    write_target(real.model, real.tokenizer, tmp_path / "target", dtype="float32")
+    save_drafter(d, tmp_path / "drafter", dtype=torch.float32)
+    ids = real.tokenizer.encode("def fibonacci(n):\n    ")
+    check = check_target(real.model, tmp_path / "target", ids)
+    print(f"\n[mlx export f32] {check}")
+    assert check["argmax_agreement"] == 1.0 and check["max_abs_logit_diff"] < 0.2
+    mb = MLXBackend(tmp_path / "target", tmp_path / "drafter", max_len=256)
+    tb = TorchBackend(real.model.float(), d, max_len=256)
+    (la, ha), (_, hb) = mb.start(torch.tensor(ids)), tb.start(torch.tensor(ids))
+    bonus = torch.tensor(int(la.argmax()))
+    a = mb.draft(bonus, ha, 5, SamplingParams(), None).tokens.tolist()
+    b = tb.draft(bonus, hb, 5, SamplingParams(), None).tokens.tolist()
+    print(f"[mlx drafts] {a} vs torch {b}")
+    assert a[:3] == b[:3]
+    eos = {real.config.eos_token_id}
+    plain = [x for r in generate(mb, ids, GenerationParams(24), eos, use_drafter=False) for x in r.tokens]
+    rounds = list(generate(mb, ids, GenerationParams(24, num_draft_tokens=5), eos))
+    assert [x for r in rounds for x in r.tokens] == plain
+    assert sum(r.accepted for r in rounds) > 5

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -171,15 +172,13 @@ def _lookup_class():
 
 
 def our_methods(session, gen: dict[str, Any]) -> list[Method]:
-    t = session.backend.target
-    mb = sum(p.numel() * p.element_size() for p in t.parameters()) / 2**20
-    dtype = str(t.embed_tokens.weight.dtype).removeprefix("torch.")
-    d = session.backend.drafter
-    dmb = sum(p.numel() * p.element_size() for p in d.parameters()) / 2**20 if d is not None else 0.0
+    info = session.backend.describe()
+    mb, dmb = info["target_bytes"] / 2**20, info["drafter_bytes"] / 2**20
+    w = f"mtpkit {info['backend']} {info['dtype']}"
     return [
-        OurLoop("plain", "mtpkit loop, no drafter (the baseline of every speedup)", f"mtpkit {dtype}", mb,
+        OurLoop("plain", "mtpkit loop, no drafter (the baseline of every speedup)", w, mb,
                 session=session, use_drafter=False, gen=gen),
-        OurLoop("speculative", "mtpkit shared-cache speculative loop", f"mtpkit {dtype} + drafter", mb + dmb,
+        OurLoop("speculative", "mtpkit shared-cache speculative loop", f"{w} + drafter", mb + dmb,
                 reference="plain", must_match=True, session=session, use_drafter=True, gen=gen),
     ]
 
@@ -241,4 +240,60 @@ def llamacpp_methods(gguf: str, threads: int, n_ctx: int, sampling: Sampling, lo
         LlamaCpp("llamacpp", "llama-cpp-python generate", w, mb, reference="plain", llm=plain, sampling=sampling),
         LlamaCpp("llamacpp_prompt_lookup", f"llama-cpp-python LlamaPromptLookupDecoding(num_pred_tokens={lookup_tokens})",
                  w, mb, reference="llamacpp", must_match=True, llm=spec, lookup=lookup, sampling=sampling),
+    ]
+
+
+@dataclass
+class MlxLm(Method):
+    model: Any = None
+    draft_model: Any = None  # None = mlx-lm's plain generate_step
+    num_draft: int = 0
+    sampling: Sampling | None = None
+
+    def run(self, ids: list[int], max_new_tokens: int) -> Run:
+        import mlx.core as mx
+        from mlx_lm.generate import generate_step, speculative_generate_step
+        from mlx_lm.sample_utils import make_sampler
+        sp = self.sampling
+        if sp.temperature > 0:
+            mx.random.seed(sp.seed)
+        sampler = make_sampler(temp=max(sp.temperature, 0.0))
+        prompt = mx.array(ids)
+        if self.draft_model is None:
+            gen = ((tok, None, False) for tok, _ in generate_step(prompt, self.model, max_tokens=max_new_tokens,
+                                                                    sampler=sampler))
+        else:
+            gen = speculative_generate_step(prompt, self.model, self.draft_model, num_draft_tokens=self.num_draft,
+                                            max_tokens=max_new_tokens, sampler=sampler)
+        toks: list[int] = []
+        t_first, target_tokens = None, 0
+        for tok, _, from_draft in gen:
+            toks.append(int(tok))
+            target_tokens += not from_draft
+            if t_first is None:
+                t_first = time.perf_counter()
+            if tok in sp.eos or len(toks) >= max_new_tokens:
+                break
+        # every target forward yields exactly one token that is not from the draft; the first is the prefill's
+        return Run(toks, time.perf_counter() - t_first, max(target_tokens - 1, 0))
+
+
+def mlx_lm_methods(target_dir: str, sampling: Sampling, num_draft: int, draft_layers: int) -> list[Method]:
+    """mlx-lm itself on the exported target: plain `generate_step`, and `speculative_generate_step` with a
+    separate draft model built without training: the target's first `draft_layers` layers + its norm and head
+    (mlx-lm's speculative loop needs a draft model; none smaller than Gemma 3 270M is available)."""
+    from mlx_lm.utils import load_model
+    model, _ = load_model(Path(target_dir))
+    draft, _ = load_model(Path(target_dir))
+    draft.model.layers = draft.model.layers[:draft_layers]
+    draft.args.num_hidden_layers = draft_layers
+    mb = Path(target_dir, "model.safetensors").stat().st_size / 2**20
+    w = "mlx-lm, the exported target"
+    return [
+        MlxLm("mlx_lm", "mlx-lm generate_step (its own RotatingKVCache)", w, mb, reference="plain",
+              model=model, sampling=sampling),
+        MlxLm("mlx_lm_speculative", f"mlx-lm speculative_generate_step, draft = the target's first {draft_layers} "
+              f"layers, {num_draft} draft tokens", w + f" + {draft_layers}-layer draft", mb,
+              reference="mlx_lm", must_match=True, model=model, draft_model=draft, num_draft=num_draft,
+              sampling=sampling),
     ]

@@ -20,11 +20,20 @@ from typing import Any
 
 import torch
 
-from mtpkit.bench.methods import LOOKUP_TOKENS, Method, Run, Sampling, hf_methods, llamacpp_methods, our_methods
+from mtpkit.bench.methods import (
+    LOOKUP_TOKENS,
+    Method,
+    Run,
+    Sampling,
+    hf_methods,
+    llamacpp_methods,
+    mlx_lm_methods,
+    our_methods,
+)
 from mtpkit.errors import MtpkitError
 
 SCHEMA = "mtpkit.bench/1"
-BASELINES = ("hf", "llamacpp")
+BASELINES = ("hf", "llamacpp", "mlx_lm")
 
 
 @dataclass
@@ -153,23 +162,20 @@ def spread(prompts: list, limit: int) -> list:
 
 def model_info(session) -> dict[str, Any]:
     """Sizes the predictor needs to carry per-token costs to other devices."""
-    t, d = session.backend.target, session.backend.drafter
-    c = t.config
-    out: dict[str, Any] = {"target": {"params": sum(p.numel() for p in t.parameters()),
-                                      "embedding_params": t.embed_tokens.weight.numel(), "layers": c.num_hidden_layers,
-                                      "hidden_size": c.hidden_size, "vocab_size": c.vocab_size,
-                                      "tied_head": True}, "drafter": None}
-    if d is not None:
-        dc = d.config
-        own = sum(p.numel() for p in d.parameters())
+    info = session.backend.describe()
+    c, dc = info["target_config"], info["drafter_config"]
+    out: dict[str, Any] = {"target": {"params": info["target_params"], "embedding_params": info["embedding_params"],
+                                      "layers": c.num_hidden_layers, "hidden_size": c.hidden_size,
+                                      "vocab_size": c.vocab_size, "tied_head": True}, "drafter": None}
+    if dc is not None:
         # weights one drafter step reads: its own, plus the embedding rows its head scores
         # (dense head shared with the target: every row; centroid head: top_k clusters of vocab/centroids rows)
         if dc.head == "centroid":
             rows = dc.centroid_top_k * -(-dc.vocab_size // dc.num_centroids)
         else:
             rows = dc.vocab_size if dc.share_target_embedding else 0
-        out["drafter"] = {"params": own, "blocks": len(dc.layer_types), "head": dc.head,
-                          "params_read_per_step": own + rows * dc.hidden_size}
+        out["drafter"] = {"params": info["drafter_params"], "blocks": len(dc.layer_types), "head": dc.head,
+                          "params_read_per_step": info["drafter_params"] + rows * dc.hidden_size}
     return out
 
 
@@ -202,7 +208,9 @@ def _build_methods(cfg: BenchConfig, session, prompts_len: int, note: Callable[[
         skipped[name] = why
         note(f"skipping baseline {name}: {why}")
 
-    if "hf" in wanted:
+    if "hf" in wanted and session.backend.describe()["backend"] != "torch":
+        unavailable("hf", "transformers runs the torch backend's weights; this run uses another backend")
+    elif "hf" in wanted:
         try:
             import transformers  # noqa: F401
         except ImportError:
@@ -224,6 +232,14 @@ def _build_methods(cfg: BenchConfig, session, prompts_len: int, note: Callable[[
                                             cfg.lookup_tokens,
                                             # on a Mac llama.cpp runs on Metal: the baseline a Mac user would pick
                                             gpu=session.backend.device.type == "cuda" or platform.system() == "Darwin")
+    if "mlx_lm" in wanted:
+        if session.backend.describe()["backend"] != "mlx":
+            unavailable("mlx_lm", "mlx-lm baselines run with --backend mlx (an exported MLX target)")
+        else:
+            # the draft keeps the target's first sliding-pattern period (mlx-lm's gemma3_text needs one full layer)
+            from mtpkit.export.mlx import layer_pattern
+            methods += mlx_lm_methods(session.source["path"], sampling, cfg.num_draft_tokens,
+                                      layer_pattern(session.config))
     return methods, skipped
 
 
@@ -250,6 +266,7 @@ def _prompt_result(m: Method, runs: list[Run], mems: list[dict[str, float]], ref
         "tok_per_s": _median([r.tok_per_s for r in runs]),
         "tok_per_s_runs": [r.tok_per_s for r in runs],
         "new_tokens": [len(r.tokens) for r in runs],
+        "forwards": sum(fw) if None not in fw else None,  # target decode forwards over the repeats
         "tau": sum(len(r.tokens) - 1 for r in runs) / sum(fw) if None not in fw and sum(fw) else None,
         "drafted_per_position": _sum_lists([r.drafted_per_position for r in runs]),
         "accepted_per_position": _sum_lists([r.accepted_per_position for r in runs]),
@@ -276,9 +293,8 @@ def _aggregate(rows: list[dict[str, Any]], name: str) -> dict[str, Any]:
     drafted = _sum_lists([r["drafted_per_position"] for r in rs])
     accepted = _sum_lists([r["accepted_per_position"] for r in rs])
     toks = sum(sum(n - 1 for n in r["new_tokens"]) for r in rs)
-    taus = [r["tau"] for r in rs]
     # pooled tau: tokens after the first / decode forwards, over every prompt and repeat
-    fw = sum(sum(n - 1 for n in r["new_tokens"]) / r["tau"] for r in rs if r["tau"]) if None not in taus else None
+    fw = None if any(r["forwards"] is None for r in rs) else sum(r["forwards"] for r in rs)
     ident = [r["identical_to_reference"] for r in rs if r["identical_to_reference"] is not None]
     return {
         "tok_per_s": _median([r["tok_per_s"] for r in rs]),
@@ -362,7 +378,7 @@ def run_bench(cfg: BenchConfig, note: Callable[[str], None] = lambda s: None, pr
               and summary[m.name]["greedy_identical"]["identical"] < summary[m.name]["greedy_identical"]["prompts"]]
     settings = asdict(cfg)
     settings.update(threads=torch.get_num_threads(), resolved_drafter=session.drafter_path, device=str(dev),
-                    dtype=str(session.backend.target.embed_tokens.weight.dtype).removeprefix("torch."),
+                    dtype=session.backend.describe()["dtype"],
                     cuda_graphs=getattr(session.backend, "cuda_graphs", None))
     doc = {
         "schema": SCHEMA,

@@ -42,6 +42,17 @@ class TorchBackend:
     def length(self) -> int:
         return self.cache.length
 
+    def describe(self) -> dict:
+        """What runs: sizes and dtype of target and drafter (for benches and the speedup predictor)."""
+        t, d = self.target, self.drafter
+        return {"backend": "torch", "dtype": str(t.embed_tokens.weight.dtype).removeprefix("torch."),
+                "target_params": sum(p.numel() for p in t.parameters()),
+                "target_bytes": sum(p.numel() * p.element_size() for p in t.parameters()),
+                "embedding_params": t.embed_tokens.weight.numel(), "target_config": t.config,
+                "drafter_config": d.config if d is not None else None,
+                "drafter_params": sum(p.numel() for p in d.parameters()) if d is not None else 0,
+                "drafter_bytes": sum(p.numel() * p.element_size() for p in d.parameters()) if d is not None else 0}
+
     # ------------------------------------------------------------------ target
     @torch.inference_mode()
     def start(self, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,159 @@
+"""MLX export + backend vs the torch reference on tiny random targets (mlx[cpu] on Linux): logits, drafts,
+greedy speculative == plain past the sliding window, rollback, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from mtpkit.cli import app
+from mtpkit.errors import MtpkitError
+from mtpkit.model.config import FULL, SLIDING
+from mtpkit.runtime.loop import GenerationParams, generate
+from mtpkit.runtime.oracle import OracleDrafter
+from mtpkit.runtime.sampling import SamplingParams
+from mtpkit.runtime.torch_backend import TorchBackend
+from tests.conftest import tiny_drafter, tiny_target
+
+mx = pytest.importorskip("mlx.core")
+pytest.importorskip("mlx_lm")
+
+LAYERS = [SLIDING, FULL, SLIDING, FULL]  # mlx-lm's gemma3_text pattern p = 2
+
+
+def _pair(seed: int, head: str):
+    t = tiny_target(seed, vocab_size=288, num_hidden_layers=4, layer_types=LAYERS, final_logit_softcapping=None,
+                    sliding_window=4)
+    kw = dict(head=head, share_target_embedding=True, hidden_size=t.config.hidden_size)
+    if head == "centroid":
+        kw.update(num_centroids=16, centroid_top_k=4)
+    return t, tiny_drafter(t, seed, **kw)
+
+
+def _export(t, d, tmp_path):
+    from mtpkit.export.mlx import write_target
+    from mtpkit.model.load import save_drafter
+    write_target(t, None, tmp_path / "target", dtype="float32")
+    save_drafter(d, tmp_path / "drafter")
+    return tmp_path / "target", tmp_path / "drafter"
+
+
+@pytest.mark.parametrize("seed,head", [(0, "dense"), (1, "centroid"), (2, "centroid")])
+def test_mlx_matches_reference(seed, head, tmp_path):
+    from mtpkit.runtime.mlx_backend import MLXBackend
+    t, d = _pair(seed, head)
+    mb = MLXBackend(*_export(t, d, tmp_path), max_len=64)
+    tb = TorchBackend(t, d, max_len=64)
+    prompt = torch.arange(5, 17)  # 12 tokens: past the window of 4
+    (la, ha), (lb, hb) = mb.start(prompt), tb.start(prompt)
+    torch.testing.assert_close(la, lb, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ha, hb, atol=1e-4, rtol=1e-4)
+    g = SamplingParams()
+    for bonus in (7, 100):
+        assert mb.draft(torch.tensor(bonus), hb, 4, g, None).tokens.tolist() == \
+            tb.draft(torch.tensor(bonus), hb, 4, g, None).tokens.tolist()
+    # sampling: the draft distributions q (dense over the vocabulary) agree
+    s = SamplingParams(temperature=1.0)
+    qa = mb.draft(torch.tensor(7), hb, 1, s, torch.Generator().manual_seed(0)).q
+    qb = tb.draft(torch.tensor(7), hb, 1, s, torch.Generator().manual_seed(0)).q
+    torch.testing.assert_close(qa, qb, atol=1e-5, rtol=1e-4)
+    (la, ha), (lb, hb) = mb.verify(torch.tensor([7, 8, 9])), tb.verify(torch.tensor([7, 8, 9]))
+    torch.testing.assert_close(la, lb, atol=1e-4, rtol=1e-4)
+    mb.rollback(13), tb.rollback(13)
+    (la, _), (lb, _) = mb.verify(torch.tensor([50])), tb.verify(torch.tensor([50]))
+    torch.testing.assert_close(la, lb, atol=1e-4, rtol=1e-4)
+
+
+def test_mlx_greedy_speculative_equals_plain_past_the_window(tmp_path):
+    """An oracle drafter gets long runs accepted and random rejections; the window is 4, so rollbacks
+    cross the sliding window constantly (where mlx-lm's RotatingKVCache cannot trim back)."""
+    from mtpkit.runtime.mlx_backend import MLXBackend
+    t, d = _pair(3, "centroid")
+    be = MLXBackend(*_export(t, d, tmp_path), max_len=128)
+    ids = [2, 40, 41, 42, 43]
+    p = GenerationParams(60)
+    plain = [x for r in generate(be, ids, p, set(), use_drafter=False) for x in r.tokens]
+    ref = [x for r in generate(TorchBackend(t, None, max_len=128), ids, p, set()) for x in r.tokens]
+    assert plain == ref
+    for seed in range(3):
+        oracle = OracleDrafter(be, plain, len(ids), corrupt=0.25, seed=seed)
+        rounds = list(generate(oracle, ids, GenerationParams(60, num_draft_tokens=5), set()))
+        assert [x for r in rounds for x in r.tokens] == plain
+        assert sum(r.accepted for r in rounds) > 20
+    spec = [x for r in generate(be, ids, GenerationParams(60, num_draft_tokens=4), set()) for x in r.tokens]
+    assert spec == plain
+
+
+def test_mlx_rollback_refuses_the_impossible(tmp_path):
+    from mtpkit.runtime.mlx_backend import MLXBackend
+    t, d = _pair(0, "dense")
+    be = MLXBackend(*_export(t, d, tmp_path), max_len=16)
+    be.start(torch.arange(3, 10))
+    with pytest.raises(MtpkitError, match="rollback"):
+        be.rollback(8)
+    with pytest.raises(MtpkitError, match="context full"):
+        be.verify(torch.arange(10))
+
+
+def test_export_and_run_cli(tmp_path):
+    from mtpkit.model.load import save_drafter
+    from tests.tiny_gguf import write_gguf
+    t, d = _pair(4, "centroid")
+    gguf = write_gguf(t, tmp_path / "t.gguf")
+    save_drafter(d, tmp_path / "d")
+    r = CliRunner()
+    res = r.invoke(app, ["export", "--format", "mlx", "--target", str(gguf), "--drafter", str(tmp_path / "d"),
+                         "--out", str(tmp_path / "x"), "--dtype", "float32", "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output.strip().splitlines()[-1])
+    assert info["vs_reference"]["max_abs_logit_diff"] < 1e-3 and info["vs_reference"]["argmax_agreement"] == 1.0
+    assert (tmp_path / "x" / "target" / "tokenizer.model").is_file()
+    import mlx_lm
+    model, tok = mlx_lm.load(str(tmp_path / "x" / "target"))  # loadable by mlx-lm itself, tokenizer included
+    from mtpkit.tokenizer import Tokenizer
+    ours = Tokenizer.from_sentencepiece(tmp_path / "x" / "target" / "tokenizer.model")
+    assert tok.encode("abc ab") == ours.encode("abc ab")
+    res = r.invoke(app, ["run", "abc", "--backend", "mlx", "--target", str(tmp_path / "x" / "target"),
+                         "--max-new-tokens", "12", "--compare", "--json", "--min-confidence", "0"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output.strip().splitlines()[-1])
+    assert out["plain"]["identical"] and out["drafter"].endswith("drafter") and len(out["tokens"]) == 12
+    if t.config.hidden_size % 64:
+        _fails_cleanly(["export", "--format", "mlx", "--target", str(gguf), "--drafter", "none",
+                        "--out", str(tmp_path / "q"), "--quant", "8"], "not a multiple")
+        assert not (tmp_path / "q").exists()
+    # quantized export of a target whose matrices fit MLX's groups of 64; mlx-lm loads it
+    t64 = tiny_target(5, vocab_size=288, num_hidden_layers=2, layer_types=[SLIDING, FULL], hidden_size=64,
+                      intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      final_logit_softcapping=None)
+    res = r.invoke(app, ["export", "--format", "mlx", "--target", str(write_gguf(t64, tmp_path / "t64.gguf")),
+                         "--drafter", "none", "--out", str(tmp_path / "q"), "--quant", "8", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "q" / "target" / "config.json").read_text())["quantization"]["bits"] == 8
+    assert json.loads(res.output.strip().splitlines()[-1])["vs_reference"]["argmax_agreement"] >= 0.5
+    mlx_lm.load(str(tmp_path / "q" / "target"))
+
+
+def _fails_cleanly(args, match):
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], res.output
+
+
+def test_export_bad_input(tmp_path):
+    from tests.tiny_gguf import write_gguf
+    t, _ = _pair(0, "dense")
+    gguf = write_gguf(t, tmp_path / "t.gguf")
+    base = ["export", "--target", str(gguf), "--drafter", "none", "--out", str(tmp_path / "o")]
+    _fails_cleanly(base + ["--format", "tflite"], "not available")
+    _fails_cleanly(base + ["--format", "mlx", "--quant", "3"], "--quant must be one of")
+    odd = tiny_target(0, vocab_size=288, num_hidden_layers=3, layer_types=[FULL, SLIDING, FULL],
+                      final_logit_softcapping=None)
+    _fails_cleanly(["export", "--format", "mlx", "--target", str(write_gguf(odd, tmp_path / "odd.gguf")),
+                    "--drafter", "none", "--out", str(tmp_path / "o")], "every 1-th layer full")
+    assert not (tmp_path / "o").exists()
+    _fails_cleanly(["run", "x", "--backend", "mlx", "--target", str(gguf)], "exported target directory")
