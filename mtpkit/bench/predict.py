@@ -128,6 +128,8 @@ def predict_all(doc: dict[str, Any], profiles: list[dict[str, Any]]) -> list[dic
 
 
 def _measured_runtime(doc: dict[str, Any]) -> str:
+    if doc["settings"].get("backend") == "mlx":
+        return "mlx"
     return "torch-cuda" if doc["machine"].get("gpu") else "torch-cpu"
 
 
