@@ -214,7 +214,7 @@ def _build_methods(cfg: BenchConfig, session, prompts_len: int, note: Callable[[
         try:
             import transformers  # noqa: F401
         except ImportError:
-            unavailable("hf", "transformers is not installed (pip install -e '.[dev]')")
+            unavailable("hf", "transformers is not installed (pip install -e '.[bench]')")
         else:
             methods += hf_methods(session, sampling, cfg.lookup_tokens)
     if "llamacpp" in wanted:
@@ -222,7 +222,7 @@ def _build_methods(cfg: BenchConfig, session, prompts_len: int, note: Callable[[
         try:
             import llama_cpp  # noqa: F401
         except ImportError:
-            unavailable("llamacpp", "llama-cpp-python is not installed (pip install -e '.[gguf]')")
+            unavailable("llamacpp", "llama-cpp-python is not installed (pip install -e '.[bench]')")
         else:
             if source.get("kind") != "gguf":
                 unavailable("llamacpp", "the target was not loaded from a GGUF file")
