@@ -10,7 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from mtpkit.bench import predict as pr
-from mtpkit.bench.runner import check_document, spread
+from mtpkit.bench.runner import spread
+from mtpkit.bench.schema import check_document
 from mtpkit.cli import app
 from mtpkit.errors import MtpkitError
 from mtpkit.suites import SuitePrompt

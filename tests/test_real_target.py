@@ -165,7 +165,7 @@ def test_bench_on_the_real_target(real, tmp_path):
     pytest.importorskip("llama_cpp")
     from typer.testing import CliRunner
 
-    from mtpkit.bench.runner import check_document
+    from mtpkit.bench.schema import check_document
     from mtpkit.cli import app
     out = tmp_path / "b.json"
     res = CliRunner().invoke(app, ["bench", "--device", "cpu", "--suite", "humaneval", "--limit", "1",

@@ -51,7 +51,8 @@ def bench_command(
 ) -> None:
     """Benchmark plain vs speculative decoding and the installed baselines, interleaved in one process."""
     from mtpkit.bench.report import markdown, plot
-    from mtpkit.bench.runner import BenchConfig, run_bench, write_json
+    from mtpkit.bench.runner import BenchConfig, run_bench
+    from mtpkit.bench.schema import write_json
     jp = _out_path(json_out, ".json", "--json")
     mp = _out_path(markdown_out, ".md", "--markdown")
     pp = _out_path(plot_out, ".png", "--plot")
@@ -80,7 +81,7 @@ def bench_command(
 
 
 def _read_doc(path: str) -> dict:
-    from mtpkit.bench.runner import check_document
+    from mtpkit.bench.schema import check_document
     try:
         doc = json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
@@ -154,7 +155,7 @@ def profile_device_command(
 ) -> None:
     """Measure this machine's effective bandwidth and matmul throughput into a device profile."""
     from mtpkit.bench.device import measure, profile
-    from mtpkit.bench.runner import write_json
+    from mtpkit.bench.schema import write_json
     p = _out_path(out, ".json", "--out")
     m = measure(device, dtype, threads)
     prof = profile(name or p.stem, kind, m)

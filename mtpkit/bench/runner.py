@@ -6,7 +6,6 @@ warm-up run per method that is not counted. The document's layout is `docs/bench
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -30,9 +29,9 @@ from mtpkit.bench.methods import (
     mlx_lm_methods,
     our_methods,
 )
+from mtpkit.bench.schema import SCHEMA, check_document
 from mtpkit.errors import MtpkitError
 
-SCHEMA = "mtpkit.bench/1"
 BASELINES = ("hf", "llamacpp", "mlx_lm")
 
 
@@ -397,35 +396,3 @@ def run_bench(cfg: BenchConfig, note: Callable[[str], None] = lambda s: None, pr
     }
     check_document(doc)
     return doc
-
-
-SUMMARY_KEYS = ("tok_per_s", "speedup", "tau", "acceptance", "c", "verify_rel", "peak_rss_mb", "rss_growth_mb",
-                "peak_cuda_mb", "cuda_growth_mb", "greedy_identical", "prompts")
-DOC_KEYS = ("schema", "created", "machine", "settings", "models", "methods", "skipped", "summary", "by_category",
-            "greedy_mismatch", "prompts")
-
-
-def check_document(doc: Any, where: str = "document") -> None:
-    """Raise a one-line MtpkitError unless `doc` has the layout of docs/bench.md (this schema version)."""
-    if not isinstance(doc, dict) or doc.get("schema") != SCHEMA:
-        got = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
-        raise MtpkitError(f"{where} is not an {SCHEMA} document (schema: {got!r})")
-    missing = [k for k in DOC_KEYS if k not in doc]
-    if missing:
-        raise MtpkitError(f"{where}: missing {', '.join(missing)}")
-    for name in ("plain", "speculative"):
-        if name not in doc["summary"]:
-            raise MtpkitError(f"{where}: summary has no {name!r}")
-    for name, s in doc["summary"].items():
-        lost = [k for k in SUMMARY_KEYS if k not in s]
-        if lost or name not in doc["methods"]:
-            raise MtpkitError(f"{where}: summary[{name!r}] lacks {', '.join(lost) or 'its methods entry'}")
-
-
-def write_json(doc: dict[str, Any], path: str | os.PathLike) -> None:
-    """Write atomically: a reader never sees half a document."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    os.replace(tmp, p)
