@@ -16,9 +16,6 @@ Layout of a run directory:
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +25,9 @@ from mtpkit.distill.data import atomic_save_tensors, atomic_write_text
 from mtpkit.errors import MtpkitError
 from mtpkit.model.drafter import DrafterModel
 from mtpkit.model.load import load_state, read_safetensors, save_drafter
+from mtpkit.paths import atomic_dir
 
 _FIELDS = ("step", "exp_avg", "exp_avg_sq")
-
-
-def _swap_dir(tmp: Path, dest: Path) -> None:
-    old = dest.with_name(f".{dest.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if dest.exists():
-        os.replace(dest, old)
-    os.replace(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _ordered_params(opt: torch.optim.Optimizer) -> list[torch.nn.Parameter]:
@@ -56,15 +45,10 @@ def write_last(out: Path, drafter: DrafterModel, opt: torch.optim.Optimizer, sta
         for f, v in opt.state.get(p, {}).items():
             if f in _FIELDS:
                 tensors[f"optim.{names[p]}.{f}"] = torch.as_tensor(v).detach().float().reshape(p.shape if f != "step" else ())
-    tmp = Path(tempfile.mkdtemp(prefix=".last-", dir=out))
-    try:
+    with atomic_dir(out / "last") as tmp:
         save_drafter(drafter, tmp / "drafter", meta=meta)
         atomic_save_tensors(tmp / "state.safetensors", tensors)
         atomic_write_text(tmp / "state.json", json.dumps(state, indent=2))
-        _swap_dir(tmp, out / "last")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out / "last"
 
 

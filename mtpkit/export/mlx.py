@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import torch
 
 from mtpkit.errors import MtpkitError
 from mtpkit.model.config import FULL, GemmaConfig
+from mtpkit.paths import atomic_dir
 
 QUANT_BITS = (4, 8)
 
@@ -73,22 +73,6 @@ def mlx_config(c: GemmaConfig, quant: int | None = None) -> dict[str, Any]:
     }
 
 
-def _atomic_dir(out: Path):
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def write_target(model, tokenizer, out: Path, dtype: str = "bfloat16", quant: int | None = None) -> None:
     """model: our GemmaModel; tokenizer: mtpkit Tokenizer (its SentencePiece model is copied)."""
     import mlx.core as mx
@@ -100,8 +84,7 @@ def write_target(model, tokenizer, out: Path, dtype: str = "bfloat16", quant: in
     mdt = getattr(mx, dtype)
     tensors = {f"model.{k}": mx.array(v.detach().float().cpu().numpy()).astype(mdt)
                for k, v in model.state_dict().items() if "inv_freq" not in k}
-    tmp = _atomic_dir(out)
-    try:
+    with atomic_dir(out) as tmp:
         if quant is not None:
             from mlx_lm.utils import _get_classes
             cls, args_cls = _get_classes(cfg)
@@ -119,10 +102,6 @@ def write_target(model, tokenizer, out: Path, dtype: str = "bfloat16", quant: in
             (tmp / "tokenizer_config.json").write_text(json.dumps({
                 "tokenizer_class": "GemmaTokenizer", "add_bos_token": True, "add_eos_token": False,
                 "bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}, indent=2))
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_target(path: str | os.PathLike):

@@ -27,7 +27,7 @@ from mtpkit.errors import MtpkitError
 from mtpkit.model.config import FULL, SLIDING, DrafterConfig, GemmaConfig
 from mtpkit.model.drafter import DrafterModel
 from mtpkit.model.gemma import GemmaModel
-from mtpkit.paths import cache_dir
+from mtpkit.paths import atomic_dir, cache_dir
 
 DEFAULT_TARGET = "gemma3-270m"
 CACHE_FORMAT = 2  # bump when the cached layout or the GGUF mapping changes
@@ -359,10 +359,7 @@ def save_drafter(drafter: DrafterModel, out: str | os.PathLike, meta: dict[str, 
     model-0000N.safetensors files of at most that size (load_drafter reads every *.safetensors).
     """
     from safetensors.torch import save_file
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_dir(Path(out)) as tmp:
         (tmp / "config.json").write_text(json.dumps(drafter.config.to_dict(), indent=2))
         sd = {k: v.detach().to(dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous().cpu()
               for k, v in drafter.state_dict().items()}
@@ -371,17 +368,6 @@ def save_drafter(drafter: DrafterModel, out: str | os.PathLike, meta: dict[str, 
             save_file(g, str(tmp / ("model.safetensors" if len(groups) == 1 else f"model-{i:05d}.safetensors")))
         if meta is not None:
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_drafter(path: str | os.PathLike, target: GemmaConfig | GemmaModel | None = None, *,
