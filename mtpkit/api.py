@@ -154,6 +154,18 @@ def resolve_drafter(target: str, drafter: str | None) -> str | None:
     return drafter
 
 
+def torch_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
+    """--device / --dtype -> torch's: CUDA if available, bfloat16 on GPUs and float32 on CPUs by default."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MtpkitError("device cuda requested but torch sees no CUDA GPU")
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          None: torch.bfloat16 if dev.type == "cuda" else torch.float32}.get(dtype)
+    if dt is None:
+        raise MtpkitError(f"unknown dtype {dtype!r} (float32, bfloat16, float16)")
+    return dev, dt
+
+
 def load(target: str = "gemma3-270m", drafter: str | None = None, backend: str = "torch", device: str | None = None,
          dtype: str | None = None, max_len: int = 4096, max_draft: int = 16, cuda_graphs: bool | None = None,
          random_drafter: dict[str, Any] | None = None) -> Session:
@@ -164,13 +176,7 @@ def load(target: str = "gemma3-270m", drafter: str | None = None, backend: str =
     from mtpkit.model.load import load_drafter, load_target
     if backend != "torch":
         raise MtpkitError(f"unknown backend {backend!r} (have: torch, mlx)")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MtpkitError("device cuda requested but torch sees no CUDA GPU")
-    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          None: torch.bfloat16 if dev.type == "cuda" else torch.float32}.get(dtype)
-    if dt is None:
-        raise MtpkitError(f"unknown dtype {dtype!r} (float32, bfloat16, float16)")
+    dev, dt = torch_device_dtype(device, dtype)
     t = load_target(target, dtype=dt, device=dev)
     path = resolve_drafter(target, drafter)
     d = None

@@ -15,8 +15,6 @@ from typing import Any
 
 import torch
 
-from mtpkit.errors import MtpkitError
-
 
 def _time(fn, device: torch.device, repeats: int) -> float:
     fn()
@@ -35,13 +33,8 @@ def _time(fn, device: torch.device, repeats: int) -> float:
 @torch.no_grad()
 def measure(device: str | None = None, dtype: str | None = None, threads: int | None = None, rows: int = 262144,
             cols: int = 640, repeats: int = 20) -> dict[str, Any]:
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MtpkitError("device cuda requested but torch sees no CUDA GPU")
-    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          None: torch.bfloat16 if dev.type == "cuda" else torch.float32}.get(dtype)
-    if dt is None:
-        raise MtpkitError(f"unknown dtype {dtype!r} (float32, bfloat16, float16)")
+    from mtpkit.api import torch_device_dtype
+    dev, dt = torch_device_dtype(device, dtype)
     if threads is not None:
         torch.set_num_threads(threads)
     w = torch.randn(rows, cols, device=dev, dtype=dt)
