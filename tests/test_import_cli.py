@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from mtpkit.cli import app
 from mtpkit.model.load import load_target
-from tests.conftest import tiny_target
+from tests.conftest import fails_cleanly, tiny_target
 from tests.tiny_gguf import write_gguf
 
 runner = CliRunner()
@@ -43,15 +43,6 @@ def _same_weights(a, b):
     for k, v in a.state_dict().items():
         # GGUF stores norms as 1 + w in f32, so w comes back within float rounding
         torch.testing.assert_close(b.state_dict()[k], v, rtol=0, atol=1e-6 if "norm" in k else 0, msg=k)
-
-
-def _fails_cleanly(args, match):
-    res = runner.invoke(app, args)
-    assert res.exit_code == 2, res.output
-    lines = [ln for ln in res.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
-    assert "Traceback" not in res.output
-    assert match in lines[0], lines[0]
 
 
 def test_gguf_import_roundtrip_and_cache(tiny, tmp_path):
@@ -87,34 +78,34 @@ def test_info_json(tiny, tmp_path):
 
 
 def test_bad_targets(tiny, tmp_path):
-    _fails_cleanly(["info", "--target", "no-such-model"], "unknown target")
+    fails_cleanly(["info", "--target", "no-such-model"], "unknown target")
     good = write_gguf(tiny, tmp_path / "good.gguf").read_bytes()
     (tmp_path / "trunc.gguf").write_bytes(good[: len(good) // 2])
-    _fails_cleanly(["info", "--target", str(tmp_path / "trunc.gguf")], "cannot read GGUF")
+    fails_cleanly(["info", "--target", str(tmp_path / "trunc.gguf")], "cannot read GGUF")
     (tmp_path / "junk.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 8)
-    _fails_cleanly(["info", "--target", str(tmp_path / "junk.gguf")], "cannot read GGUF")
+    fails_cleanly(["info", "--target", str(tmp_path / "junk.gguf")], "cannot read GGUF")
     (tmp_path / "weights.bin").write_bytes(b"x")
-    _fails_cleanly(["info", "--target", str(tmp_path / "weights.bin")], "neither")
+    fails_cleanly(["info", "--target", str(tmp_path / "weights.bin")], "neither")
     # GGUF metadata that does not match its tensors
     write_gguf(tiny, tmp_path / "more_layers.gguf", block_count=tiny.config.num_hidden_layers + 1)
-    _fails_cleanly(["info", "--target", str(tmp_path / "more_layers.gguf")], "lacks tensor")
+    fails_cleanly(["info", "--target", str(tmp_path / "more_layers.gguf")], "lacks tensor")
 
 
 def test_bad_hf_dirs(tiny, tmp_path):
     d = _hf_dir(tiny, tmp_path / "hf")
     cfg = json.loads((d / "config.json").read_text())
     (d / "config.json").write_text(json.dumps({**cfg, "hidden_size": cfg["hidden_size"] * 2}))
-    _fails_cleanly(["info", "--target", str(d)], "shape")
+    fails_cleanly(["info", "--target", str(d)], "shape")
     (d / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": cfg["num_hidden_layers"] - 1,
                                                "layer_types": cfg["layer_types"][:-1]}))
-    _fails_cleanly(["info", "--target", str(d)], "does not")
+    fails_cleanly(["info", "--target", str(d)], "does not")
     (d / "config.json").write_text("{not json")
-    _fails_cleanly(["info", "--target", str(d)], "not valid JSON")
+    fails_cleanly(["info", "--target", str(d)], "not valid JSON")
     (d / "config.json").write_text(json.dumps(cfg))
     (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000])
-    _fails_cleanly(["info", "--target", str(d)], "cannot read")
+    fails_cleanly(["info", "--target", str(d)], "cannot read")
     (d / "config.json").unlink()
-    _fails_cleanly(["info", "--target", str(d)], "missing config.json")
+    fails_cleanly(["info", "--target", str(d)], "missing config.json")
 
 
 def test_cli_imports_no_heavy_optional_dependencies():
@@ -135,7 +126,7 @@ def test_cli_imports_no_heavy_optional_dependencies():
     (["run", "x", "--target", "nope"], "unknown target"),
 ])
 def test_run_bad_input(args, match):
-    _fails_cleanly(args, match)
+    fails_cleanly(args, match)
 
 
 def test_run_json_and_drafter_mismatch(tiny, tmp_path):
@@ -150,4 +141,4 @@ def test_run_json_and_drafter_mismatch(tiny, tmp_path):
     assert len(out["tokens"]) == 12 and out["plain"]["identical"] and out["stats"]["tau"] >= 1.0
     other = tiny_target(0, vocab_size=300, hidden_size=tiny.config.hidden_size + 16)
     save_drafter(tiny_drafter(other), tmp_path / "bad")
-    _fails_cleanly(["run", "abc", "--target", str(path), "--drafter", str(tmp_path / "bad")], "does not match")
+    fails_cleanly(["run", "abc", "--target", str(path), "--drafter", str(tmp_path / "bad")], "does not match")

@@ -16,7 +16,7 @@ from mtpkit.runtime.loop import GenerationParams, generate
 from mtpkit.runtime.oracle import OracleDrafter
 from mtpkit.runtime.sampling import SamplingParams
 from mtpkit.runtime.torch_backend import TorchBackend
-from tests.conftest import tiny_drafter, tiny_target
+from tests.conftest import fails_cleanly, tiny_drafter, tiny_target
 
 mx = pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
@@ -122,7 +122,7 @@ def test_export_and_run_cli(tmp_path):
     out = json.loads(res.output.strip().splitlines()[-1])
     assert out["plain"]["identical"] and out["drafter"].endswith("drafter") and len(out["tokens"]) == 12
     if t.config.hidden_size % 64:
-        _fails_cleanly(["export", "--format", "mlx", "--target", str(gguf), "--drafter", "none",
+        fails_cleanly(["export", "--format", "mlx", "--target", str(gguf), "--drafter", "none",
                         "--out", str(tmp_path / "q"), "--quant", "8"], "not a multiple")
         assert not (tmp_path / "q").exists()
     # quantized export of a target whose matrices fit MLX's groups of 64; mlx-lm loads it
@@ -137,23 +137,16 @@ def test_export_and_run_cli(tmp_path):
     mlx_lm.load(str(tmp_path / "q" / "target"))
 
 
-def _fails_cleanly(args, match):
-    res = CliRunner().invoke(app, args)
-    assert res.exit_code == 2, res.output
-    lines = [ln for ln in res.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], res.output
-
-
 def test_export_bad_input(tmp_path):
     from tests.tiny_gguf import write_gguf
     t, _ = _pair(0, "dense")
     gguf = write_gguf(t, tmp_path / "t.gguf")
     base = ["export", "--target", str(gguf), "--drafter", "none", "--out", str(tmp_path / "o")]
-    _fails_cleanly(base + ["--format", "tflite"], "not available")
-    _fails_cleanly(base + ["--format", "mlx", "--quant", "3"], "--quant must be one of")
+    fails_cleanly(base + ["--format", "tflite"], "not available")
+    fails_cleanly(base + ["--format", "mlx", "--quant", "3"], "--quant must be one of")
     odd = tiny_target(0, vocab_size=288, num_hidden_layers=3, layer_types=[FULL, SLIDING, FULL],
                       final_logit_softcapping=None)
-    _fails_cleanly(["export", "--format", "mlx", "--target", str(write_gguf(odd, tmp_path / "odd.gguf")),
+    fails_cleanly(["export", "--format", "mlx", "--target", str(write_gguf(odd, tmp_path / "odd.gguf")),
                     "--drafter", "none", "--out", str(tmp_path / "o")], "every 1-th layer full")
     assert not (tmp_path / "o").exists()
-    _fails_cleanly(["run", "x", "--backend", "mlx", "--target", str(gguf)], "exported target directory")
+    fails_cleanly(["run", "x", "--backend", "mlx", "--target", str(gguf)], "exported target directory")
