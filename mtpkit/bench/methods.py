@@ -171,8 +171,8 @@ def _lookup_class():
     return _CountingLookup
 
 
-def our_methods(session, gen: dict[str, Any]) -> list[Method]:
-    info = session.backend.describe()
+def our_methods(session, gen: dict[str, Any], info: dict[str, Any]) -> list[Method]:
+    """Plain and speculative decoding through our loop; `info` = session.backend.describe()."""
     mb, dmb = info["target_bytes"] / 2**20, info["drafter_bytes"] / 2**20
     w = f"mtpkit {info['backend']} {info['dtype']}"
     return [

@@ -159,9 +159,8 @@ def spread(prompts: list, limit: int) -> list:
     return out[:limit]
 
 
-def model_info(session) -> dict[str, Any]:
-    """Sizes the predictor needs to carry per-token costs to other devices."""
-    info = session.backend.describe()
+def model_info(info: dict[str, Any]) -> dict[str, Any]:
+    """Sizes the predictor needs to carry per-token costs to other devices (info = backend.describe())."""
     c, dc = info["target_config"], info["drafter_config"]
     out: dict[str, Any] = {"target": {"params": info["target_params"], "embedding_params": info["embedding_params"],
                                       "layers": c.num_hidden_layers, "hidden_size": c.hidden_size,
@@ -196,7 +195,8 @@ def _build_methods(cfg: BenchConfig, session, prompts_len: int, note: Callable[[
                    ) -> tuple[list[Method], dict[str, str]]:
     gen = dict(temperature=cfg.temperature, seed=cfg.seed, num_draft_tokens=cfg.num_draft_tokens,
                min_confidence=cfg.min_confidence)
-    methods = our_methods(session, gen)
+    info = session.backend.describe()
+    methods = our_methods(session, gen, info)
     skipped: dict[str, str] = {}
     wanted, explicit = cfg.baseline_set()
     sampling = Sampling(cfg.temperature, cfg.seed, session.eos)
@@ -207,7 +207,7 @@ def _build_methods(cfg: BenchConfig, session, prompts_len: int, note: Callable[[
         skipped[name] = why
         note(f"skipping baseline {name}: {why}")
 
-    if "hf" in wanted and session.backend.describe()["backend"] != "torch":
+    if "hf" in wanted and info["backend"] != "torch":
         unavailable("hf", "transformers runs the torch backend's weights; this run uses another backend")
     elif "hf" in wanted:
         try:
@@ -232,7 +232,7 @@ def _build_methods(cfg: BenchConfig, session, prompts_len: int, note: Callable[[
                                             # on a Mac llama.cpp runs on Metal: the baseline a Mac user would pick
                                             gpu=session.backend.device.type == "cuda" or platform.system() == "Darwin")
     if "mlx_lm" in wanted:
-        if session.backend.describe()["backend"] != "mlx":
+        if info["backend"] != "mlx":
             unavailable("mlx_lm", "mlx-lm baselines run with --backend mlx (an exported MLX target)")
         else:
             # the draft keeps the target's first sliding-pattern period (mlx-lm's gemma3_text needs one full layer)
@@ -333,6 +333,7 @@ def run_bench(cfg: BenchConfig, note: Callable[[str], None] = lambda s: None, pr
         raise MtpkitError(f"a prompt of {longest} tokens + {cfg.max_new_tokens} new does not fit the context "
                           f"of {session.backend.max_len}")
     methods, skipped = _build_methods(cfg, session, longest, note)
+    info = session.backend.describe()
     dev = session.backend.device
     cuda = dev.type == "cuda"
     greedy = cfg.temperature <= 0
@@ -377,14 +378,14 @@ def run_bench(cfg: BenchConfig, note: Callable[[str], None] = lambda s: None, pr
               and summary[m.name]["greedy_identical"]["identical"] < summary[m.name]["greedy_identical"]["prompts"]]
     settings = asdict(cfg)
     settings.update(threads=torch.get_num_threads(), resolved_drafter=session.drafter_path, device=str(dev),
-                    dtype=session.backend.describe()["dtype"],
+                    dtype=info["dtype"],
                     cuda_graphs=getattr(session.backend, "cuda_graphs", None))
     doc = {
         "schema": SCHEMA,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine_info(dev),
         "settings": settings,
-        "models": model_info(session),
+        "models": model_info(info),
         "methods": {m.name: {"description": m.description, "weights": m.weights, "weights_mb": round(m.weights_mb, 1),
                              "reference": m.reference, "must_match_reference": m.must_match} for m in methods},
         "skipped": skipped,
