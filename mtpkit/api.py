@@ -144,6 +144,9 @@ class Session:
         return Result(text, toks, st)
 
 
+BACKENDS = ("torch", "mlx", "llamacpp")
+
+
 def resolve_drafter(target: str, drafter: str | None) -> str | None:
     """None -> the shipped default for `target` (or no drafter if none ships); "none" -> no drafter."""
     if drafter is None:
@@ -168,14 +171,16 @@ def torch_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.dev
 
 def load(target: str = "gemma3-270m", drafter: str | None = None, backend: str = "torch", device: str | None = None,
          dtype: str | None = None, max_len: int = 4096, max_draft: int = 16, cuda_graphs: bool | None = None,
-         random_drafter: dict[str, Any] | None = None) -> Session:
+         random_drafter: dict[str, Any] | None = None, llamacpp: dict[str, Any] | None = None) -> Session:
     """Load target + drafter on a backend. `random_drafter` (config overrides) builds an untrained drafter
     for cost measurements; it is never used unless asked for."""
     if backend == "mlx":
         return _load_mlx(target, drafter, device, dtype, max_len, random_drafter)
+    if backend == "llamacpp":
+        return _load_llamacpp(target, drafter, device, dtype, max_len, max_draft, random_drafter, **(llamacpp or {}))
     from mtpkit.model.load import load_drafter, load_target
-    if backend != "torch":
-        raise MtpkitError(f"unknown backend {backend!r} (have: torch, mlx)")
+    if backend not in BACKENDS:
+        raise MtpkitError(f"unknown backend {backend!r} (have: {', '.join(BACKENDS)})")
     dev, dt = torch_device_dtype(device, dtype)
     t = load_target(target, dtype=dt, device=dev)
     path = resolve_drafter(target, drafter)
@@ -191,6 +196,28 @@ def load(target: str = "gemma3-270m", drafter: str | None = None, backend: str =
     from mtpkit.runtime.torch_backend import TorchBackend
     be = TorchBackend(t.model, d, max_len=max_len, max_draft=max_draft, cuda_graphs=cuda_graphs)
     return Session(be, t.tokenizer, t.config, path, t.source)
+
+
+def _load_llamacpp(target: str, drafter: str | None, device: str | None, dtype: str | None, max_len: int,
+                   max_draft: int, random_drafter: dict[str, Any] | None, threads: int | None = None,
+                   head: str = "auto") -> Session:
+    """llama.cpp: `target` is a gemma3 .gguf (e.g. DIR/target.gguf from `mtpkit export --format gguf`);
+    drafter None = its sibling `drafter.gguf` if there is one."""
+    if device not in (None, "cpu"):
+        raise MtpkitError(f"backend llamacpp runs on llama-cpp-python's CPU build here; --device {device} is for torch")
+    if dtype is not None or random_drafter is not None:
+        raise MtpkitError("backend llamacpp runs the exported GGUF weights as they are: dtype and random drafters are torch-only")
+    from mtpkit.runtime.llamacpp_backend import LlamaCppBackend
+    t = Path(target)
+    if t.suffix != ".gguf" or not t.is_file():
+        raise MtpkitError(f"backend llamacpp needs a target .gguf file, got {target!r} "
+                          f"(make one with `mtpkit export --format gguf --out DIR`, then pass DIR/target.gguf)")
+    if drafter is None:
+        drafter = str(t.parent / "drafter.gguf") if (t.parent / "drafter.gguf").is_file() else None
+    elif drafter == "none":
+        drafter = None
+    be = LlamaCppBackend(t, drafter, max_len=max_len, threads=threads, head=head, max_draft=max_draft)
+    return Session(be, be.tokenizer, be.config, drafter, {"kind": "gguf", "path": str(t.resolve())})
 
 
 def _load_mlx(target: str, drafter: str | None, device: str | None, dtype: str | None, max_len: int,

@@ -204,18 +204,23 @@ _LOG_CALLBACK = None
 
 
 def _quiet_llama_logs() -> None:
-    """llama.cpp's C log: keep errors, drop the rest. It logs "using full-size SWA cache" at error level
-    although nothing is wrong (a context without SWA memory savings); that line is dropped too."""
+    """llama.cpp's C log: keep errors (and their continuation lines), drop the rest: warnings such as "using
+    full-size SWA cache", the KV sharing of an assistant drafter, or Gemma's "control-looking token" notes."""
     global _LOG_CALLBACK
     import ctypes
     import sys
 
     import llama_cpp
     if _LOG_CALLBACK is None:
+        last = [0]
+
         @llama_cpp.llama_log_callback
         def cb(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-            if level == 3 and b"full-size SWA cache" not in text:  # GGML_LOG_LEVEL_ERROR
+            # ggml_log_level: 1 debug, 2 info, 3 warn, 4 error, 5 continuation of the previous line
+            if level == 4 or (level == 5 and last[0] == 4):
                 print(text.decode("utf-8", "replace"), end="", file=sys.stderr)
+            if level != 5:
+                last[0] = level
         _LOG_CALLBACK = cb
     llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
 

@@ -1,4 +1,4 @@
-"""`mtpkit export --format mlx ...` (registered by mtpkit.cli). GGUF, Core ML and ONNX are not built yet."""
+"""`mtpkit export --format mlx|gguf ...` (registered by mtpkit.cli). Core ML and ONNX are not built yet."""
 
 from __future__ import annotations
 
@@ -10,15 +10,21 @@ import typer
 
 from mtpkit.errors import MtpkitError
 
-FORMATS = ("mlx",)
+FORMATS = ("mlx", "gguf")
 
 
 def export_command(
-        format: str = typer.Option(..., "--format", help="mlx (gguf, coreml, onnx: not built yet)."),
+        format: str = typer.Option(..., "--format", help="mlx | gguf (coreml, onnx: not built yet)."),
         target: str = typer.Option("gemma3-270m", help="Target name, .gguf file or HF directory."),
         drafter: str = typer.Option(None, help="Drafter directory (default: the shipped one); 'none' = target only."),
-        out: str = typer.Option(..., help="Output directory: OUT/target and OUT/drafter."),
-        quant: int = typer.Option(None, help="MLX: quantize the target to 4 or 8 bits (group size 64)."),
+        out: str = typer.Option(..., help="Output directory: OUT/target and OUT/drafter (MLX), OUT/target.gguf and "
+                                          "OUT/drafter.gguf (GGUF)."),
+        quant: str = typer.Option(None, help="MLX: 4 or 8 (bits, group size 64). GGUF: the target's type: source "
+                                             "(default: a GGUF target's own tensors, byte for byte), f32 f16 bf16 q8_0 "
+                                             "q5_0 q5_1 q4_0 q4_1, or a llama.cpp K-quant (q4_k_m ...)."),
+        drafter_quant: str = typer.Option("q8_0", "--drafter-quant",
+                                          help="GGUF: the drafter's type (q8_0 keeps the centroid head's rows exact "
+                                               "enough and readable by mtpkit's llama.cpp backend)."),
         dtype: str = typer.Option("bfloat16", help="float32 | bfloat16 | float16 for unquantized tensors."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
@@ -28,6 +34,25 @@ def export_command(
     o = Path(out)
     if o.exists() and not o.is_dir():
         raise MtpkitError(f"--out {out} exists and is not a directory")
+    if format == "gguf":
+        from mtpkit.export.gguf import export_gguf
+        res = export_gguf(target, drafter, o, quant or "source", drafter_quant, dtype_given=dtype != "bfloat16")
+        if as_json:
+            typer.echo(json.dumps(res))
+        else:
+            v = res["vs_reference"]
+            typer.echo(f"wrote {o}/target.gguf ({res['quant']}, {res['target']['mb']} MB)"
+                       + (f" and {o}/drafter.gguf ({res['drafter_quant']}, {res['drafter']['mb']} MB)" if res["drafter"] else "")
+                       + f"; llama.cpp target vs reference over {res['probe_tokens']} tokens: max |logit diff| "
+                       f"{v['max_abs_logit_diff']:.3g} (tolerance {v['tolerance']}), argmax agreement "
+                       f"{100 * v['argmax_agreement']:.0f}%"
+                       + (f"; drafter step vs reference: max |logit diff| {res['drafter_check']['max_abs_logit_diff']:.3g}"
+                          if res.get("drafter_check") else "") + f"; {res['seconds']} s")
+        return
+    try:
+        quant = None if quant is None else int(quant)
+    except ValueError:
+        raise MtpkitError(f"--quant must be 4 or 8 for MLX, got {quant!r}") from None
     try:
         import mlx.core  # noqa: F401
         import mlx_lm  # noqa: F401

@@ -1,0 +1,498 @@
+"""Export target and drafter to GGUF for llama.cpp (`mtpkit export --format gguf`).
+
+    DIR/target.gguf   arch `gemma3`, our canonical tensors under llama.cpp's names (norms stored as 1 + w, as
+                      llama.cpp's converter writes them), the tokenizer metadata copied from the source GGUF
+                      (or rebuilt from the SentencePiece model of an HF directory)
+    DIR/drafter.gguf  arch `gemma4-assistant`, the keys and tensors llama.cpp's loader for that arch reads
+                      (see `drafter_tensors`)
+
+Quantization: `f32 f16 bf16 q8_0 q5_0 q5_1 q4_0 q4_1` are written by the `gguf` package's numpy quantizers;
+the K-quants (`q4_k_m q5_k_m q6_k ...`) are made by llama.cpp's own quantizer (llama-cpp-python's
+`llama_model_quantize`) from an F32 file, which, like llama.cpp's tool, picks the per-tensor mix and falls back
+for rows that are not a multiple of 256. 1-D tensors (norms, scalars) always stay F32. A tensor whose rows
+the numpy quantizer cannot split into blocks is an error before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mtpkit.errors import MtpkitError
+from mtpkit.model.config import FULL, SLIDING, GemmaConfig
+from mtpkit.model.load import canonical_to_gguf
+
+NUMPY_QUANTS = ("source", "f32", "f16", "bf16", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1")
+# llama.cpp's ftype names (llama_ftype) for the quantizer it ships; values from llama.h
+LLAMA_QUANTS = {"q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18, "q3_k_m": 12, "q2_k": 10}
+QUANTS = NUMPY_QUANTS + tuple(LLAMA_QUANTS)
+
+
+def _qtype(name: str):
+    import gguf
+    return {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+            "bf16": gguf.GGMLQuantizationType.BF16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
+            "q5_0": gguf.GGMLQuantizationType.Q5_0, "q5_1": gguf.GGMLQuantizationType.Q5_1,
+            "q4_0": gguf.GGMLQuantizationType.Q4_0, "q4_1": gguf.GGMLQuantizationType.Q4_1}[name]
+
+
+def check_quant(quant: str) -> None:
+    if quant not in QUANTS:
+        raise MtpkitError(f"--quant {quant!r} is not a GGUF type mtpkit writes (have: {', '.join(QUANTS)})")
+    if quant in LLAMA_QUANTS:
+        try:
+            import llama_cpp  # noqa: F401
+        except ImportError:
+            raise MtpkitError(f"--quant {quant} uses llama.cpp's quantizer: pip install -e '.[gguf]' "
+                              "(llama-cpp-python)") from None
+
+
+@dataclass
+class Tensor:
+    name: str  # GGUF name
+    data: np.ndarray  # float32, numpy (row-major) shape = reversed ggml ne
+    quantize: bool = True  # False: always F32 (norms, scalars, rope factors)
+
+
+LOW_BIT = ("q5_0", "q5_1", "q4_0", "q4_1")
+
+
+def plan_types(tensors: list[Tensor], quant: str) -> dict[str, str]:
+    """GGUF type name per tensor for a numpy quant (a K-quant is first written as f32); errors before writing.
+
+    With 4/5-bit types the token embedding, which is also the tied output head, stays q8_0 (as llama.cpp's own
+    Q4_K_M of this model): at 4 bits the head alone moves the real target's logits by up to 14 (argmax 64 %)."""
+    import gguf
+    base = "f32" if quant in LLAMA_QUANTS or quant == "source" else quant
+    out = {}
+    for t in tensors:
+        if not t.quantize or t.data.ndim < 2 or base == "f32":
+            out[t.name] = "f32"
+            continue
+        qt = "q8_0" if t.name == "token_embd.weight" and base in LOW_BIT else base
+        block = gguf.GGML_QUANT_SIZES[_qtype(qt)][0]
+        if t.data.shape[-1] % block:
+            raise MtpkitError(f"--quant {quant}: tensor {t.name} has rows of {t.data.shape[-1]} values, "
+                              f"{qt.upper()} needs a multiple of {block}")
+        out[t.name] = qt
+    return out
+
+
+def write_gguf(path: Path, arch: str, kv: list[tuple[str, Any, Any]], tensors: list[Tensor],
+               types: dict[str, str], name: str) -> None:
+    """kv: (key, value, gguf.GGUFValueType or None for the writer's guess; arrays need (ARRAY, sub_type))."""
+    import gguf
+    from gguf import quants
+    w = gguf.GGUFWriter(str(path), arch=arch)
+    w.add_name(name)
+    for key, value, vtype in kv:
+        if isinstance(vtype, tuple):
+            w.add_key_value(key, value, vtype[0], sub_type=vtype[1])
+        else:
+            w.add_key_value(key, value, vtype)
+    for t in tensors:
+        if t.data.dtype == np.int32:
+            w.add_tensor(t.name, np.ascontiguousarray(t.data))
+            continue
+        q = _qtype(types[t.name])
+        a = np.ascontiguousarray(t.data, dtype=np.float32)
+        if q != gguf.GGMLQuantizationType.F32:
+            a = quants.quantize(a, q)
+        w.add_tensor(t.name, a, raw_dtype=q)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def copy_source_gguf(src: Path, dst: Path, kv: list[tuple[str, Any, Any]]) -> None:
+    """A gemma3 GGUF with the source file's tensors byte for byte (its quantization kept) and our metadata."""
+    import gguf
+
+    from mtpkit.model.load import _open_gguf
+    r = _open_gguf(src)
+    w = gguf.GGUFWriter(str(dst), arch="gemma3")
+    w.add_name(str(r.fields["general.name"].contents()) if "general.name" in r.fields else "mtpkit target")
+    for key, value, vtype in kv:
+        if isinstance(vtype, tuple):
+            w.add_key_value(key, value, vtype[0], sub_type=vtype[1])
+        else:
+            w.add_key_value(key, value, vtype)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)  # quantized data: [rows, bytes]
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def llama_quantize(src: Path, dst: Path, quant: str, threads: int = 0) -> None:
+    """llama.cpp's quantizer (llama_model_quantize) from an F32 GGUF to `quant`."""
+    import llama_cpp
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = LLAMA_QUANTS[quant]
+    p.nthread = threads
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), p)
+    if rc != 0:
+        raise MtpkitError(f"llama.cpp's quantizer failed on {src.name} for {quant} (code {rc})")
+
+
+def gguf_types(path: Path) -> dict[str, int]:
+    """Tensor-type histogram of a GGUF file (for the export report)."""
+    import gguf
+    r = gguf.GGUFReader(str(path))
+    hist: dict[str, int] = {}
+    for t in r.tensors:
+        hist[t.tensor_type.name] = hist.get(t.tensor_type.name, 0) + 1
+    return dict(sorted(hist.items()))
+
+
+# --------------------------------------------------------------------------- target (arch gemma3)
+
+def tokenizer_kv(source: dict[str, Any], tokenizer) -> list[tuple[str, Any, Any]]:
+    """The target's tokenizer metadata: copied field by field from its source GGUF when it came from one
+    (ids, types and flags exactly as llama.cpp wrote them), else rebuilt from the SentencePiece model."""
+    import gguf
+    T = gguf.GGUFValueType
+    src = Path(source.get("path", "")) if source.get("kind") == "gguf" else None
+    if src is not None and src.is_file():
+        from mtpkit.model.load import _open_gguf
+        r = _open_gguf(src)
+        out = []
+        for key, f in r.fields.items():
+            if not key.startswith("tokenizer."):
+                continue
+            vtype = f.types[0]
+            if vtype == T.ARRAY:
+                out.append((key, f.contents(), (T.ARRAY, f.types[-1])))
+            else:
+                out.append((key, f.contents(), vtype))
+        return out
+    if tokenizer is None:
+        raise MtpkitError("gguf export: the target has no tokenizer (an HF directory needs tokenizer.model)")
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    m = pb.ModelProto()
+    m.ParseFromString(tokenizer.sp.serialized_model_proto())
+    tokens = [p.piece for p in m.pieces]
+    scores = [float(p.score) for p in m.pieces]
+    types = [int(p.type) for p in m.pieces]  # SentencePiece's piece types have GGUF's numbers (1..6)
+    sp = tokenizer.sp
+    kv = [("tokenizer.ggml.model", "llama", T.STRING), ("tokenizer.ggml.pre", "default", T.STRING),
+          ("tokenizer.ggml.tokens", tokens, (T.ARRAY, T.STRING)),
+          ("tokenizer.ggml.scores", scores, (T.ARRAY, T.FLOAT32)),
+          ("tokenizer.ggml.token_type", types, (T.ARRAY, T.INT32)),
+          ("tokenizer.ggml.bos_token_id", tokenizer.bos_id, T.UINT32),
+          ("tokenizer.ggml.eos_token_id", tokenizer.eos_id, T.UINT32),
+          ("tokenizer.ggml.unknown_token_id", sp.unk_id(), T.UINT32),
+          ("tokenizer.ggml.add_bos_token", bool(tokenizer.add_bos), T.BOOL),
+          ("tokenizer.ggml.add_eos_token", False, T.BOOL),
+          ("tokenizer.ggml.add_space_prefix", bool(m.normalizer_spec.add_dummy_prefix), T.BOOL)]
+    if tokenizer.pad_id >= 0:
+        kv.append(("tokenizer.ggml.padding_token_id", tokenizer.pad_id, T.UINT32))
+    return kv
+
+
+def target_kv(c: GemmaConfig) -> list[tuple[str, Any, Any]]:
+    import gguf
+    T = gguf.GGUFValueType
+    a = "gemma3."
+    if c.query_pre_attn_scalar != c.head_dim and c.num_hidden_layers != 62:
+        # llama.cpp's gemma3 graph scales queries by 1/sqrt(head_dim) (by hidden/heads only for the 27B)
+        raise MtpkitError(f"gguf export: llama.cpp's gemma3 assumes query_pre_attn_scalar = head_dim "
+                          f"({c.head_dim}); this target uses {c.query_pre_attn_scalar}")
+    kv = [(a + "context_length", c.max_position_embeddings, T.UINT32),
+          (a + "embedding_length", c.hidden_size, T.UINT32),
+          (a + "block_count", c.num_hidden_layers, T.UINT32),
+          (a + "feed_forward_length", c.intermediate_size, T.UINT32),
+          (a + "attention.head_count", c.num_attention_heads, T.UINT32),
+          (a + "attention.head_count_kv", c.num_key_value_heads, T.UINT32),
+          (a + "attention.key_length", c.head_dim, T.UINT32),
+          (a + "attention.value_length", c.head_dim, T.UINT32),
+          (a + "attention.layer_norm_rms_epsilon", c.rms_norm_eps, T.FLOAT32),
+          (a + "rope.freq_base", c.rope_theta, T.FLOAT32),
+          (a + "rope.freq_base_swa", c.rope_local_base_freq, T.FLOAT32),
+          (a + "attention.sliding_window", c.sliding_window, T.UINT32),
+          (a + "attention.sliding_window_pattern", [t == SLIDING for t in c.layer_types], (T.ARRAY, T.BOOL))]
+    if c.rope_scaling_factor != 1.0:
+        kv += [(a + "rope.scaling.type", "linear", T.STRING), (a + "rope.scaling.factor", c.rope_scaling_factor, T.FLOAT32)]
+    if c.final_logit_softcapping:
+        kv.append((a + "final_logit_softcapping", c.final_logit_softcapping, T.FLOAT32))
+    return kv
+
+
+def target_tensors(model) -> list[Tensor]:
+    out = []
+    for k, v in model.state_dict().items():
+        if "inv_freq" in k:
+            continue
+        name, plus_one = canonical_to_gguf(k)
+        a = v.detach().float().cpu().numpy()
+        out.append(Tensor(name, a + 1.0 if plus_one else a, quantize=a.ndim >= 2))
+    return out
+
+
+def check_target(ref, path: Path, tokens: list[int], threads: int = 2) -> dict[str, float]:
+    """The exported target in llama.cpp vs the float32 reference on `tokens`: max |logit diff|, argmax agreement."""
+    from llama_cpp import Llama
+
+    from mtpkit.bench.methods import _quiet_llama_logs
+    _quiet_llama_logs()
+    try:
+        llm = Llama(model_path=str(path), n_ctx=max(64, len(tokens) + 8), n_batch=len(tokens), logits_all=True,
+                    n_threads=threads, verbose=False)
+    except Exception as e:
+        raise MtpkitError(f"llama.cpp cannot load the exported {path.name}: {e}") from None
+    llm.eval(tokens)
+    got = np.array(llm.scores[:len(tokens)], dtype=np.float32)
+    llm.close()
+    with torch.no_grad():
+        want = ref.float()(torch.tensor([tokens])).logits[0].numpy()
+    return {"max_abs_logit_diff": float(np.abs(got - want).max()),
+            "argmax_agreement": float((got.argmax(-1) == want.argmax(-1)).mean())}
+
+
+def layer_roles(c: GemmaConfig) -> tuple[int, int]:
+    """(last sliding, last full) target layer: llama.cpp's gemma4-assistant reads layers n-2 and n-1."""
+    n = c.num_hidden_layers
+    if n < 2 or c.layer_types[-2] != SLIDING or c.layer_types[-1] != FULL:
+        raise MtpkitError(f"gguf export: llama.cpp's gemma4-assistant drafter reads target layers n-2 (sliding) and "
+                          f"n-1 (full); this target's last two layers are {list(c.layer_types[-2:])}")
+    return n - 2, n - 1
+
+
+# --------------------------------------------------------------------------- drafter (arch gemma4-assistant)
+
+DRAFTER_ARCH = "gemma4-assistant"
+PAD_MULTIPLE = 32  # width added when the drafter is as wide as the target (see drafter_width)
+
+
+def drafter_width(d: int, target_hidden: int) -> int:
+    """llama.cpp refuses an assistant whose hidden size equals the target's (embedding_length_out must differ).
+    Such a drafter is written zero-padded to d + 32: the padded dims stay exactly zero through every block and
+    the norm weights are scaled by sqrt(d / d'), so every output equals the unpadded model's (up to the RMS eps,
+    which then acts as eps * d' / d: 5 % of 1e-6 here)."""
+    return d + PAD_MULTIPLE if d == target_hidden else d
+
+
+def drafter_kv(dc, t: GemmaConfig, width: int) -> list[tuple[str, Any, Any]]:
+    import gguf
+    T = gguf.GGUFValueType
+    a = DRAFTER_ARCH + "."
+    n = len(dc.layer_types)
+    kv = [(a + "context_length", t.max_position_embeddings, T.UINT32),
+          (a + "embedding_length", width, T.UINT32),
+          (a + "embedding_length_out", dc.target_hidden_size, T.UINT32),
+          (a + "block_count", n, T.UINT32),
+          (a + "nextn_predict_layers", n, T.UINT32),
+          (a + "feed_forward_length", dc.intermediate_size, T.UINT32),
+          (a + "attention.head_count", dc.num_attention_heads, T.UINT32),
+          (a + "attention.head_count_kv", dc.num_key_value_heads, T.UINT32),
+          (a + "attention.key_length", dc.head_dim, T.UINT32),
+          (a + "attention.value_length", dc.head_dim, T.UINT32),
+          (a + "attention.key_length_swa", dc.head_dim, T.UINT32),
+          (a + "attention.value_length_swa", dc.head_dim, T.UINT32),
+          (a + "attention.layer_norm_rms_epsilon", dc.rms_norm_eps, T.FLOAT32),
+          (a + "attention.sliding_window", dc.sliding_window, T.UINT32),
+          (a + "attention.sliding_window_pattern", [k == SLIDING for k in dc.layer_types], (T.ARRAY, T.BOOL)),
+          (a + "rope.freq_base", dc.rope_theta, T.FLOAT32),
+          (a + "rope.freq_base_swa", dc.rope_local_base_freq, T.FLOAT32)]
+    if dc.rope_scaling_factor != 1.0:
+        kv += [(a + "rope.scaling.type", "linear", T.STRING), (a + "rope.scaling.factor", dc.rope_scaling_factor, T.FLOAT32)]
+    kv.append(("mtpkit.unpadded_embedding_length", dc.hidden_size, T.UINT32))
+    return kv
+
+
+def centroid_kv(drafter) -> list[tuple[str, Any, Any]]:
+    """The centroid head as metadata arrays, read by mtpkit's llama.cpp backend (llama.cpp computes dense logits
+    for this arch; its loader rejects Gemma 4's own `masked_embd_*` tensor names with a shape it cannot check)."""
+    import gguf
+    T = gguf.GGUFValueType
+    dc = drafter.config
+    if dc.head != "centroid":
+        return []
+    return [("mtpkit.head", "centroid", T.STRING), ("mtpkit.centroid_top_k", dc.centroid_top_k, T.UINT32),
+            ("mtpkit.num_centroids", dc.num_centroids, T.UINT32),
+            ("mtpkit.centroids", drafter.centroids.weight.detach().float().cpu().numpy().reshape(-1).tolist(),
+             (T.ARRAY, T.FLOAT32)),
+            ("mtpkit.token_ordering", drafter.token_ordering.cpu().numpy().astype(np.int32).tolist(), (T.ARRAY, T.INT32))]
+
+
+def drafter_tensors(drafter, t: GemmaConfig) -> list[Tensor]:
+    """The drafter under llama.cpp's gemma4-assistant names, padded to `drafter_width` if needed.
+
+    llama.cpp's norms multiply by w (our Gemma norms by 1 + w), its attention scale is 1 (ours, attn_scale, is
+    folded into the query norm: RoPE is linear), its head is tied to the drafter's token_embd (ours may read the
+    target's embedding: then that matrix is written as the drafter's token_embd)."""
+    dc = drafter.config
+    layer_roles(t)
+    if dc.final_logit_softcapping:
+        raise MtpkitError("gguf export: llama.cpp's gemma4-assistant has no logit softcapping; this drafter uses "
+                          f"{dc.final_logit_softcapping}")
+    if dc.num_key_value_heads != t.num_key_value_heads or dc.head_dim != t.head_dim:
+        raise MtpkitError(f"gguf export: the drafter reads {dc.num_key_value_heads} KV heads of {dc.head_dim}, the "
+                          f"target has {t.num_key_value_heads} of {t.head_dim}")
+    d = dc.hidden_size
+    w = drafter_width(d, dc.target_hidden_size)
+    s = float(np.sqrt(d / w))
+    sd = {k: v.detach().float().cpu().numpy() for k, v in drafter.state_dict().items() if "inv_freq" not in k}
+
+    def cols(a):  # pad the input (last) dim d -> w
+        return np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, w - d)])
+
+    def rows(a):  # pad the output (first) dim d -> w
+        return np.pad(a, [(0, w - d)] + [(0, 0)] * (a.ndim - 1))
+
+    def norm(a):  # hidden-size Gemma norm -> llama.cpp multiplier over the padded width
+        return np.pad((1.0 + a) * s, (0, w - d))
+
+    out = [Tensor("token_embd.weight", cols(drafter.head_weight.detach().float().cpu().numpy())),
+           Tensor("output_norm.weight", norm(sd["norm.weight"]), quantize=False),
+           Tensor("nextn.pre_projection.weight", rows(sd["pre_projection.weight"])),
+           Tensor("nextn.post_projection.weight", cols(sd["post_projection.weight"]))]
+    if FULL in dc.layer_types:
+        out.append(Tensor("rope_freqs.weight", np.ones(dc.head_dim // 2, np.float32), quantize=False))
+    for i in range(len(dc.layer_types)):
+        p, g = f"layers.{i}.", f"blk.{i}."
+        out += [Tensor(g + "attn_norm.weight", norm(sd[p + "input_layernorm.weight"]), quantize=False),
+                Tensor(g + "attn_q.weight", cols(sd[p + "self_attn.q_proj.weight"])),
+                Tensor(g + "attn_q_norm.weight", (1.0 + sd[p + "self_attn.q_norm.weight"]) * dc.attn_scale, quantize=False),
+                Tensor(g + "attn_output.weight", rows(sd[p + "self_attn.o_proj.weight"])),
+                Tensor(g + "post_attention_norm.weight", norm(sd[p + "post_attention_layernorm.weight"]), quantize=False),
+                Tensor(g + "ffn_norm.weight", norm(sd[p + "pre_feedforward_layernorm.weight"]), quantize=False),
+                Tensor(g + "ffn_gate.weight", cols(sd[p + "mlp.gate_proj.weight"])),
+                Tensor(g + "ffn_up.weight", cols(sd[p + "mlp.up_proj.weight"])),
+                Tensor(g + "ffn_down.weight", rows(sd[p + "mlp.down_proj.weight"])),
+                Tensor(g + "post_ffw_norm.weight", norm(sd[p + "post_feedforward_layernorm.weight"]), quantize=False),
+                Tensor(g + "layer_output_scale.weight", sd[p + "layer_scalar"].reshape(1), quantize=False)]
+    return out
+
+
+def describe(path: Path) -> dict[str, Any]:
+    return {"mb": round(path.stat().st_size / 2**20, 1), "tensor_types": gguf_types(path)}
+
+
+# max |logit diff| of the exported target in llama.cpp vs the float32 reference, per target type. Measured on the
+# real Gemma 3 270M (probe of 22 tokens): f32 0.023, q8_0 1.40, q4_0 see export.json; llama.cpp quantizes the
+# activations of quantized matmuls to 8 bits, so even q8_0 is not close to f32.
+TOLERANCE = {"source": 3.0, "f32": 0.1, "f16": 0.5, "bf16": 1.5, "q8_0": 2.5, "q5_0": 4.0, "q5_1": 4.0}
+MIN_ARGMAX = 0.8
+
+
+def tolerance(quant: str) -> float:
+    return TOLERANCE.get(quant, 6.0)
+
+
+def export_gguf(target: str, drafter: str | None, out: Path, quant: str, drafter_quant: str, *,
+                dtype_given: bool = False) -> dict[str, Any]:
+    """Write OUT/target.gguf (+ tokenizer.model, target.json) and OUT/drafter.gguf, load both in llama.cpp and
+    compare with the reference; nothing is left in OUT unless every check passed."""
+    import os
+    import shutil
+    import tempfile
+    import time
+
+    from mtpkit.api import resolve_drafter
+    from mtpkit.model.load import load_drafter, load_target
+    if dtype_given:
+        raise MtpkitError("--dtype is for MLX; GGUF types are chosen with --quant / --drafter-quant")
+    check_quant(quant)
+    if drafter_quant not in NUMPY_QUANTS or drafter_quant == "source":
+        raise MtpkitError(f"--drafter-quant must be one of {', '.join(NUMPY_QUANTS)} (got {drafter_quant!r})")
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        raise MtpkitError("--format gguf checks the files in llama.cpp: pip install -e '.[gguf]' (llama-cpp-python)") from None
+    t0 = time.perf_counter()
+    t = load_target(target)
+    c = t.config
+    if quant == "source" and t.source.get("kind") != "gguf":
+        raise MtpkitError("--quant source copies the tensors of a GGUF target; this target is not one (pick a type)")
+    dpath = resolve_drafter(target, drafter)
+    d = load_drafter(dpath, t.model) if dpath is not None else None
+    # every refusal before anything is written
+    tk = target_kv(c)
+    tt = target_tensors(t.model)
+    ttypes = plan_types(tt, quant)
+    if d is not None:
+        width = drafter_width(d.config.hidden_size, d.config.target_hidden_size)
+        dt = drafter_tensors(d, c)
+        dtypes = plan_types(dt, drafter_quant)
+    tok_kv = tokenizer_kv(t.source, t.tokenizer)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".gguf-export-", dir=out))
+    try:
+        tgt = tmp / "target.gguf"
+        if quant == "source":
+            copy_source_gguf(Path(t.source["path"]), tgt, tk + tok_kv)
+        elif quant in LLAMA_QUANTS:
+            write_gguf(tmp / "target-f32.gguf", "gemma3", tk + tok_kv, tt, ttypes, "mtpkit target (f32)")
+            from mtpkit.bench.methods import _quiet_llama_logs
+            _quiet_llama_logs()
+            llama_quantize(tmp / "target-f32.gguf", tgt, quant)
+            (tmp / "target-f32.gguf").unlink()
+        else:
+            write_gguf(tgt, "gemma3", tk + tok_kv, tt, ttypes, f"mtpkit target ({quant})")
+        if t.tokenizer is not None and getattr(t.tokenizer, "model_path", None):
+            shutil.copyfile(t.tokenizer.model_path, tmp / "tokenizer.model")
+        (tmp / "target.json").write_text(json.dumps({"quant": quant, "target_config": c.to_dict()}, indent=2))
+        probe = (t.tokenizer.encode("def fibonacci(n):\n    if n < 2:\n        return n\n    return")
+                 if t.tokenizer is not None else list(range(2, 24)))[:32]
+        check = check_target(t.model, tgt, probe)
+        check["tolerance"] = tolerance(quant)
+        if check["max_abs_logit_diff"] > check["tolerance"] or check["argmax_agreement"] < MIN_ARGMAX:
+            raise MtpkitError(f"exported target ({quant}) differs from the reference beyond tolerance: max |logit diff| "
+                              f"{check['max_abs_logit_diff']:.3g} > {check['tolerance']} or argmax agreement "
+                              f"{check['argmax_agreement']:.2f} < {MIN_ARGMAX}; nothing written")
+        res: dict[str, Any] = {"format": "gguf", "out": str(out), "quant": quant, "drafter_quant": drafter_quant,
+                               "vs_reference": check, "probe_tokens": len(probe), "target": describe(tgt),
+                               "drafter": None, "drafter_source": dpath}
+        if d is not None:
+            kv = drafter_kv(d.config, c, width) + centroid_kv(d) + tok_kv
+            write_gguf(tmp / "drafter.gguf", DRAFTER_ARCH, kv, dt, dtypes, "mtpkit assistant drafter")
+            res["drafter"] = {**describe(tmp / "drafter.gguf"), "embedding_length": width,
+                              "padded_from": d.config.hidden_size if width != d.config.hidden_size else None}
+            res["drafter_check"] = check_drafter(t.model, d, tgt, tmp / "drafter.gguf", probe)
+        res["seconds"] = round(time.perf_counter() - t0, 1)
+        (tmp / "export.json").write_text(json.dumps(res, indent=2))
+        for f in ("target.gguf", "drafter.gguf", "tokenizer.model", "target.json", "export.json"):
+            if (tmp / f).exists():
+                os.replace(tmp / f, out / f)
+        if d is None and (out / "drafter.gguf").exists():
+            (out / "drafter.gguf").unlink()  # a stale drafter from an earlier export would be picked up as the sibling
+        return res
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_drafter(ref_target, ref_drafter, target_gguf: Path, drafter_gguf: Path, tokens: list[int]) -> dict[str, Any]:
+    """One draft step after `tokens` in llama.cpp (its own dense head; the target's K/V and h from the exported
+    target) vs the reference drafter on the reference target: max |logit diff|, argmax equal, |h_next diff|."""
+    from mtpkit.model.drafter import draft_step
+    from mtpkit.runtime.llamacpp_backend import LlamaCppBackend
+    with torch.no_grad():
+        cache = ref_target.new_cache(len(tokens) + 8)
+        o = ref_target(torch.tensor([tokens]), cache)
+        tok = int(o.logits[0, -1].argmax())
+        ref = draft_step(ref_target, ref_drafter, torch.tensor([tok]), o.hidden[:, -1], cache)
+        want = ref_drafter.dense_logits(_last_features(ref_target, ref_drafter, tok, o.hidden[0, -1], cache))
+    be = LlamaCppBackend(target_gguf, drafter_gguf, head="dense", max_len=len(tokens) + 16, threads=2)
+    try:
+        _, h = be.start(torch.tensor(tokens))
+        got, _, h_next = be._draft_step(tok, h)
+    finally:
+        be.close()
+    return {"max_abs_logit_diff": float((got - want).abs().max()), "argmax_equal": int(got.argmax()) == int(want.argmax()),
+            "max_abs_h_diff": float((h_next - ref.hidden[0, 0].float()).abs().max()),
+            "h_scale": float(ref.hidden.abs().max())}
+
+
+def _last_features(target, drafter, tok: int, h: torch.Tensor, cache) -> torch.Tensor:
+    from mtpkit.model.drafter import target_kv as kv_of
+    x, _ = drafter.body(target.embed(torch.tensor([[tok]])), h[None, None], torch.tensor([cache.length]),
+                        kv_of(cache, target.config))
+    return x[0, 0]

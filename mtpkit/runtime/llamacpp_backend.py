@@ -1,0 +1,399 @@
+"""The llama.cpp backend: target and drafter GGUFs (`mtpkit export --format gguf`) in stock llama.cpp through
+llama-cpp-python's low-level API, the drafter context sharing the target's KV cache.
+
+- Target context: flash attention, q8_0 K/V, full-size SWA cache (`swa_full`: every position of the sliding
+  layers is kept, so rollback = `llama_memory_seq_rm` is exact past the window). `embeddings` gives the
+  post-norm hidden of each output row; it is switched on only for the rows the loop needs.
+- Drafter context: `ctx_type = MTP`, `ctx_other = target`: llama.cpp's gemma4-assistant graph reads the
+  target's last sliding and last full layer K/V in place (no copy, nothing written). Each draft step is one
+  `llama_process` of one token at the bonus position with its h row set by `llama_batch_ext_set_embd_token`
+  (`llama_batch_ext_set_embd_state` is an unimplemented stub in this llama.cpp: it always returns False).
+- Drafter head: `dense` = llama.cpp's own (logits over the whole vocabulary from the drafter's token_embd, then
+  `llama_get_embeddings_nextn_ith` for the next h) -- what `llama-server --spec-type draft-mtp` runs.
+  `centroid` (drafters exported with a centroid head) = llama.cpp runs the blocks and final norm; a ggml eval
+  callback (the public `cb_eval` hook) reads `result_norm` and stops the graph there, and mtpkit computes the
+  sparse head (router -> top clusters -> ~4k candidate logits) and the post-projection from the same GGUF's
+  tensors. It skips llama.cpp's dense 262k-row head, which costs more than the drafter's blocks.
+
+Greedy output equals this backend's plain decoding token for token when llama.cpp's kernels give a row the
+same result whatever the batch size: measured true on x86 CPUs for Q4_1/Q5_1/F32... weights with flash
+attention, q8_0 K/V and no weight repacking (`use_extra_bufts = False`): on this x86 CPU for the source Q4_K_M
+file and for q8_0/q4_0 exports, logits bit-identical between one-token and batched forwards. With repacking, the
+Q4_K gemm and gemv kernels round differently and near-ties flip, as in llama.cpp's own speculative decoding.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mtpkit.errors import MtpkitError
+from mtpkit.runtime.backend import Draft
+from mtpkit.runtime.sampling import SamplingParams, probs, sample
+
+HEADS = ("auto", "dense", "centroid")
+
+
+def _lib():
+    try:
+        import llama_cpp
+        from llama_cpp import llama_cpp_ext
+    except ImportError:
+        raise MtpkitError("backend llamacpp needs llama-cpp-python (pip install -e '.[gguf]')") from None
+    return llama_cpp, llama_cpp_ext
+
+
+def _dequant(t) -> np.ndarray:
+    """A GGUFReader tensor -> float32 numpy in PyTorch layout."""
+    from gguf.quants import dequantize
+    a = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+    return a.reshape([int(x) for x in reversed(t.shape)])
+
+
+class _Rows:
+    """Rows of a GGUF matrix, dequantized on demand (Q8_0/F16/BF16/F32), read from the memory-mapped file."""
+
+    def __init__(self, t):
+        import gguf
+        Q = gguf.GGMLQuantizationType
+        self.kind = t.tensor_type
+        if self.kind not in (Q.Q8_0, Q.F16, Q.BF16, Q.F32):
+            raise MtpkitError(f"the centroid head reads {t.name} rows as Q8_0/F16/BF16/F32; this file has "
+                              f"{self.kind.name} (export the drafter with --drafter-quant q8_0, or use --head dense)")
+        self.Q = Q
+        self.n = int(t.shape[0])
+        with warnings.catch_warnings():  # read-only memory map: we never write through it
+            warnings.simplefilter("ignore", UserWarning)
+            self.raw = torch.from_numpy(np.asarray(t.data))  # [rows, bytes per row] or [rows, n]
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        g = self.raw.index_select(0, ids)
+        if self.kind == self.Q.Q8_0:  # blocks of (f16 scale, 32 x int8)
+            g = g.view(ids.numel(), -1, 34)
+            d = g[:, :, :2].contiguous().view(torch.float16).float()
+            q = g[:, :, 2:].contiguous().view(torch.int8).float()
+            return (q * d).reshape(ids.numel(), -1)
+        if self.kind == self.Q.F16:
+            return g.view(torch.float16).float() if g.dtype == torch.uint8 else g.float()
+        if self.kind == self.Q.BF16:
+            return g.view(torch.bfloat16).float() if g.dtype == torch.uint8 else g.float()
+        return g.float()
+
+
+class LlamaCppBackend:
+    def __init__(self, target_gguf: str | Path, drafter_gguf: str | Path | None = None, *, max_len: int = 4096,
+                 threads: int | None = None, head: str = "auto", max_draft: int = 16):
+        L, X = _lib()
+        from mtpkit.bench.methods import _quiet_llama_logs
+        _quiet_llama_logs()
+        if head not in HEADS:
+            raise MtpkitError(f"--head must be one of {HEADS}, got {head!r}")
+        self.L, self.X = L, X
+        self.path = Path(target_gguf)
+        if not self.path.is_file():
+            raise MtpkitError(f"target GGUF not found: {self.path}")
+        self.config, self.tokenizer = _target_meta(self.path)
+        c = self.config
+        if c.head_dim % 32:
+            raise MtpkitError(f"backend llamacpp keeps K/V in q8_0 (blocks of 32): head_dim {c.head_dim} is not a multiple")
+        self.device = torch.device("cpu")
+        self.vocab_size, self.max_len, self.max_draft = c.vocab_size, max_len, max_draft
+        self.threads = threads or max(1, torch.get_num_threads())
+        L.llama_backend_init()
+        mp = L.llama_model_default_params()
+        # no weight repacking: the repacked Q4_K gemm (batches) and gemv (one token) kernels round differently,
+        # which would make a verified batch disagree with plain decoding at near-ties
+        mp.use_extra_bufts = False
+        self.model = L.llama_model_load_from_file(str(self.path).encode(), mp)
+        if not self.model:
+            raise MtpkitError(f"llama.cpp cannot load {self.path}")
+        self.cparams = self._cparams()
+        self.ctx = L.llama_init_from_model(self.model, self.cparams)
+        if not self.ctx:
+            raise MtpkitError("llama.cpp could not create the target context")
+        self.mem = L.llama_get_memory(self.ctx)
+        self.d_model = L.llama_model_n_embd(self.model)
+        self.batch = L.llama_batch_init(max(max_draft + 1, 512), 0, 1)
+        self._len = 0
+        self._emb_on = None
+        self.dmodel = self.dctx = None
+        self.head = None
+        self.drafter_path = None
+        if drafter_gguf is not None:
+            self._load_drafter(Path(drafter_gguf), head)
+        self.has_drafter = self.dctx is not None
+        self.cuda_graphs = False
+
+    # ------------------------------------------------------------------ setup
+    def _cparams(self):
+        L = self.L
+        p = L.llama_context_default_params()
+        p.n_ctx = self.max_len
+        p.n_batch = p.n_ubatch = 512
+        p.n_seq_max = 1
+        p.n_threads = p.n_threads_batch = self.threads
+        p.flash_attn_type = L.LLAMA_FLASH_ATTN_TYPE_ENABLED
+        p.type_k = p.type_v = L.GGML_TYPE_Q8_0
+        p.swa_full = True
+        p.embeddings = False
+        p.no_perf = True
+        return p
+
+    def _load_drafter(self, path: Path, head: str) -> None:
+        L, X = self.L, self.X
+        if not path.is_file():
+            raise MtpkitError(f"drafter GGUF not found: {path}")
+        from mtpkit.model.load import _open_gguf
+        r = _open_gguf(path)
+        arch = r.fields["general.architecture"].contents() if "general.architecture" in r.fields else None
+        if arch != "gemma4-assistant":
+            raise MtpkitError(f"{path.name} is a {arch!r} GGUF, not a gemma4-assistant drafter")
+        f = {k: r.fields[k].contents() for k in r.fields
+             if k.startswith(("gemma4-assistant.", "mtpkit.")) and k not in ("mtpkit.centroids", "mtpkit.token_ordering")}
+        if f.get("gemma4-assistant.embedding_length_out") != self.d_model:
+            raise MtpkitError(f"drafter {path.name} expects a target hidden size of "
+                              f"{f.get('gemma4-assistant.embedding_length_out')}, this target has {self.d_model}")
+        has_centroid = f.get("mtpkit.head") == "centroid"
+        if head == "auto":
+            head = "centroid" if has_centroid else "dense"
+        if head == "centroid" and not has_centroid:
+            raise MtpkitError(f"--head centroid: {path.name} has no centroid head (it was exported from a dense drafter)")
+        self.head = head
+        self.drafter_path = path
+        self._result_norm = None
+        dp = self._cparams()
+        dp.ctx_type = L.LLAMA_CONTEXT_TYPE_MTP
+        dp.ctx_other = self.ctx
+        if head == "centroid":
+            t = {x.name: x for x in r.tensors}
+            self.d_unpadded = int(f.get("mtpkit.unpadded_embedding_length", f["gemma4-assistant.embedding_length"]))
+            self.top_k = int(f["mtpkit.centroid_top_k"])
+            n_c = int(f["mtpkit.num_centroids"])
+            d = self.d_unpadded
+            self.centroids = torch.from_numpy(np.asarray(r.fields["mtpkit.centroids"].contents(), np.float32)).view(n_c, d)
+            self.clusters = torch.from_numpy(np.asarray(r.fields["mtpkit.token_ordering"].contents(), np.int64)).view(n_c, -1)
+            self.post = torch.from_numpy(_dequant(t["nextn.post_projection.weight"])[:, :d].copy())
+            self.rows = _Rows(t["token_embd.weight"])
+            self._install_callback(dp)
+        self.dmodel = L.llama_model_load_from_file(str(path).encode(), L.llama_model_default_params())
+        if not self.dmodel:
+            raise MtpkitError(f"llama.cpp cannot load the drafter {path}")
+        # created before any target decode: creating it resets the shared KV cells
+        self.dctx = L.llama_init_from_model(self.dmodel, dp)
+        if not self.dctx:
+            raise MtpkitError("llama.cpp could not create the drafter context (ctx_type MTP over the target's)")
+        if head == "dense":
+            X.llama_set_embeddings_nextn(self.dctx, True, True)
+        self.dbatch = L.llama_batch_ext_init(self.dctx)
+        self._h = (ctypes.c_float * self.d_model)()
+        self._pos = L.llama_pos(0)
+
+    def _install_callback(self, p) -> None:
+        """Observe `result_norm` (the drafter's final-normed features) and stop the graph right after it."""
+        L = self.L
+        from llama_cpp._ggml import libggml as ggml
+        ggml.ggml_get_name.argtypes = [ctypes.c_void_p]
+        ggml.ggml_get_name.restype = ctypes.c_char_p
+        ggml.ggml_get_data_f32.argtypes = [ctypes.c_void_p]
+        ggml.ggml_get_data_f32.restype = ctypes.POINTER(ctypes.c_float)
+        ggml.ggml_nelements.argtypes = [ctypes.c_void_p]
+        ggml.ggml_nelements.restype = ctypes.c_int64
+        get_name, get_data, nel = ggml.ggml_get_name, ggml.ggml_get_data_f32, ggml.ggml_nelements
+        want = b"result_norm"
+
+        def cb(t, ask, _ud):
+            if get_name(t) != want:
+                return False if ask else True
+            if ask:
+                return True
+            n = nel(t)
+            self._result_norm = torch.from_numpy(np.ctypeslib.as_array(get_data(t), shape=(n,)).copy())
+            return False  # cancel the rest of the graph: llama.cpp's dense head and post-projection
+
+        self._cb = L.ggml_backend_sched_eval_callback(cb)  # kept alive as long as the context
+        p.cb_eval = self._cb
+        p.cb_eval_user_data = None
+
+    def close(self) -> None:
+        L = self.L
+        if getattr(self, "dctx", None):
+            L.llama_batch_ext_free(self.dbatch)
+            L.llama_free(self.dctx)
+            L.llama_model_free(self.dmodel)
+            self.dctx = None
+        if getattr(self, "ctx", None):
+            L.llama_batch_free(self.batch)
+            L.llama_free(self.ctx)
+            L.llama_model_free(self.model)
+            self.ctx = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def describe(self) -> dict:
+        L = self.L
+        return {"backend": "llamacpp", "dtype": _ftype(self.path), "target_params": int(L.llama_model_n_params(self.model)),
+                "target_bytes": int(L.llama_model_size(self.model)),
+                "embedding_params": self.config.vocab_size * self.config.hidden_size, "target_config": self.config,
+                "drafter_config": None, "drafter_head": self.head,
+                "drafter_params": int(L.llama_model_n_params(self.dmodel)) if self.dmodel else 0,
+                "drafter_bytes": int(L.llama_model_size(self.dmodel)) if self.dmodel else 0,
+                "llama_context": {"flash_attn": True, "type_k": "q8_0", "type_v": "q8_0", "swa_full": True,
+                                  "threads": self.threads}}
+
+    # ------------------------------------------------------------------ target
+    @property
+    def length(self) -> int:
+        return self._len
+
+    def _decode(self, tokens: list[int], outputs: bool) -> None:
+        L = self.L
+        b = self.batch
+        n = len(tokens)
+        if outputs != self._emb_on:
+            L.llama_set_embeddings(self.ctx, outputs)
+            self._emb_on = outputs
+        b.n_tokens = n
+        for i, t in enumerate(tokens):
+            b.token[i] = t
+            b.pos[i] = self._len + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = outputs
+        rc = L.llama_decode(self.ctx, b)
+        if rc != 0:
+            raise MtpkitError(f"llama_decode failed (code {rc}) at position {self._len}")
+        self._len += n
+
+    def _rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        L = self.L
+        lg = L.llama_get_logits(self.ctx)
+        em = L.llama_get_embeddings(self.ctx)
+        logits = torch.from_numpy(np.ctypeslib.as_array(lg, shape=(n, self.vocab_size)).copy())
+        hidden = torch.from_numpy(np.ctypeslib.as_array(em, shape=(n, self.d_model)).copy())
+        return logits, hidden
+
+    def start(self, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = [int(t) for t in prompt]
+        if len(ids) >= self.max_len:
+            raise MtpkitError(f"prompt of {len(ids)} tokens does not fit the context ({self.max_len})")
+        self.L.llama_memory_clear(self.mem, True)
+        self._len = 0
+        for i in range(0, len(ids) - 1, 512):  # no outputs: the prompt needs logits/hidden at its last token only
+            self._decode(ids[i:min(i + 512, len(ids) - 1)], outputs=False)
+        self._decode(ids[-1:], outputs=True)
+        logits, hidden = self._rows(1)
+        return logits[0], hidden[0]
+
+    def verify(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = [int(t) for t in tokens]
+        if self._len + len(ids) > self.max_len:
+            raise MtpkitError(f"context full: {self._len + len(ids)} positions > {self.max_len}")
+        self._decode(ids, outputs=True)
+        return self._rows(len(ids))
+
+    def rollback(self, length: int) -> None:
+        if not 0 <= length <= self._len:
+            raise MtpkitError(f"rollback to {length}: the cache holds {self._len} positions")
+        if length < self._len and not self.L.llama_memory_seq_rm(self.mem, 0, length, -1):
+            raise MtpkitError(f"llama.cpp could not remove positions >= {length} from the KV cache")
+        self._len = length
+
+    # ------------------------------------------------------------------ drafter
+    def _draft_step(self, token: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """One llama.cpp drafter forward at the bonus position -> (logits, candidate ids or None, next h)."""
+        L, X = self.L, self.X
+        b = self.dbatch
+        L.llama_batch_ext_clear(b)
+        i = L.llama_batch_ext_add_token(b, 0, token)
+        if i < 0:
+            raise MtpkitError(f"llama.cpp refused draft token {token} (code {i})")
+        self._pos.value = self._len
+        L.llama_batch_ext_set_pos(b, i, ctypes.byref(self._pos))
+        hv = h.detach().to(torch.float32).contiguous().numpy()
+        ctypes.memmove(self._h, hv.ctypes.data, hv.nbytes)
+        if not L.llama_batch_ext_set_embd_token(b, i, L.llama_embd(ctypes.cast(self._h, ctypes.POINTER(ctypes.c_float)),
+                                                                   1, self.d_model)):
+            raise MtpkitError("llama_batch_ext_set_embd_token refused the drafter's h row")
+        L.llama_batch_ext_set_output_logits(b, i, True)
+        rc = L.llama_process(self.dctx, L.LLAMA_PROCESS_TYPE_DECODE, b)
+        if rc != 0:
+            raise MtpkitError(f"llama.cpp drafter step failed (code {rc}) at position {self._len}")
+        if self.head == "dense":
+            lg = L.llama_get_logits_ith(self.dctx, i)
+            hn = X.llama_get_embeddings_nextn_ith(self.dctx, i)
+            return (torch.from_numpy(np.ctypeslib.as_array(lg, shape=(self.vocab_size,)).copy()), None,
+                    torch.from_numpy(np.ctypeslib.as_array(hn, shape=(self.d_model,)).copy()))
+        x = self._result_norm[:self.d_unpadded]
+        self._result_norm = None
+        top = (self.centroids @ x).topk(self.top_k).indices
+        ids = self.clusters[top].reshape(-1)
+        return self.rows(ids)[:, :self.d_unpadded] @ x, ids, self.post @ x
+
+    def draft(self, token: torch.Tensor, h: torch.Tensor, k: int, sampling: SamplingParams,
+              generator: torch.Generator | None, min_confidence: float | None = None) -> Draft:
+        if self.dctx is None or k <= 0:
+            return Draft(torch.empty(0, dtype=torch.long), None)
+        tok = int(token)
+        toks, qs = [], []
+        for _ in range(k):
+            logits, ids, h = self._draft_step(tok, h)
+            if sampling.greedy:
+                j = int(logits.argmax())
+                nxt = int(ids[j]) if ids is not None else j
+                if min_confidence is not None and float(torch.softmax(logits, -1)[j]) < min_confidence:
+                    break
+                toks.append(nxt)
+            else:
+                dense = logits
+                if ids is not None:
+                    dense = torch.full((self.vocab_size,), float("-inf")).index_copy_(0, ids, logits)
+                q = probs(dense, sampling)
+                nxt = int(sample(q, generator))
+                if min_confidence is not None and float(q.max()) < min_confidence:
+                    break
+                toks.append(nxt)
+                qs.append(q)
+            tok = nxt
+        return Draft(torch.tensor(toks, dtype=torch.long), torch.stack(qs) if qs else None)
+
+    # ------------------------------------------------------------------ timing
+    def clock(self) -> object:
+        return time.perf_counter()
+
+    def elapsed(self, a, b) -> float:
+        return b - a
+
+
+def _ftype(path: Path) -> str:
+    side = path.with_suffix(".json")
+    if side.is_file():
+        try:
+            return str(json.loads(side.read_text()).get("quant", "gguf"))
+        except (ValueError, OSError):
+            pass
+    return "gguf"
+
+
+def _target_meta(path: Path):
+    """(GemmaConfig, Tokenizer) of a target GGUF: from the `target.json` + `tokenizer.model` that
+    `mtpkit export --format gguf` writes beside it (fast), else parsed from the GGUF's metadata."""
+    from mtpkit.model.config import GemmaConfig
+    from mtpkit.tokenizer import Tokenizer
+    side, spm = path.with_suffix(".json"), path.parent / "tokenizer.model"
+    if side.is_file() and spm.is_file():
+        meta = json.loads(side.read_text())
+        if "target_config" in meta:
+            return GemmaConfig.from_dict(meta["target_config"]), Tokenizer.from_sentencepiece(spm)
+    from mtpkit.model.load import _open_gguf, gguf_config
+    r = _open_gguf(path)
+    return gguf_config(r), Tokenizer.from_gguf(r)

@@ -1,0 +1,155 @@
+"""GGUF export + the llama.cpp backend on tiny random models (llama-cpp-python runs them on the CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mtpkit.model.config import FULL, SLIDING
+from tests.conftest import fails_cleanly, tiny_drafter, tiny_target
+from tests.tiny_gguf import write_gguf
+
+pytest.importorskip("llama_cpp")
+pytest.importorskip("gguf")
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MTPKIT_CACHE", str(tmp_path / "cache"))
+
+
+def _target(**kw):
+    cfg = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=2,
+               num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32.0, sliding_window=8,
+               layer_types=[SLIDING, FULL, SLIDING, FULL], final_logit_softcapping=None)
+    cfg.update(kw)
+    return tiny_target(5, **cfg)
+
+
+def _export(tmp_path, t, drafter_kw: dict | None = None, quant: str = "f32", name: str = "out"):
+    from typer.testing import CliRunner
+
+    from mtpkit.cli import app
+    from mtpkit.model.load import save_drafter
+    src = write_gguf(t, tmp_path / f"{name}-src.gguf")
+    args = ["export", "--format", "gguf", "--target", str(src), "--out", str(tmp_path / name), "--quant", quant, "--json"]
+    if drafter_kw is not None:
+        d = tiny_drafter(t, **drafter_kw)
+        save_drafter(d, tmp_path / f"{name}-drafter")
+        args += ["--drafter", str(tmp_path / f"{name}-drafter")]
+    else:
+        args += ["--drafter", "none"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    return json.loads(res.output.strip().splitlines()[-1]), tmp_path / name
+
+
+CENTROID = dict(head="centroid", num_centroids=30, centroid_top_k=3)
+
+
+def test_export_target_and_drafter_match_the_reference(tmp_path):
+    t = _target()
+    res, out = _export(tmp_path, t, dict(hidden_size=64, intermediate_size=64, **CENTROID))  # as wide as the target
+    assert {p.name for p in out.iterdir()} >= {"target.gguf", "drafter.gguf", "tokenizer.model", "target.json", "export.json"}
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary left behind
+    v = res["vs_reference"]
+    assert v["argmax_agreement"] == 1.0 and v["max_abs_logit_diff"] < v["tolerance"] == 0.1
+    assert res["drafter"]["embedding_length"] == 96 and res["drafter"]["padded_from"] == 64  # llama.cpp needs d != d_target
+    dc = res["drafter_check"]  # llama.cpp's own dense head over the exported drafter vs the reference
+    assert dc["argmax_equal"] and dc["max_abs_logit_diff"] < 0.05 and dc["max_abs_h_diff"] < 0.03 * dc["h_scale"]
+
+
+@pytest.mark.parametrize("head", ["dense", "centroid"])
+def test_llamacpp_drafter_step_matches_the_reference(tmp_path, head):
+    from mtpkit.model.drafter import draft_step
+    from mtpkit.model.load import load_drafter, load_target
+    from mtpkit.runtime.llamacpp_backend import LlamaCppBackend
+    t = _target()
+    _, out = _export(tmp_path, t, dict(**CENTROID))
+    ref_t = load_target(str(tmp_path / "out-src.gguf"))
+    ref_d = load_drafter(tmp_path / "out-drafter", ref_t.model)
+    ids = [2] + list(range(270, 290))  # 21 tokens: past the window of 8
+    be = LlamaCppBackend(out / "target.gguf", out / "drafter.gguf", head=head, max_len=64, threads=1)
+    try:
+        logits, h = be.start(torch.tensor(ids))
+        with torch.no_grad():
+            cache = ref_t.model.new_cache(64)
+            o = ref_t.model(torch.tensor([ids]), cache)
+            # llama.cpp keeps K/V in q8_0: within a few percent of the float32 reference
+            assert (logits - o.logits[0, -1]).abs().max() < 0.03 * o.logits[0, -1].abs().max()
+            assert (h - o.hidden[0, -1]).abs().max() < 0.03 * o.hidden[0, -1].abs().max()
+            tok = int(o.logits[0, -1].argmax())
+            ref = draft_step(ref_t.model, ref_d, torch.tensor([tok]), o.hidden[:, -1], cache)
+        got, cand, h_next = be._draft_step(tok, o.hidden[0, -1])  # the same h: only the K/V (q8_0) differ
+        assert (h_next - ref.hidden[0, 0]).abs().max() < 0.03 * ref.hidden.abs().max()
+        if head == "dense":
+            want = ref.dense_logits(ref_t.config.vocab_size, float("-inf"))[0, 0]
+            sel = torch.isfinite(want)
+            assert cand is None and got.shape == (300,)
+            assert (got[sel] - want[sel]).abs().max() < 0.03 * want[sel].abs().max()
+        else:
+            assert torch.equal(torch.sort(cand).values, torch.sort(ref.ids[0, 0]).values)
+            order = torch.argsort(cand)
+            want = ref.logits[0, 0][torch.argsort(ref.ids[0, 0])]
+            assert (got[order] - want).abs().max() < 0.03 * want.abs().max()
+    finally:
+        be.close()
+
+
+@pytest.mark.parametrize("head", ["dense", "centroid"])
+def test_llamacpp_speculative_equals_plain_past_the_window(tmp_path, head):
+    import mtpkit
+    t = _target()
+    _, out = _export(tmp_path, t, dict(**CENTROID))
+    s = mtpkit.load(str(out / "target.gguf"), backend="llamacpp", max_len=128, llamacpp={"threads": 1, "head": head})
+    assert s.drafter_path == str(out / "drafter.gguf")  # the sibling drafter.gguf
+    for prompt in ([2, 270, 271, 272], [2] + list(range(275, 295))):
+        plain = s.generate(prompt, max_new_tokens=40, use_drafter=False)
+        for k in (1, 3, 5):
+            spec = s.generate(prompt, max_new_tokens=40, num_draft_tokens=k, min_confidence=None)
+            assert spec.tokens == plain.tokens  # 40+ tokens past a window of 8: rollback must be exact
+            assert spec.stats.target_forwards <= plain.stats.target_forwards
+    # sampling runs and stays within the vocabulary
+    r = s.generate([2, 270], max_new_tokens=20, temperature=1.0, num_draft_tokens=3, seed=1)
+    assert len(r.tokens) == 20 and all(0 <= x < 300 for x in r.tokens)
+
+
+def test_run_cli_on_llamacpp(tmp_path):
+    from typer.testing import CliRunner
+
+    from mtpkit.cli import app
+    t = _target()
+    _, out = _export(tmp_path, t, dict(**CENTROID))
+    res = CliRunner().invoke(app, ["run", "abc", "--backend", "llamacpp", "--target", str(out / "target.gguf"),
+                                   "--max-new-tokens", "12", "--compare", "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output.strip().splitlines()[-1])
+    assert doc["plain"]["identical"] and len(doc["tokens"]) == 12
+
+
+def test_gguf_bad_input_writes_nothing(tmp_path):
+    from mtpkit.model.load import save_drafter
+    # rows of 48 values cannot be split into q8_0 blocks of 32
+    t = _target(hidden_size=48)
+    src = write_gguf(t, tmp_path / "t48.gguf")
+    fails_cleanly(["export", "--format", "gguf", "--target", str(src), "--drafter", "none", "--quant", "q8_0",
+                   "--out", str(tmp_path / "o1")], "needs a multiple of 32")
+    assert not (tmp_path / "o1").exists()
+    # llama.cpp's assistant reads target layers n-2 (sliding) and n-1 (full)
+    t = _target(layer_types=[SLIDING, SLIDING, FULL, SLIDING])
+    src = write_gguf(t, tmp_path / "tsf.gguf")
+    save_drafter(tiny_drafter(t), tmp_path / "d")
+    fails_cleanly(["export", "--format", "gguf", "--target", str(src), "--drafter", str(tmp_path / "d"),
+                   "--out", str(tmp_path / "o2")], "last two layers")
+    assert not (tmp_path / "o2").exists()
+    # a drafter whose KV heads do not match the target's
+    t1, t2 = _target(), _target(num_key_value_heads=2, num_attention_heads=2)
+    save_drafter(tiny_drafter(t2), tmp_path / "d2")
+    src = write_gguf(t1, tmp_path / "t1.gguf")
+    fails_cleanly(["export", "--format", "gguf", "--target", str(src), "--drafter", str(tmp_path / "d2"),
+                   "--out", str(tmp_path / "o3")], "key_value_heads")
+    fails_cleanly(["export", "--format", "gguf", "--target", str(src), "--quant", "q3_x", "--drafter", "none",
+                   "--out", str(tmp_path / "o4")], "not a GGUF type")
+    fails_cleanly(["run", "x", "--backend", "llamacpp", "--target", str(tmp_path / "nope.gguf")], "needs a target .gguf")
