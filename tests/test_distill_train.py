@@ -198,3 +198,24 @@ def test_stdlib_corpus_windows(target_dir):
                        heldout=False, eval_filter=EvalFilter(humaneval()))
     windows = [src(i) for i in range(20)]
     assert all(len(ids) == 15 for ids, _ in windows) and 0 < sum(s for _, s in windows) < 20
+
+
+def test_init_from_warm_starts_from_a_drafter_directory(target_dir, tmp_path):
+    base = run_distill(_cfg(target_dir, steps=6), tmp_path / "a", RunOptions(**QUIET))
+    src = load_drafter(tmp_path / "a" / "best")
+    warm = run_distill(_cfg(target_dir, steps=6, init_from=str(tmp_path / "a" / "best")), tmp_path / "b",
+                       RunOptions(stop_at=0, **QUIET))
+    assert warm["step"] == 0  # evaluated before any step: the copied weights, the same held-out data
+    got = load_drafter(tmp_path / "b" / "best")
+    for k, v in src.state_dict().items():
+        assert torch.equal(v, got.state_dict()[k]), k
+    assert warm["final"]["tau0"] == pytest.approx(base["best"]["tau0"], abs=1e-6)
+    assert json.loads((tmp_path / "b" / "hparams.json").read_text())["init_from"] == str(tmp_path / "a" / "best")
+    with pytest.raises(MtpkitError, match="differs from this run's: intermediate_size"):
+        run_distill(_cfg(target_dir, intermediate_size=32, init_from=str(tmp_path / "a" / "best")), tmp_path / "c",
+                    RunOptions(**QUIET))
+    assert not (tmp_path / "c").exists()  # refused before anything was written
+    with pytest.raises(MtpkitError, match="is not a directory"):
+        run_distill(_cfg(target_dir, init_from=str(tmp_path / "nowhere")), tmp_path / "d", RunOptions(**QUIET))
+    with pytest.raises(MtpkitError, match="init_from must be"):
+        _cfg(target_dir, init_from="")

@@ -41,6 +41,7 @@ class DistillConfig:
     centroid_top_k: int = 32
     share_target_embedding: bool = True  # head tied to the target's embedding (no own V x d matrix)
     max_param_ratio: float = 0.10  # the drafter's own parameters may be at most this share of the target's
+    init_from: str | None = None  # warm start: a drafter directory (save_drafter layout) of exactly this architecture
 
     # objective
     loss: str = "kl"  # "kl" (forward KL target||drafter), "tv" (total variation) or "mix"
@@ -83,6 +84,8 @@ class DistillConfig:
             raise MtpkitError(f"gen_len ({self.gen_len}) must exceed num_draft_tokens + 1 ({self.num_draft_tokens + 1})")
         if self.prompt_len < 2:
             raise MtpkitError("prompt_len must be at least 2 (BOS + one token)")
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
+            raise MtpkitError(f"init_from must be a drafter directory or null, got {self.init_from!r}")
         if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip <= 0:
             raise MtpkitError("lr and grad_clip must be positive and warmup_steps non-negative")
 

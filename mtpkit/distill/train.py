@@ -140,8 +140,10 @@ def _build_drafter(cfg: DistillConfig, target, dist: Dist):
     elif dcfg.hidden_size == target.config.hidden_size:
         with torch.no_grad():
             drafter.embed_tokens.weight.copy_(embed.float().cpu())  # start the own head at the target's
+    if cfg.init_from is not None:
+        _warm_start(drafter, cfg.init_from)
     drafter.to(dist.device)
-    if dcfg.head == "centroid" and dist.main:
+    if dcfg.head == "centroid" and dist.main and cfg.init_from is None:
         init_centroid_head(drafter, embed, seed=cfg.seed)
     dist.broadcast_(list(drafter.parameters()) + list(drafter.buffers()))
     own, tgt = drafter.num_parameters(), sum(p.numel() for p in target.model.parameters())
@@ -149,6 +151,18 @@ def _build_drafter(cfg: DistillConfig, target, dist: Dist):
         raise MtpkitError(f"the drafter has {own:,} own parameters, {own / tgt:.1%} of the target's {tgt:,} "
                           f"(max_param_ratio {cfg.max_param_ratio}): shrink it or share the target embedding")
     return drafter.train(), own, tgt
+
+
+def _warm_start(drafter, path: str) -> None:
+    """Copy the weights of the drafter directory `path` into `drafter`; its config must equal this run's."""
+    from mtpkit.model.load import load_drafter
+    src = load_drafter(path)
+    a, b = src.config.to_dict(), drafter.config.to_dict()
+    if a != b:
+        diff = [f"{k}={a.get(k)!r} (run: {b.get(k)!r})" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        raise MtpkitError(f"init_from {path}: its drafter config differs from this run's: {', '.join(diff)}")
+    with torch.no_grad():
+        drafter.load_state_dict(src.state_dict(), strict=True)
 
 
 def _optimizer(cfg: DistillConfig, drafter, device: torch.device) -> torch.optim.Optimizer:
@@ -192,6 +206,9 @@ def _run(cfg: DistillConfig, out: Path, opts: RunOptions, dist: Dist, t0: float,
     if tok.vocab_size > target.config.vocab_size:
         raise MtpkitError(f"tokenizer has {tok.vocab_size} tokens, the target's vocab is {target.config.vocab_size}")
     cfg.drafter_config(target.config).check_target(target.config)  # drafter settings fit the target: fail now
+    if cfg.init_from is not None:  # a warm start that cannot load fails now, not after data generation
+        from mtpkit.model.drafter import DrafterModel
+        _warm_start(DrafterModel(cfg.drafter_config(target.config)), cfg.init_from)
     _init_out(out, cfg, opts, dist, exists)
     filt: list[EvalFilter] = []
 
