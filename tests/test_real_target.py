@@ -212,3 +212,26 @@ def test_mlx_export_and_backend_on_the_real_target(real, tmp_path):
     rounds = list(generate(mb, ids, GenerationParams(24, num_draft_tokens=5), eos))
     assert [x for r in rounds for x in r.tokens] == plain
     assert sum(r.accepted for r in rounds) > 5
+
+
+def test_gguf_export_and_llamacpp_backend_on_the_real_target(real, tmp_path):
+    """`mtpkit export --format gguf` of Gemma 3 270M (its own Q4_K_M tensors) + the shipped drafter: both load in
+    llama.cpp, target logits and one drafter step close to the reference, greedy speculative == plain in llama.cpp
+    with drafts accepted, both heads."""
+    pytest.importorskip("llama_cpp")
+    import mtpkit
+    from mtpkit.export.gguf import export_gguf
+    res = export_gguf("gemma3-270m", None, tmp_path / "g", "source", "q8_0")
+    print(f"\n[gguf export] {res['vs_reference']} {res['drafter_check']}")
+    assert res["vs_reference"]["argmax_agreement"] == 1.0 and res["vs_reference"]["max_abs_logit_diff"] < 3.0
+    assert res["drafter_check"]["argmax_equal"] and res["drafter"]["embedding_length"] == 672
+    for head in ("centroid", "dense"):
+        s = mtpkit.load(str(tmp_path / "g" / "target.gguf"), backend="llamacpp", max_len=512,
+                        llamacpp={"threads": 2, "head": head})
+        for prompt in ("def fibonacci(n):\n    ", "Write a short poem about the sea."):
+            plain = s.generate(prompt, max_new_tokens=48, use_drafter=False)
+            spec = s.generate(prompt, max_new_tokens=48, num_draft_tokens=4, min_confidence=None)
+            print(f"[llamacpp {head}] tau {spec.stats.tau:.2f}")
+            assert spec.tokens == plain.tokens
+        assert spec.stats.accepted > 0
+        s.backend.close()
