@@ -200,37 +200,14 @@ def hf_methods(session, sampling: Sampling, lookup_tokens: int) -> list[Method]:
     ]
 
 
-_LOG_CALLBACK = None
-
-
-def _quiet_llama_logs() -> None:
-    """llama.cpp's C log: keep errors (and their continuation lines), drop the rest: warnings such as "using
-    full-size SWA cache", the KV sharing of an assistant drafter, or Gemma's "control-looking token" notes."""
-    global _LOG_CALLBACK
-    import ctypes
-    import sys
-
-    import llama_cpp
-    if _LOG_CALLBACK is None:
-        last = [0]
-
-        @llama_cpp.llama_log_callback
-        def cb(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-            # ggml_log_level: 1 debug, 2 info, 3 warn, 4 error, 5 continuation of the previous line
-            if level == 4 or (level == 5 and last[0] == 4):
-                print(text.decode("utf-8", "replace"), end="", file=sys.stderr)
-            if level != 5:
-                last[0] = level
-        _LOG_CALLBACK = cb
-    llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
-
-
 def llamacpp_methods(gguf: str, threads: int, n_ctx: int, sampling: Sampling, lookup_tokens: int,
                      gpu: bool) -> list[Method]:
     """llama-cpp-python on the target's GGUF: plain and LlamaPromptLookupDecoding (which makes it compute
     logits for every position, as llama-cpp-python requires for any draft model)."""
     from llama_cpp import Llama
-    _quiet_llama_logs()
+
+    from mtpkit.runtime.llamacpp_backend import quiet_llama_logs
+    quiet_llama_logs()
     mb = os.path.getsize(gguf) / 2**20
     w = f"GGUF {os.path.basename(gguf)}" + (", all layers on the GPU" if gpu else ", CPU")
     common = dict(model_path=gguf, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False,

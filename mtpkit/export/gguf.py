@@ -83,11 +83,10 @@ def plan_types(tensors: list[Tensor], quant: str) -> dict[str, str]:
     return out
 
 
-def write_gguf(path: Path, arch: str, kv: list[tuple[str, Any, Any]], tensors: list[Tensor],
-               types: dict[str, str], name: str) -> None:
-    """kv: (key, value, gguf.GGUFValueType or None for the writer's guess; arrays need (ARRAY, sub_type))."""
+def _write(path: Path, arch: str, name: str, kv: list[tuple[str, Any, Any]], tensors) -> None:
+    """One GGUF file: metadata kv (key, value, gguf.GGUFValueType or (ARRAY, sub_type)), then tensors =
+    (name, array, gguf type) in order (quantized arrays are [rows, bytes])."""
     import gguf
-    from gguf import quants
     w = gguf.GGUFWriter(str(path), arch=arch)
     w.add_name(name)
     for key, value, vtype in kv:
@@ -95,40 +94,32 @@ def write_gguf(path: Path, arch: str, kv: list[tuple[str, Any, Any]], tensors: l
             w.add_key_value(key, value, vtype[0], sub_type=vtype[1])
         else:
             w.add_key_value(key, value, vtype)
-    for t in tensors:
-        if t.data.dtype == np.int32:
-            w.add_tensor(t.name, np.ascontiguousarray(t.data))
-            continue
-        q = _qtype(types[t.name])
-        a = np.ascontiguousarray(t.data, dtype=np.float32)
-        if q != gguf.GGMLQuantizationType.F32:
-            a = quants.quantize(a, q)
-        w.add_tensor(t.name, a, raw_dtype=q)
+    for tname, a, q in tensors:
+        w.add_tensor(tname, a, raw_dtype=q)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
 
 
-def copy_source_gguf(src: Path, dst: Path, kv: list[tuple[str, Any, Any]]) -> None:
-    """A gemma3 GGUF with the source file's tensors byte for byte (its quantization kept) and our metadata."""
+def write_gguf(path: Path, arch: str, kv: list[tuple[str, Any, Any]], tensors: list[Tensor],
+               types: dict[str, str], name: str) -> None:
+    """Our float tensors, quantized to `types` (plan_types) by the gguf package."""
     import gguf
+    from gguf import quants
 
-    from mtpkit.model.load import _open_gguf
-    r = _open_gguf(src)
-    w = gguf.GGUFWriter(str(dst), arch="gemma3")
-    w.add_name(str(r.fields["general.name"].contents()) if "general.name" in r.fields else "mtpkit target")
-    for key, value, vtype in kv:
-        if isinstance(vtype, tuple):
-            w.add_key_value(key, value, vtype[0], sub_type=vtype[1])
-        else:
-            w.add_key_value(key, value, vtype)
-    for t in r.tensors:
-        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)  # quantized data: [rows, bytes]
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    def quantized():
+        for t in tensors:
+            q = _qtype(types[t.name])
+            a = np.ascontiguousarray(t.data, dtype=np.float32)
+            yield t.name, (a if q == gguf.GGMLQuantizationType.F32 else quants.quantize(a, q)), q
+    _write(path, arch, name, kv, quantized())
+
+
+def copy_source_gguf(reader, dst: Path, kv: list[tuple[str, Any, Any]]) -> None:
+    """A gemma3 GGUF with the source file's tensors byte for byte (its quantization kept) and our metadata."""
+    name = str(reader.fields["general.name"].contents()) if "general.name" in reader.fields else "mtpkit target"
+    _write(dst, "gemma3", name, kv, ((t.name, np.asarray(t.data), t.tensor_type) for t in reader.tensors))
 
 
 def llama_quantize(src: Path, dst: Path, quant: str, threads: int = 0) -> None:
@@ -154,15 +145,23 @@ def gguf_types(path: Path) -> dict[str, int]:
 
 # --------------------------------------------------------------------------- target (arch gemma3)
 
-def tokenizer_kv(source: dict[str, Any], tokenizer) -> list[tuple[str, Any, Any]]:
-    """The target's tokenizer metadata: copied field by field from its source GGUF when it came from one
-    (ids, types and flags exactly as llama.cpp wrote them), else rebuilt from the SentencePiece model."""
+def source_reader(source: dict[str, Any]):
+    """An open GGUFReader of the target's source file when it came from one (else None)."""
+    src = Path(source.get("path", "")) if source.get("kind") == "gguf" else None
+    if src is None or not src.is_file():
+        return None
+    from mtpkit.model.load import _open_gguf
+    return _open_gguf(src)
+
+
+def tokenizer_kv(reader, tokenizer) -> list[tuple[str, Any, Any]]:
+    """The target's tokenizer metadata: copied field by field from its source GGUF (`reader`, from
+    `source_reader`) when it came from one (ids, types and flags exactly as llama.cpp wrote them), else rebuilt
+    from the SentencePiece model."""
     import gguf
     T = gguf.GGUFValueType
-    src = Path(source.get("path", "")) if source.get("kind") == "gguf" else None
-    if src is not None and src.is_file():
-        from mtpkit.model.load import _open_gguf
-        r = _open_gguf(src)
+    if reader is not None:
+        r = reader
         out = []
         for key, f in r.fields.items():
             if not key.startswith("tokenizer."):
@@ -240,8 +239,8 @@ def check_target(ref, path: Path, tokens: list[int], threads: int = 2) -> dict[s
     """The exported target in llama.cpp vs the float32 reference on `tokens`: max |logit diff|, argmax agreement."""
     from llama_cpp import Llama
 
-    from mtpkit.bench.methods import _quiet_llama_logs
-    _quiet_llama_logs()
+    from mtpkit.runtime.llamacpp_backend import quiet_llama_logs
+    quiet_llama_logs()
     try:
         llm = Llama(model_path=str(path), n_ctx=max(64, len(tokens) + 8), n_batch=len(tokens), logits_all=True,
                     n_threads=threads, verbose=False)
@@ -422,17 +421,18 @@ def export_gguf(target: str, drafter: str | None, out: Path, quant: str, drafter
         width = drafter_width(d.config.hidden_size, d.config.target_hidden_size)
         dt = drafter_tensors(d, c)
         dtypes = plan_types(dt, drafter_quant)
-    tok_kv = tokenizer_kv(t.source, t.tokenizer)
+    reader = source_reader(t.source)  # parsed once: its tokenizer fields and (--quant source) its tensors
+    tok_kv = tokenizer_kv(reader, t.tokenizer)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".gguf-export-", dir=out))
     try:
         tgt = tmp / "target.gguf"
         if quant == "source":
-            copy_source_gguf(Path(t.source["path"]), tgt, tk + tok_kv)
+            copy_source_gguf(reader, tgt, tk + tok_kv)
         elif quant in LLAMA_QUANTS:
             write_gguf(tmp / "target-f32.gguf", "gemma3", tk + tok_kv, tt, ttypes, "mtpkit target (f32)")
-            from mtpkit.bench.methods import _quiet_llama_logs
-            _quiet_llama_logs()
+            from mtpkit.runtime.llamacpp_backend import quiet_llama_logs
+            quiet_llama_logs()
             llama_quantize(tmp / "target-f32.gguf", tgt, quant)
             (tmp / "target-f32.gguf").unlink()
         else:
@@ -472,14 +472,15 @@ def export_gguf(target: str, drafter: str | None, out: Path, quant: str, drafter
 def check_drafter(ref_target, ref_drafter, target_gguf: Path, drafter_gguf: Path, tokens: list[int]) -> dict[str, Any]:
     """One draft step after `tokens` in llama.cpp (its own dense head; the target's K/V and h from the exported
     target) vs the reference drafter on the reference target: max |logit diff|, argmax equal, |h_next diff|."""
-    from mtpkit.model.drafter import draft_step
+    from mtpkit.model.drafter import target_kv as kv_of
     from mtpkit.runtime.llamacpp_backend import LlamaCppBackend
     with torch.no_grad():
         cache = ref_target.new_cache(len(tokens) + 8)
         o = ref_target(torch.tensor([tokens]), cache)
         tok = int(o.logits[0, -1].argmax())
-        ref = draft_step(ref_target, ref_drafter, torch.tensor([tok]), o.hidden[:, -1], cache)
-        want = ref_drafter.dense_logits(_last_features(ref_target, ref_drafter, tok, o.hidden[0, -1], cache))
+        x, h_ref = ref_drafter.body(ref_target.embed(torch.tensor([[tok]])), o.hidden[:, -1:],
+                                    torch.tensor([cache.length]), kv_of(cache, ref_target.config))
+        want = ref_drafter.dense_logits(x[0, 0])
     be = LlamaCppBackend(target_gguf, drafter_gguf, head="dense", max_len=len(tokens) + 16, threads=2)
     try:
         _, h = be.start(torch.tensor(tokens))
@@ -487,12 +488,5 @@ def check_drafter(ref_target, ref_drafter, target_gguf: Path, drafter_gguf: Path
     finally:
         be.close()
     return {"max_abs_logit_diff": float((got - want).abs().max()), "argmax_equal": int(got.argmax()) == int(want.argmax()),
-            "max_abs_h_diff": float((h_next - ref.hidden[0, 0].float()).abs().max()),
-            "h_scale": float(ref.hidden.abs().max())}
-
-
-def _last_features(target, drafter, tok: int, h: torch.Tensor, cache) -> torch.Tensor:
-    from mtpkit.model.drafter import target_kv as kv_of
-    x, _ = drafter.body(target.embed(torch.tensor([[tok]])), h[None, None], torch.tensor([cache.length]),
-                        kv_of(cache, target.config))
-    return x[0, 0]
+            "max_abs_h_diff": float((h_next - h_ref[0, 0].float()).abs().max()),
+            "h_scale": float(h_ref.abs().max())}

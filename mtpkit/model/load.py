@@ -290,19 +290,23 @@ def gguf_config(reader) -> GemmaConfig:
         pad_token_id=int(get("tokenizer.ggml.padding_token_id", 0)))
 
 
-def gguf_tensors(reader) -> dict[str, torch.Tensor]:
-    """Dequantized canonical float32 tensors of a gemma3 GGUF."""
+def gguf_array(t):
+    """One GGUFReader tensor dequantized to float32 numpy, in PyTorch's (row-major) layout."""
     import numpy as np
     from gguf.quants import dequantize
+    try:
+        a = dequantize(t.data, t.tensor_type)
+    except NotImplementedError:
+        raise MtpkitError(f"GGUF tensor {t.name} has type {t.tensor_type.name}, which gguf cannot dequantize") from None
+    return np.asarray(a, dtype=np.float32).reshape([int(x) for x in reversed(t.shape)])
+
+
+def gguf_tensors(reader) -> dict[str, torch.Tensor]:
+    """Dequantized canonical float32 tensors of a gemma3 GGUF."""
     out = {}
     for t in reader.tensors:
         name, plus_one = gguf_to_canonical(t.name)
-        try:
-            a = dequantize(t.data, t.tensor_type)
-        except NotImplementedError:
-            raise MtpkitError(f"GGUF tensor {t.name} has type {t.tensor_type.name}, which gguf cannot dequantize") from None
-        a = np.asarray(a, dtype=np.float32).reshape([int(x) for x in reversed(t.shape)])
-        w = torch.from_numpy(a.copy())
+        w = torch.from_numpy(gguf_array(t).copy())
         out[name] = w - 1.0 if plus_one else w
     return out
 

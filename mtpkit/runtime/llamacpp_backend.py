@@ -39,6 +39,30 @@ from mtpkit.runtime.sampling import SamplingParams, probs, sample
 
 HEADS = ("auto", "dense", "centroid")
 
+_LOG_CALLBACK = None
+
+
+def quiet_llama_logs() -> None:
+    """llama.cpp's C log: keep errors (and their continuation lines), drop the rest: warnings such as "using
+    full-size SWA cache", the KV sharing of an assistant drafter, or Gemma's "control-looking token" notes."""
+    global _LOG_CALLBACK
+    import ctypes
+    import sys
+
+    import llama_cpp
+    if _LOG_CALLBACK is None:
+        last = [0]
+
+        @llama_cpp.llama_log_callback
+        def cb(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+            # ggml_log_level: 1 debug, 2 info, 3 warn, 4 error, 5 continuation of the previous line
+            if level == 4 or (level == 5 and last[0] == 4):
+                print(text.decode("utf-8", "replace"), end="", file=sys.stderr)
+            if level != 5:
+                last[0] = level
+        _LOG_CALLBACK = cb
+    llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
+
 
 def _lib():
     try:
@@ -47,13 +71,6 @@ def _lib():
     except ImportError:
         raise MtpkitError("backend llamacpp needs llama-cpp-python (pip install -e '.[gguf]')") from None
     return llama_cpp, llama_cpp_ext
-
-
-def _dequant(t) -> np.ndarray:
-    """A GGUFReader tensor -> float32 numpy in PyTorch layout."""
-    from gguf.quants import dequantize
-    a = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-    return a.reshape([int(x) for x in reversed(t.shape)])
 
 
 class _Rows:
@@ -90,8 +107,7 @@ class LlamaCppBackend:
     def __init__(self, target_gguf: str | Path, drafter_gguf: str | Path | None = None, *, max_len: int = 4096,
                  threads: int | None = None, head: str = "auto", max_draft: int = 16):
         L, X = _lib()
-        from mtpkit.bench.methods import _quiet_llama_logs
-        _quiet_llama_logs()
+        quiet_llama_logs()
         if head not in HEADS:
             raise MtpkitError(f"--head must be one of {HEADS}, got {head!r}")
         self.L, self.X = L, X
@@ -149,7 +165,7 @@ class LlamaCppBackend:
         L, X = self.L, self.X
         if not path.is_file():
             raise MtpkitError(f"drafter GGUF not found: {path}")
-        from mtpkit.model.load import _open_gguf
+        from mtpkit.model.load import _open_gguf, gguf_array
         r = _open_gguf(path)
         arch = r.fields["general.architecture"].contents() if "general.architecture" in r.fields else None
         if arch != "gemma4-assistant":
@@ -178,7 +194,7 @@ class LlamaCppBackend:
             d = self.d_unpadded
             self.centroids = torch.from_numpy(np.asarray(r.fields["mtpkit.centroids"].contents(), np.float32)).view(n_c, d)
             self.clusters = torch.from_numpy(np.asarray(r.fields["mtpkit.token_ordering"].contents(), np.int64)).view(n_c, -1)
-            self.post = torch.from_numpy(_dequant(t["nextn.post_projection.weight"])[:, :d].copy())
+            self.post = torch.from_numpy(gguf_array(t["nextn.post_projection.weight"])[:, :d].copy())
             self.rows = _Rows(t["token_embd.weight"])
             self._install_callback(dp)
         self.dmodel = L.llama_model_load_from_file(str(path).encode(), L.llama_model_default_params())
