@@ -90,8 +90,9 @@ class Result:
 
 class Session:
     def __init__(self, backend, tokenizer, target_config, drafter_path: str | None,
-                 source: dict[str, Any] | None = None):
+                 source: dict[str, Any] | None = None, draft_temperature: float = 1.0):
         self.backend = backend
+        self.draft_temperature = draft_temperature  # the drafter's calibrated factor (DrafterConfig.draft_temperature)
         self.source = source or {}  # where the target's weights came from (load_target's `source`)
         self.tokenizer = tokenizer
         self.config = target_config
@@ -115,18 +116,21 @@ class Session:
     def stream(self, prompt: str | list[int], max_new_tokens: int = 128, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, seed: int = 0, num_draft_tokens: int = 4,
                min_confidence: float | str | None = "auto", stats: Stats | None = None,
-               use_drafter: bool = True) -> Iterator[Round]:
+               use_drafter: bool = True, draft_temperature: float | None = None) -> Iterator[Round]:
         """Yield one Round per target forward; pass a Stats to have it filled as you go.
 
         use_drafter=False decodes plainly through the same loop (the baseline of every speedup).
         min_confidence (adaptive drafting): stop a draft once the drafter's top probability falls below it.
         "auto" = AUTO_MIN_CONFIDENCE on CPU, off on GPUs (there the k-step draft is one CUDA graph, and
         stopping early would need a host sync per step); None or 0 = off.
+        draft_temperature (sampling only): drafts are drawn at temperature * this; None = the drafter's own
+        calibrated factor. The output distribution is the target's either way.
         """
         if min_confidence == "auto":
             min_confidence = AUTO_MIN_CONFIDENCE if self.backend.device.type == "cpu" else None
         params = GenerationParams(max_new_tokens, SamplingParams(temperature, top_p, top_k), num_draft_tokens, seed,
-                                  min_confidence or None)
+                                  min_confidence or None,
+                                  self.draft_temperature if draft_temperature is None else draft_temperature)
         ids = self._ids(prompt)
         st = stats if stats is not None else Stats()
         t0 = time.perf_counter()
@@ -195,7 +199,7 @@ def load(target: str = "gemma3-270m", drafter: str | None = None, backend: str =
         d = load_drafter(path, t.config, dtype=dt, device=dev)
     from mtpkit.runtime.torch_backend import TorchBackend
     be = TorchBackend(t.model, d, max_len=max_len, max_draft=max_draft, cuda_graphs=cuda_graphs)
-    return Session(be, t.tokenizer, t.config, path, t.source)
+    return Session(be, t.tokenizer, t.config, path, t.source, d.config.draft_temperature if d is not None else 1.0)
 
 
 def _load_llamacpp(target: str, drafter: str | None, device: str | None, dtype: str | None, max_len: int,
@@ -217,7 +221,7 @@ def _load_llamacpp(target: str, drafter: str | None, device: str | None, dtype: 
     elif drafter == "none":
         drafter = None
     be = LlamaCppBackend(t, drafter, max_len=max_len, threads=threads, head=head, max_draft=max_draft)
-    return Session(be, be.tokenizer, be.config, drafter, {"kind": "gguf", "path": str(t.resolve())})
+    return Session(be, be.tokenizer, be.config, drafter, {"kind": "gguf", "path": str(t.resolve())}, be.draft_temperature)
 
 
 def _load_mlx(target: str, drafter: str | None, device: str | None, dtype: str | None, max_len: int,
@@ -242,4 +246,5 @@ def _load_mlx(target: str, drafter: str | None, device: str | None, dtype: str |
     elif drafter == "none":
         drafter = None
     be = MLXBackend(t, drafter, max_len=max_len)
-    return Session(be, be.tokenizer, be.config, drafter, {"kind": "mlx-dir", "path": str(t.resolve())})
+    return Session(be, be.tokenizer, be.config, drafter, {"kind": "mlx-dir", "path": str(t.resolve())},
+                   be.drafter.c.draft_temperature if be.drafter is not None else 1.0)

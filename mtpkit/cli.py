@@ -127,6 +127,9 @@ def run(prompt: str = typer.Argument(..., help="Text to continue."),
         min_confidence: float = typer.Option(None, "--min-confidence",
                                              help="Adaptive drafting: stop a draft when the drafter's top probability "
                                                   "drops below this (default: 0.3 on CPU, off on GPU; 0 = off)."),
+        draft_temperature: float = typer.Option(None, "--draft-temperature",
+                                                help="Sampling: draw drafts at temperature x this (default: the "
+                                                     "drafter's calibrated factor); the output stays the target's."),
         seed: int = typer.Option(0),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object (tokens, text, stats)."),
         compare: bool = typer.Option(False, help="Also run plain decoding and print the speedup.")) -> None:
@@ -135,7 +138,8 @@ def run(prompt: str = typer.Argument(..., help="Text to continue."),
     from mtpkit.runtime.loop import GenerationParams
     from mtpkit.runtime.sampling import SamplingParams
     # validate before the slow load (the loop builds the same objects again)
-    GenerationParams(max_new_tokens, SamplingParams(temperature, top_p, top_k), num_draft_tokens)
+    GenerationParams(max_new_tokens, SamplingParams(temperature, top_p, top_k), num_draft_tokens,
+                     draft_temperature=1.0 if draft_temperature is None else draft_temperature)
     if not prompt:
         raise MtpkitError("empty prompt")
     s = mtpkit.load(target=target, drafter=drafter, backend=backend, device=device, dtype=dtype,
@@ -145,7 +149,8 @@ def run(prompt: str = typer.Argument(..., help="Text to continue."),
     if s.drafter_path is None and drafter != "none":
         typer.echo(f"note: no drafter for target {target!r}: plain decoding (train one with `mtpkit distill`)", err=True)
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-              num_draft_tokens=num_draft_tokens, min_confidence="auto" if min_confidence is None else min_confidence)
+              num_draft_tokens=num_draft_tokens, min_confidence="auto" if min_confidence is None else min_confidence,
+              draft_temperature=draft_temperature)
     if as_json:
         r = s.generate(prompt, **kw)
         out = {"tokens": r.tokens, "text": r.text, "stats": r.stats.to_dict(), "drafter": s.drafter_path}

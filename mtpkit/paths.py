@@ -33,6 +33,9 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
     """Yield a fresh directory beside `dest` to fill; on success it replaces `dest`, on any error it is removed."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the result is an ordinary directory
     try:
         yield tmp
         swap_dir(tmp, dest)

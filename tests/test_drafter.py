@@ -107,6 +107,42 @@ def test_save_load_roundtrip_and_mismatch(tmp_path, target):
         load_drafter(tmp_path / "nope")
 
 
+def test_int8_storage_roundtrip_and_errors(tmp_path, target):
+    """int8 + per-row scales: half the bytes, each weight within half a quantization step, bad files refused."""
+    from safetensors.torch import load_file, save_file
+
+    from mtpkit.model.load import INT8_SCALE
+    drafter = randomize_(tiny_drafter(target, head="centroid", num_centroids=4, centroid_top_k=1), 3)
+    save_drafter(drafter, tmp_path / "d", int8=True)
+    raw = load_file(str(tmp_path / "d" / "model.safetensors"))
+    assert raw["pre_projection.weight"].dtype == torch.int8 and raw["token_ordering"].dtype == torch.int32
+    assert raw["norm.weight"].dtype == torch.float32  # vectors are kept as they are
+    back = load_drafter(tmp_path / "d", target)
+    for k, v in drafter.state_dict().items():
+        got = back.state_dict()[k]
+        if k + INT8_SCALE in raw:
+            step = raw[k + INT8_SCALE][:, None]
+            assert ((got - v).abs() <= step / 2 + 1e-6).all(), k
+            assert not torch.equal(got, v), k  # really rounded
+        else:
+            assert torch.equal(got, v), k
+    x, cache, out = _prefill(target, 6)
+    a = draft_step(target, drafter, x[:, -1], out.hidden[:, -1], cache).logits
+    b = draft_step(target, back, x[:, -1], out.hidden[:, -1], cache).logits
+    assert (a - b).abs().max() < 0.05 * a.abs().max()
+    # an int8 matrix without its scales, or scales of the wrong shape, is refused with one line
+    bad = dict(raw)
+    del bad["pre_projection.weight" + INT8_SCALE]
+    save_file(bad, str(tmp_path / "d" / "model.safetensors"))
+    with pytest.raises(MtpkitError, match="has no '.int8_scale' scales"):
+        load_drafter(tmp_path / "d")
+    bad = dict(raw)
+    bad["pre_projection.weight" + INT8_SCALE] = torch.ones(3)
+    save_file(bad, str(tmp_path / "d" / "model.safetensors"))
+    with pytest.raises(MtpkitError, match="does not scale an int8 matrix"):
+        load_drafter(tmp_path / "d")
+
+
 def test_drafter_config_validation(target):
     with pytest.raises(MtpkitError):
         DrafterConfig.for_target(target.config, head="sparse")

@@ -102,9 +102,10 @@ def test_llamacpp_drafter_step_matches_the_reference(tmp_path, head):
 def test_llamacpp_speculative_equals_plain_past_the_window(tmp_path, head):
     import mtpkit
     t = _target()
-    _, out = _export(tmp_path, t, dict(**CENTROID))
+    _, out = _export(tmp_path, t, dict(**CENTROID, draft_temperature=0.7))
     s = mtpkit.load(str(out / "target.gguf"), backend="llamacpp", max_len=128, llamacpp={"threads": 1, "head": head})
     assert s.drafter_path == str(out / "drafter.gguf")  # the sibling drafter.gguf
+    assert s.draft_temperature == pytest.approx(0.7)  # the drafter's calibration travels in the GGUF
     for prompt in ([2, 270, 271, 272], [2] + list(range(275, 295))):
         plain = s.generate(prompt, max_new_tokens=40, use_drafter=False)
         for k in (1, 3, 5):

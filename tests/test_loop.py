@@ -124,8 +124,10 @@ def test_rejection_sampling_preserves_the_target_distribution():
     assert _chi2(second, n_second * p[1]) < CHI2_999[7]
 
 
-def test_sampled_loop_matches_target_distribution():
-    """End to end on a 16-token tiny target: the 2nd generated token's distribution equals the target's."""
+@pytest.mark.parametrize("draft_temperature", [1.0, 0.6])
+def test_sampled_loop_matches_target_distribution(draft_temperature):
+    """End to end on a 16-token tiny target: the 2nd generated token's distribution equals the target's,
+    also when drafts are drawn at a different temperature (a calibrated drafter's draft_temperature)."""
     target = tiny_target(3, vocab_size=16, final_logit_softcapping=None)
     drafter = tiny_drafter(target, 3)
     prompt = [1, 2, 3]
@@ -140,17 +142,25 @@ def test_sampled_loop_matches_target_distribution():
     N = 6000
     for s in range(N):
         out, _ = _run(be, prompt, set(), max_new_tokens=2, num_draft_tokens=3, seed=s,
-                      sampling=sp)
+                      sampling=sp, draft_temperature=draft_temperature)
         counts[out[1]] += 1
     assert _chi2(counts, N * expected) < CHI2_999[15]
 
 
 @pytest.mark.parametrize("kw,match", [
     (dict(max_new_tokens=0), "max_new_tokens"), (dict(num_draft_tokens=0), "num_draft_tokens"),
+    (dict(draft_temperature=0.0), "draft_temperature"),
 ])
 def test_bad_generation_params(kw, match):
     with pytest.raises(MtpkitError, match=match):
         GenerationParams(**kw)
+
+
+def test_draft_sampling_scales_only_the_drafts_temperature():
+    sp = SamplingParams(temperature=1.5, top_p=0.9, top_k=7)
+    assert GenerationParams(sampling=sp, draft_temperature=0.6).draft_sampling == \
+        SamplingParams(temperature=1.5 * 0.6, top_p=0.9, top_k=7)
+    assert GenerationParams(draft_temperature=0.6).draft_sampling.greedy  # greedy stays greedy
 
 
 @pytest.mark.parametrize("kw,match", [

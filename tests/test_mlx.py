@@ -9,6 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import mtpkit
 from mtpkit.cli import app
 from mtpkit.errors import MtpkitError
 from mtpkit.model.config import FULL, SLIDING
@@ -33,19 +34,27 @@ def _pair(seed: int, head: str):
     return t, tiny_drafter(t, seed, **kw)
 
 
-def _export(t, d, tmp_path):
+def _export(t, d, tmp_path, int8=False):
     from mtpkit.export.mlx import write_target
     from mtpkit.model.load import save_drafter
     write_target(t, None, tmp_path / "target", dtype="float32")
-    save_drafter(d, tmp_path / "drafter")
+    save_drafter(d, tmp_path / "drafter", int8=int8)
     return tmp_path / "target", tmp_path / "drafter"
 
 
-@pytest.mark.parametrize("seed,head", [(0, "dense"), (1, "centroid"), (2, "centroid")])
-def test_mlx_matches_reference(seed, head, tmp_path):
+@pytest.mark.parametrize("seed,head,int8", [(0, "dense", False), (1, "centroid", False), (2, "centroid", False),
+                                            (3, "centroid", True)])
+def test_mlx_matches_reference(seed, head, int8, tmp_path):
+    """int8: a drafter stored as int8 + scales (like the shipped one) read directly by the MLX backend."""
+    from mtpkit.model.load import load_drafter
     from mtpkit.runtime.mlx_backend import MLXBackend
     t, d = _pair(seed, head)
-    mb = MLXBackend(*_export(t, d, tmp_path), max_len=64)
+    mb = MLXBackend(*_export(t, d, tmp_path, int8), max_len=64)
+    if int8:
+        d = load_drafter(tmp_path / "drafter", t)  # the reference runs the same dequantized weights
+        d.config.draft_temperature = 0.7
+        _export(t, d, tmp_path, int8)
+        assert mtpkit.load(str(tmp_path / "target"), backend="mlx").draft_temperature == pytest.approx(0.7)
     tb = TorchBackend(t, d, max_len=64)
     prompt = torch.arange(5, 17)  # 12 tokens: past the window of 4
     (la, ha), (lb, hb) = mb.start(prompt), tb.start(prompt)

@@ -44,6 +44,8 @@ def bench_command(
         baselines: str = typer.Option("auto", help="auto (every installed one that fits the backend) | none | comma list of hf, llamacpp, mlx_lm."),
         lookup_tokens: int = typer.Option(10, "--lookup-tokens", help="Draft length of the prompt-lookup baselines."),
         seed: int = typer.Option(0),
+        compile: str = typer.Option(None, "--compile", help="torch on CUDA: torch.compile the graph-captured draft "
+                                                            "steps (drafter), or the target's too (all: not greedy-exact)."),
         json_out: str = typer.Option(None, "--json", help="Write the result document here (schema: docs/bench.md)."),
         markdown_out: str = typer.Option(None, "--markdown", help="Write the Markdown table here."),
         plot_out: str = typer.Option(None, "--plot", help="Write a PNG: acceptance per position, speedup per category."),
@@ -61,7 +63,8 @@ def bench_command(
     cfg = BenchConfig(target=target, drafter=drafter, backend=backend, device=device, dtype=dtype, suite=suite,
                       limit=limit, max_new_tokens=max_new_tokens, temperature=temperature,
                       num_draft_tokens=num_draft_tokens, min_confidence="auto" if min_confidence is None else min_confidence,
-                      repeats=repeats, seed=seed, threads=threads, baselines=baselines, lookup_tokens=lookup_tokens)
+                      repeats=repeats, seed=seed, threads=threads, baselines=baselines, lookup_tokens=lookup_tokens,
+                      compile=compile)
     doc = run_bench(cfg, note=lambda s: typer.echo(f"note: {s}", err=True), progress=not quiet)
     table = markdown(doc)
     if jp:

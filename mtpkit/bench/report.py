@@ -56,7 +56,7 @@ def markdown(doc: dict[str, Any]) -> str:
                 f"Reproduce: `mtpkit bench --suite {s['suite']} --limit {s['limit']} --max-new-tokens {s['max_new_tokens']} "
                 f"--temperature {s['temperature']:g} -k {s['num_draft_tokens']} --repeats {s['repeats']}"
                 + (f" --device {s['device']}" if s["device"] else "") + (f" --threads {s['threads']}" if s["threads"] else "")
-                + "`"]
+                + (f" --compile {s['compile']}" if s.get("compile") else "") + "`"]
     return "\n".join(out) + "\n"
 
 

@@ -53,6 +53,7 @@ class BenchConfig:
     threads: int | None = None  # CPU threads for torch and llama.cpp (None = torch's current setting)
     baselines: str = "auto"  # auto (all installed) | none | comma list of hf, llamacpp
     lookup_tokens: int = LOOKUP_TOKENS
+    compile: str | None = None  # torch on CUDA: torch.compile "drafter" or "all" captured steps (TorchBackend)
 
     def check(self) -> None:
         if self.repeats < 1:
@@ -325,6 +326,10 @@ def run_bench(cfg: BenchConfig, note: Callable[[str], None] = lambda s: None, pr
                           max_draft=max(16, cfg.num_draft_tokens))
     if session.drafter_path is None:
         raise MtpkitError(f"no drafter for target {cfg.target!r}: pass --drafter DIR (train one with `mtpkit distill`)")
+    if cfg.compile:
+        if not hasattr(session.backend, "enable_compile"):
+            raise MtpkitError("--compile is for the torch backend")
+        session.backend.enable_compile(cfg.compile)
     if session.tokenizer is None:
         raise MtpkitError("this target has no tokenizer: the bench needs text prompts")
     ids = [session.tokenizer.encode(p.text) for p in prompts]
@@ -379,7 +384,7 @@ def run_bench(cfg: BenchConfig, note: Callable[[str], None] = lambda s: None, pr
     settings = asdict(cfg)
     settings.update(threads=torch.get_num_threads(), resolved_drafter=session.drafter_path, device=str(dev),
                     dtype=info["dtype"],
-                    cuda_graphs=getattr(session.backend, "cuda_graphs", None))
+                    cuda_graphs=getattr(session.backend, "cuda_graphs", None), draft_temperature=session.draft_temperature)
     doc = {
         "schema": SCHEMA,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),

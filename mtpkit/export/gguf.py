@@ -302,7 +302,8 @@ def drafter_kv(dc, t: GemmaConfig, width: int) -> list[tuple[str, Any, Any]]:
           (a + "rope.freq_base_swa", dc.rope_local_base_freq, T.FLOAT32)]
     if dc.rope_scaling_factor != 1.0:
         kv += [(a + "rope.scaling.type", "linear", T.STRING), (a + "rope.scaling.factor", dc.rope_scaling_factor, T.FLOAT32)]
-    kv.append(("mtpkit.unpadded_embedding_length", dc.hidden_size, T.UINT32))
+    kv += [("mtpkit.unpadded_embedding_length", dc.hidden_size, T.UINT32),
+           ("mtpkit.draft_temperature", dc.draft_temperature, T.FLOAT32)]
     return kv
 
 

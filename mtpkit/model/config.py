@@ -154,6 +154,10 @@ class DrafterConfig:
     share_target_embedding: bool = False
     num_centroids: int = 2048  # centroid head: vocab_size must equal num_centroids * tokens_per_centroid
     centroid_top_k: int = 32  # clusters kept per step
+    # sampling (T > 0): drafts are drawn at temperature T * draft_temperature. Rejection sampling keeps the
+    # output exactly the target's for any draft distribution; a calibrated factor < 1 raises acceptance
+    # (bench/draft_temperature.py measures it). Runtime only: training and the reference model ignore it.
+    draft_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -168,7 +172,7 @@ class DrafterConfig:
 
     def validate(self) -> None:
         _check_positive(self, ["target_hidden_size", "hidden_size", "intermediate_size", "num_attention_heads",
-                               "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps"])
+                               "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "draft_temperature"])
         if not self.layer_types or set(self.layer_types) - {SLIDING, FULL}:
             raise MtpkitError(f"drafter layer_types must be a non-empty list of {SLIDING!r}/{FULL!r}")
         if self.num_attention_heads % self.num_key_value_heads:

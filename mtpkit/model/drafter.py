@@ -141,28 +141,39 @@ class DrafterModel(nn.Module):
         return self._target_embedding
 
     def forward(self, token_embeds: torch.Tensor, h: torch.Tensor, q_pos: torch.Tensor,
-                kv: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> DraftOutput:
+                kv: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], attn: dict | None = None) -> DraftOutput:
         """token_embeds [B, T, d_t] (already * sqrt(d_t)), h [B, T, d_t], q_pos [T] query positions,
         kv {SLIDING|FULL: (k [B, KV, S, D], v, key_pos [S])} -> DraftOutput.
 
         T > 1 is for training (each row its own position); the runtime drafts with T = 1.
+        `attn` = attention_inputs(q_pos, kv) if the caller already has it (a draft round reuses it).
         """
-        x, h_next = self.body(token_embeds, h, q_pos, kv)
+        x, h_next = self.body(token_embeds, h, q_pos, kv, attn)
         return self.head(x, h_next)
 
+    def attention_inputs(self, q_pos: torch.Tensor, kv: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+                         ) -> dict[str, tuple]:
+        """{SLIDING|FULL: (rope, k, v, mask)} for queries at q_pos [T]. Every step of a draft round queries
+        at the same position, so the runtime builds this once per round instead of once per step."""
+        c = self.config
+        out = {}
+        for kind in set(c.layer_types):
+            k, v, k_pos = kv[kind]
+            sliding = kind == SLIDING
+            rope = rope_table(q_pos, self.inv_freq_sliding if sliding else self.inv_freq_full)
+            out[kind] = (rope, k, v, draft_mask(q_pos, k_pos, c.sliding_window if sliding else None))
+        return out
+
     def body(self, token_embeds: torch.Tensor, h: torch.Tensor, q_pos: torch.Tensor,
-             kv: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+             kv: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+             attn: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Same inputs as `forward` -> (x [B, T, d] final-normed features the head reads, h_next [B, T, d_t])."""
         c = self.config
         dt = self.pre_projection.weight.dtype  # the drafter may run in another dtype than the target
         x = self.pre_projection(torch.cat([token_embeds.to(dt), h.to(dt)], dim=-1))
-        ropes = {kind: rope_table(q_pos, self.inv_freq_sliding if kind == SLIDING else self.inv_freq_full)
-                 for kind in set(c.layer_types)}
+        attn = self.attention_inputs(q_pos, kv) if attn is None else attn
         for kind, layer in zip(c.layer_types, self.layers, strict=True):
-            k, v, k_pos = kv[kind]
-            sliding = kind == SLIDING
-            mask = draft_mask(q_pos, k_pos, c.sliding_window if sliding else None)
-            x = layer(x, ropes[kind], k, v, mask)
+            x = layer(x, *attn[kind])
         x = self.norm(x)
         return x, self.post_projection(x)
 

@@ -354,19 +354,63 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int | None) -> list[dic
     return groups
 
 
+INT8_SCALE = ".int8_scale"  # key suffix of the per-row scales of an int8-stored matrix
+
+
+def quantize_int8(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Store each floating matrix as int8 + a float32 scale per output row.
+
+    Symmetric round-to-nearest, scale = max|row| / 127: `name` holds the int8 values and
+    `name + INT8_SCALE` the scales. Vectors keep their dtype. `dequantize_int8` undoes it.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        if v.is_floating_point() and v.dim() == 2:
+            w = v.float()
+            scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+            out[k] = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+            out[k + INT8_SCALE] = scale
+        else:
+            out[k] = v
+    return out
+
+
+def dequantize_int8(sd: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    """Inverse of `quantize_int8` (float32 matrices); a no-op for files without int8 matrices."""
+    out = {k: v for k, v in sd.items() if not k.endswith(INT8_SCALE)}
+    for k in sd:
+        if not k.endswith(INT8_SCALE):
+            continue
+        base, scale = k[: -len(INT8_SCALE)], sd[k]
+        q = sd.get(base)
+        if q is None or q.dtype != torch.int8 or q.dim() != 2 or tuple(scale.shape) != (q.shape[0],):
+            raise MtpkitError(f"{what}: {k!r} does not scale an int8 matrix {base!r} row by row")
+        out[base] = q.float() * scale.float()[:, None]
+    stray = sorted(k for k, v in out.items() if v.dtype == torch.int8)
+    if stray:
+        raise MtpkitError(f"{what}: int8 tensor {stray[0]!r} has no {INT8_SCALE!r} scales")
+    return out
+
+
 def save_drafter(drafter: DrafterModel, out: str | os.PathLike, meta: dict[str, Any] | None = None, *,
-                 dtype: torch.dtype | None = None, shard_mb: float | None = None) -> None:
+                 dtype: torch.dtype | None = None, shard_mb: float | None = None, int8: bool = False) -> None:
     """Atomically write `out/` = config.json + model.safetensors (+ meta.json).
 
     Only the drafter's own tensors are written: a shared (bound) target embedding is not in its state_dict.
-    `dtype` casts floating tensors (e.g. bfloat16 to ship); `shard_mb` splits the weights into
-    model-0000N.safetensors files of at most that size (load_drafter reads every *.safetensors).
+    `dtype` casts floating tensors (e.g. bfloat16 to ship); `int8` stores the matrices as int8 with
+    per-row scales (`quantize_int8`; ~half the size of bf16); integer index buffers are stored as int32.
+    `shard_mb` splits the weights into model-0000N.safetensors files of at most that size (load_drafter
+    reads every *.safetensors).
     """
     from safetensors.torch import save_file
     with atomic_dir(Path(out)) as tmp:
         (tmp / "config.json").write_text(json.dumps(drafter.config.to_dict(), indent=2))
         sd = {k: v.detach().to(dtype if dtype is not None and v.is_floating_point() else v.dtype).contiguous().cpu()
               for k, v in drafter.state_dict().items()}
+        sd = {k: v.to(torch.int32) if v.dtype == torch.int64 and (v.numel() == 0 or v.abs().max() < 2**31) else v
+              for k, v in sd.items()}
+        if int8:
+            sd = quantize_int8(sd)
         groups = _shards(sd, None if shard_mb is None else int(shard_mb * 2**20))
         for i, g in enumerate(groups):
             save_file(g, str(tmp / ("model.safetensors" if len(groups) == 1 else f"model-{i:05d}.safetensors")))
@@ -391,7 +435,7 @@ def load_drafter(path: str | os.PathLike, target: GemmaConfig | GemmaModel | Non
     if not files:
         raise MtpkitError(f"no *.safetensors weights in {d}")
     model = DrafterModel(config)
-    load_state(model, read_safetensors(files), f"drafter {d}")
+    load_state(model, dequantize_int8(read_safetensors(files), f"drafter {d}"), f"drafter {d}")
     model = model.to(device=device, dtype=dtype).eval()
     if isinstance(target, GemmaModel) and config.share_target_embedding:
         model.bind_target(target.embed_tokens.weight)

@@ -141,6 +141,7 @@ class LlamaCppBackend:
         self.dmodel = self.dctx = None
         self.head = None
         self.drafter_path = None
+        self.draft_temperature = 1.0
         if drafter_gguf is not None:
             self._load_drafter(Path(drafter_gguf), head)
         self.has_drafter = self.dctx is not None
@@ -182,6 +183,7 @@ class LlamaCppBackend:
             raise MtpkitError(f"--head centroid: {path.name} has no centroid head (it was exported from a dense drafter)")
         self.head = head
         self.drafter_path = path
+        self.draft_temperature = float(f.get("mtpkit.draft_temperature", 1.0))  # the drafter's calibrated factor
         self._result_norm = None
         dp = self._cparams()
         dp.ctx_type = L.LLAMA_CONTEXT_TYPE_MTP

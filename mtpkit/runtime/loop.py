@@ -13,7 +13,7 @@ same code is plain decoding, which is the baseline every speedup is measured aga
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -40,6 +40,7 @@ class GenerationParams:
     num_draft_tokens: int = 4
     seed: int = 0
     min_confidence: float | None = None  # adaptive drafting: stop a draft when the drafter's top prob drops below
+    draft_temperature: float = 1.0  # sampling: drafts are drawn at temperature T * this (DrafterConfig.draft_temperature)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:
@@ -48,6 +49,14 @@ class GenerationParams:
             raise MtpkitError(f"num_draft_tokens must be >= 1, got {self.num_draft_tokens}")
         if self.min_confidence is not None and not 0 < self.min_confidence < 1:
             raise MtpkitError(f"min_confidence must be in (0, 1), got {self.min_confidence}")
+        if not self.draft_temperature > 0:
+            raise MtpkitError(f"draft_temperature must be positive, got {self.draft_temperature}")
+
+    @property
+    def draft_sampling(self) -> SamplingParams:
+        """What drafts are sampled with: the target's settings at temperature T * draft_temperature."""
+        sp = self.sampling
+        return sp if sp.greedy else replace(sp, temperature=sp.temperature * self.draft_temperature)
 
 
 def first_token(logits: torch.Tensor, sp: SamplingParams, g: torch.Generator | None) -> int:
@@ -99,7 +108,7 @@ def generate(backend: Backend, prompt: list[int], params: GenerationParams, eos:
         k = min(params.num_draft_tokens, params.max_new_tokens - emitted - 1, room) if drafting else 0
         b = torch.tensor([bonus], device=dev)
         t0 = backend.clock()
-        d = backend.draft(b[0], h, k, sp, g, params.min_confidence) if k > 0 else None
+        d = backend.draft(b[0], h, k, params.draft_sampling, g, params.min_confidence) if k > 0 else None
         drafts = d.tokens if d is not None else b[:0]
         t1 = backend.clock()
         p0 = backend.length

@@ -22,6 +22,7 @@ import torch
 
 from mtpkit.errors import MtpkitError
 from mtpkit.model.config import SLIDING, DrafterConfig
+from mtpkit.model.load import INT8_SCALE, dequantize_int8, read_safetensors
 from mtpkit.runtime.backend import Draft
 from mtpkit.runtime.sampling import SamplingParams, probs, sample
 
@@ -182,9 +183,12 @@ class MLXBackend:
             raise MtpkitError(f"{d} is not a drafter directory (no config.json)")
         dc = DrafterConfig.from_dict(json.loads((d / "config.json").read_text()))
         dc.check_target(self.config)
+        files = sorted(d.glob("*.safetensors"))
         w: dict = {}
-        for f in sorted(d.glob("*.safetensors")):
+        for f in files:
             w.update(mx.load(str(f)))
+        if any(k.endswith(INT8_SCALE) for k in w):  # int8-stored (e.g. the shipped drafter): dequantize as load_drafter does
+            w = {k: mx.array(v.numpy()) for k, v in dequantize_int8(read_safetensors(files), f"drafter {d}").items()}
         return MLXDrafter(dc, w, self.model.model.embed_tokens)
 
     def describe(self) -> dict:

@@ -1,0 +1,51 @@
+"""The torch backend on CUDA: graph-captured (and compiled) steps against the uncaptured path. Skipped without a GPU."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from mtpkit.model.config import FULL, SLIDING
+from mtpkit.runtime.loop import GenerationParams, generate
+from mtpkit.runtime.torch_backend import TorchBackend
+from tests.conftest import tiny_drafter, tiny_target
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _tokens(be, prompt, n, k, drafter=True):
+    params = GenerationParams(max_new_tokens=n, num_draft_tokens=k)
+    return [t for r in generate(be, prompt, params, set(), use_drafter=drafter) for t in r.tokens]
+
+
+def _models(seed):
+    rng = random.Random(seed)
+    target = tiny_target(seed).cuda()
+    drafter = tiny_drafter(target, seed, layer_types=rng.choice([[SLIDING, FULL], [SLIDING, SLIDING, FULL]]),
+                           head=rng.choice(["dense", "centroid"]), num_centroids=4, centroid_top_k=2).cuda()
+    prompt = [rng.randrange(target.config.vocab_size) for _ in range(rng.randint(1, 20))]
+    return target, drafter, prompt
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_graphs_draft_and_decode_like_the_uncaptured_path(seed):
+    target, drafter, prompt = _models(seed)
+    k = 1 + seed % 5
+    eager = TorchBackend(target, drafter, max_len=256, max_draft=k, cuda_graphs=False)
+    graphs = TorchBackend(target, drafter, max_len=256, max_draft=k, cuda_graphs=True)
+    plain = _tokens(eager, prompt, 60, k, drafter=False)
+    assert _tokens(graphs, prompt, 60, k, drafter=False) == plain
+    assert _tokens(graphs, prompt, 60, k) == plain
+    sp = GenerationParams().sampling
+    drafts = []
+    for be in (eager, graphs):  # the same drafts, for every draft length, from one state
+        logits, h = be.start(torch.tensor(prompt, device="cuda"))
+        drafts.append([be.draft(logits.argmax(), h, j, sp, None).tokens.tolist() for j in range(1, k + 1)])
+    assert drafts[0] == drafts[1]
+
+def test_compiled_drafter_keeps_greedy_output():
+    target, drafter, prompt = _models(0)
+    be = TorchBackend(target, drafter, max_len=256, max_draft=4, compile="drafter")
+    assert _tokens(be, prompt, 40, 4) == _tokens(be, prompt, 40, 4, drafter=False)
