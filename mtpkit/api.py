@@ -231,6 +231,8 @@ def _load_mlx(target: str, drafter: str | None, device: str | None, dtype: str |
         raise MtpkitError(f"backend mlx picks its own device (MLX's default); --device {device} is for the torch backend")
     if dtype is not None or random_drafter is not None:
         raise MtpkitError("backend mlx runs the exported weights as they are: dtype and random drafters are torch-only")
+    from mtpkit.runtime.mlx_blas import use_openblas
+    use_openblas()  # Linux: MLX's float32 matmuls through OpenBLAS (must precede the first `import mlx`)
     try:
         import mlx.core  # noqa: F401
         import mlx_lm  # noqa: F401

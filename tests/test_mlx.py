@@ -159,3 +159,23 @@ def test_export_bad_input(tmp_path):
                     "--drafter", "none", "--out", str(tmp_path / "o")], "every 1-th layer full")
     assert not (tmp_path / "o").exists()
     fails_cleanly(["run", "x", "--backend", "mlx", "--target", str(gguf)], "exported target directory")
+
+
+def test_linux_mlx_matmuls_go_through_openblas(tmp_path):
+    """A fresh process: mtpkit's loader routes MLX's cblas_sgemm to OpenBLAS (mlx_blas.py), with equal results."""
+    import os
+    import subprocess
+    import sys
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the shim is for MLX's Linux CPU wheel")
+    code = ("import mtpkit.runtime.mlx_backend as b, numpy as np; from mtpkit.runtime.mlx_blas import sgemm_calls;"
+            "mx = b._mx(); a = mx.random.normal((7, 64)); w = mx.random.normal((64, 33)); c = a @ w; mx.eval(c);"
+            "print(sgemm_calls(), float(np.abs(np.array(c) - np.array(a) @ np.array(w)).max()))")
+    env = {**os.environ, "MTPKIT_CACHE": str(tmp_path)}  # builds the shim from nothing
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    calls, diff = r.stdout.split()
+    assert int(calls) >= 1 and float(diff) < 1e-4, r.stdout
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**env, "MTPKIT_MLX_BLAS": "0"})
+    assert r.returncode == 0 and r.stdout.split()[0] == "None", r.stdout + r.stderr  # opted out: not loaded

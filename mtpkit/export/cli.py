@@ -53,6 +53,8 @@ def export_command(
         quant = None if quant is None else int(quant)
     except ValueError:
         raise MtpkitError(f"--quant must be 4 or 8 for MLX, got {quant!r}") from None
+    from mtpkit.runtime.mlx_blas import use_openblas
+    use_openblas()  # Linux: MLX's float32 matmuls through OpenBLAS (the export's check runs the model)
     try:
         import mlx.core  # noqa: F401
         import mlx_lm  # noqa: F401

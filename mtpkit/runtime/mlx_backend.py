@@ -30,6 +30,8 @@ _STEP = 256  # cache growth granularity (positions)
 
 
 def _mx():
+    from mtpkit.runtime.mlx_blas import use_openblas
+    use_openblas()  # Linux: MLX's float32 matmuls through OpenBLAS (must precede the first `import mlx`)
     import mlx.core as mx
     return mx
 
