@@ -48,17 +48,15 @@ def main() -> None:
     accept = objective.accept_from_logits
     results = {}
     for s in [float(x) for x in a.scales.split(",")]:
-        num, rounds = torch.zeros(a.k), 0.0
+        sums = torch.zeros(4 + 2 * a.k)
         with torch.no_grad(), mock.patch.object(objective, "accept_from_logits",
                                                 lambda t, d, ids=None, p=None, s=s: accept(t, d / s, ids, p)):
             for i in range(0, len(rows), 8):
                 b = rows.batch(torch.arange(i, min(i + 8, len(rows))), "cpu", extra=a.k + 1, pad=pad)
                 res = objective.distill_step(tgt.model, dr, b, objective.Objective(k=a.k), backward=False)
-                m = res.mask.float()
-                num += (res.accept.tv.cumprod(-1) * m[..., None]).sum((0, 1))
-                rounds += float(m.sum())
-        acc = (num / rounds).tolist()
-        results[str(s)] = {"tau1": round(1 + sum(acc), 4), "accept1": [round(x, 4) for x in acc]}
+                sums += objective.acceptance_sums(res, b.sampled)
+        sm = objective.summarize(sums, a.k)
+        results[str(s)] = {"tau1": round(sm["tau1"], 4), "accept1": sm["accept1"]}
         print(s, results[str(s)], flush=True)
     best = max(results, key=lambda s: results[s]["tau1"])
     doc = {"target": a.target, "drafter": path, "suite": a.suite, "prompts": len(ids), "gen_len": a.gen_len, "k": a.k,

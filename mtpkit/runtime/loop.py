@@ -91,7 +91,7 @@ def generate(backend: Backend, prompt: list[int], params: GenerationParams, eos:
         raise MtpkitError("empty prompt")
     if len(prompt) >= backend.max_len:
         raise MtpkitError(f"prompt of {len(prompt)} tokens does not fit the context of {backend.max_len}")
-    sp, dev = params.sampling, backend.device
+    sp, dsp, dev = params.sampling, params.draft_sampling, backend.device
     g = None if sp.greedy else torch.Generator(device=dev).manual_seed(params.seed)
     t0 = backend.clock()
     logits, h = backend.start(torch.tensor(prompt, device=dev))
@@ -108,7 +108,7 @@ def generate(backend: Backend, prompt: list[int], params: GenerationParams, eos:
         k = min(params.num_draft_tokens, params.max_new_tokens - emitted - 1, room) if drafting else 0
         b = torch.tensor([bonus], device=dev)
         t0 = backend.clock()
-        d = backend.draft(b[0], h, k, params.draft_sampling, g, params.min_confidence) if k > 0 else None
+        d = backend.draft(b[0], h, k, dsp, g, params.min_confidence) if k > 0 else None
         drafts = d.tokens if d is not None else b[:0]
         t1 = backend.clock()
         p0 = backend.length

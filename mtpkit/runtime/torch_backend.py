@@ -141,8 +141,7 @@ class TorchBackend:
         q_pos = torch.tensor([self.cache.length], device=self.device)
         if sampling.greedy and min_confidence is None:
             return Draft(self._greedy_drafts(token, h, q_pos, k), None)
-        kv = target_kv(self.cache, self.target.config)
-        attn = self.drafter.attention_inputs(q_pos, kv)
+        kv, attn = self._draft_inputs(q_pos)
         toks, qs = [], []
         tok = token.reshape(())
         for _ in range(k):
