@@ -27,9 +27,9 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     sessions = {"torch": mtpkit.load("gemma3-270m", backend="torch", device="cpu"),
                 "llamacpp_centroid": mtpkit.load(f"{a.gguf_dir}/target.gguf", backend="llamacpp",
-                                                 llamacpp={"threads": a.threads, "head": "centroid"}),
+                                                 threads=a.threads, head="centroid"),
                 "llamacpp_dense": mtpkit.load(f"{a.gguf_dir}/target.gguf", backend="llamacpp",
-                                              llamacpp={"threads": a.threads, "head": "dense"})}
+                                              threads=a.threads, head="dense")}
     out = {"k": a.k, "max_new_tokens": a.max_new_tokens, "limit": a.limit, "results": {}}
     for suite in ("humaneval", "mtbench"):
         prompts = load_suite(suite, limit=a.limit)

@@ -68,7 +68,7 @@ def kernels(fn) -> tuple[int, float, list]:
 def steps(be: TorchBackend, k: int) -> dict:
     """GPU time of the three captured steps, replayed at a fixed position after a 200-token prompt."""
     torch.manual_seed(1)
-    logits, h = be.start(torch.randint(0, 200_000, (200,), device="cuda"))
+    logits, h = be.start(torch.randint(0, 200_000, (200,)).tolist())
     tok = logits.argmax()
     p0 = be.length
     res = {}
@@ -76,7 +76,7 @@ def steps(be: TorchBackend, k: int) -> dict:
     for n in (1, k + 1):
         be.verify(torch.full((n,), 7, device="cuda"))  # captures (and compiles) width n
         be.rollback(p0)
-    be.draft(tok, h, k, GenerationParams().sampling, None)
+    be.fused_greedy_draft(tok, h, k)
     torch.cuda.synchronize()
     res["capture_s"] = time.perf_counter() - t0
     gr = be._graphs

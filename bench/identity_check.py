@@ -46,8 +46,9 @@ def main() -> None:
         rows.append({"prompt": p[:60], "identical": spec == plain, "first_difference": first, "tokens": len(plain),
                      "accepted": sum(r.accepted for r in rounds), "rounds": len(rounds) - 1})
         print(json.dumps(rows[-1]), flush=True)
-    out = {"bench": "identity_check", "machine": machine_info(s.backend.device), "device": str(s.backend.device),
-           "dtype": str(s.backend.target.embed_tokens.weight.dtype), "cuda_graphs": s.backend.cuda_graphs,
+    info = s.backend.info()
+    out = {"bench": "identity_check", "machine": machine_info(info.device), "device": info.device,
+           "dtype": info.dtype, "cuda_graphs": info.graphs,
            "settings": vars(a), "identical": sum(r["identical"] for r in rows), "prompts": len(rows), "rows": rows}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2))

@@ -16,8 +16,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from mtpkit.errors import MtpkitError
 from mtpkit.runtime.loop import GenerationParams, Round, generate
 from mtpkit.runtime.sampling import SamplingParams
@@ -90,9 +88,9 @@ class Result:
 
 class Session:
     def __init__(self, backend, tokenizer, target_config, drafter_path: str | None,
-                 source: dict[str, Any] | None = None, draft_temperature: float = 1.0):
+                 source: dict[str, Any] | None = None):
         self.backend = backend
-        self.draft_temperature = draft_temperature  # the drafter's calibrated factor (DrafterConfig.draft_temperature)
+        self.draft_temperature = backend.draft_temperature  # the drafter's calibrated factor
         self.source = source or {}  # where the target's weights came from (load_target's `source`)
         self.tokenizer = tokenizer
         self.config = target_config
@@ -127,7 +125,7 @@ class Session:
         calibrated factor. The output distribution is the target's either way.
         """
         if min_confidence == "auto":
-            min_confidence = AUTO_MIN_CONFIDENCE if self.backend.device.type == "cpu" else None
+            min_confidence = AUTO_MIN_CONFIDENCE if self.backend.info().on_cpu else None
         params = GenerationParams(max_new_tokens, SamplingParams(temperature, top_p, top_k), num_draft_tokens, seed,
                                   min_confidence or None,
                                   self.draft_temperature if draft_temperature is None else draft_temperature)
@@ -148,105 +146,28 @@ class Session:
         return Result(text, toks, st)
 
 
-BACKENDS = ("torch", "mlx", "llamacpp")
-
-
-def resolve_drafter(target: str, drafter: str | None) -> str | None:
-    """None -> the shipped default for `target` (or no drafter if none ships); "none" -> no drafter."""
-    if drafter is None:
-        d = DEFAULT_DRAFTERS / str(target)
-        return str(d) if (d / "config.json").exists() else None
+def resolve_drafter(target: str, drafter: str | None, sibling: str | None = None) -> str | None:
+    """"none" -> no drafter; a path -> itself; None -> `sibling` beside an exported target file/directory if it
+    exists (backends that run exports), else the drafter shipped for `target` (or no drafter if none ships)."""
     if drafter == "none":
         return None
-    return drafter
+    if drafter is not None:
+        return drafter
+    if sibling is not None:
+        p = Path(target).parent / sibling
+        return str(p) if p.is_file() or (p / "config.json").is_file() else None
+    d = DEFAULT_DRAFTERS / str(target)
+    return str(d) if (d / "config.json").exists() else None
 
 
-def torch_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
-    """--device / --dtype -> torch's: CUDA if available, bfloat16 on GPUs and float32 on CPUs by default."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MtpkitError("device cuda requested but torch sees no CUDA GPU")
-    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          None: torch.bfloat16 if dev.type == "cuda" else torch.float32}.get(dtype)
-    if dt is None:
-        raise MtpkitError(f"unknown dtype {dtype!r} (float32, bfloat16, float16)")
-    return dev, dt
-
-
-def load(target: str = "gemma3-270m", drafter: str | None = None, backend: str = "torch", device: str | None = None,
-         dtype: str | None = None, max_len: int = 4096, max_draft: int = 16, cuda_graphs: bool | None = None,
-         random_drafter: dict[str, Any] | None = None, llamacpp: dict[str, Any] | None = None) -> Session:
-    """Load target + drafter on a backend. `random_drafter` (config overrides) builds an untrained drafter
-    for cost measurements; it is never used unless asked for."""
-    if backend == "mlx":
-        return _load_mlx(target, drafter, device, dtype, max_len, random_drafter)
-    if backend == "llamacpp":
-        return _load_llamacpp(target, drafter, device, dtype, max_len, max_draft, random_drafter, **(llamacpp or {}))
-    from mtpkit.model.load import load_drafter, load_target
-    if backend not in BACKENDS:
-        raise MtpkitError(f"unknown backend {backend!r} (have: {', '.join(BACKENDS)})")
-    dev, dt = torch_device_dtype(device, dtype)
-    t = load_target(target, dtype=dt, device=dev)
-    path = resolve_drafter(target, drafter)
-    d = None
-    if random_drafter is not None:
-        from mtpkit.model.config import DrafterConfig
-        from mtpkit.model.drafter import DrafterModel
-        torch.manual_seed(0)
-        d = DrafterModel(DrafterConfig.for_target(t.config, **random_drafter)).to(device=dev, dtype=dt).eval()
-        path = "random"
-    elif path is not None:
-        d = load_drafter(path, t.config, dtype=dt, device=dev)
-    from mtpkit.runtime.torch_backend import TorchBackend
-    be = TorchBackend(t.model, d, max_len=max_len, max_draft=max_draft, cuda_graphs=cuda_graphs)
-    return Session(be, t.tokenizer, t.config, path, t.source, d.config.draft_temperature if d is not None else 1.0)
-
-
-def _load_llamacpp(target: str, drafter: str | None, device: str | None, dtype: str | None, max_len: int,
-                   max_draft: int, random_drafter: dict[str, Any] | None, threads: int | None = None,
-                   head: str = "auto") -> Session:
-    """llama.cpp: `target` is a gemma3 .gguf (e.g. DIR/target.gguf from `mtpkit export --format gguf`);
-    drafter None = its sibling `drafter.gguf` if there is one."""
-    if device not in (None, "cpu"):
-        raise MtpkitError(f"backend llamacpp runs on llama-cpp-python's CPU build here; --device {device} is for torch")
-    if dtype is not None or random_drafter is not None:
-        raise MtpkitError("backend llamacpp runs the exported GGUF weights as they are: dtype and random drafters are torch-only")
-    from mtpkit.runtime.llamacpp_backend import LlamaCppBackend
-    t = Path(target)
-    if t.suffix != ".gguf" or not t.is_file():
-        raise MtpkitError(f"backend llamacpp needs a target .gguf file, got {target!r} "
-                          f"(make one with `mtpkit export --format gguf --out DIR`, then pass DIR/target.gguf)")
-    if drafter is None:
-        drafter = str(t.parent / "drafter.gguf") if (t.parent / "drafter.gguf").is_file() else None
-    elif drafter == "none":
-        drafter = None
-    be = LlamaCppBackend(t, drafter, max_len=max_len, threads=threads, head=head, max_draft=max_draft)
-    return Session(be, be.tokenizer, be.config, drafter, {"kind": "gguf", "path": str(t.resolve())}, be.draft_temperature)
-
-
-def _load_mlx(target: str, drafter: str | None, device: str | None, dtype: str | None, max_len: int,
-              random_drafter: dict[str, Any] | None) -> Session:
-    """MLX: `target` is a directory from `mtpkit export --format mlx`; drafter None = its sibling `drafter/`."""
-    if device not in (None, "cpu", "gpu"):
-        raise MtpkitError(f"backend mlx picks its own device (MLX's default); --device {device} is for the torch backend")
-    if dtype is not None or random_drafter is not None:
-        raise MtpkitError("backend mlx runs the exported weights as they are: dtype and random drafters are torch-only")
-    from mtpkit.runtime.mlx_blas import use_openblas
-    use_openblas()  # Linux: MLX's float32 matmuls through OpenBLAS (must precede the first `import mlx`)
-    try:
-        import mlx.core  # noqa: F401
-        import mlx_lm  # noqa: F401
-    except ImportError:
-        raise MtpkitError("backend mlx needs mlx and mlx-lm (pip install -e '.[mlx]')") from None
-    from mtpkit.runtime.mlx_backend import MLXBackend
-    t = Path(target)
-    if not t.is_dir():
-        raise MtpkitError(f"backend mlx needs an exported target directory, got {target!r} "
-                          f"(make one with `mtpkit export --format mlx --out DIR`, then pass DIR/target)")
-    if drafter is None:
-        drafter = str(t.parent / "drafter") if (t.parent / "drafter" / "config.json").is_file() else None
-    elif drafter == "none":
-        drafter = None
-    be = MLXBackend(t, drafter, max_len=max_len)
-    return Session(be, be.tokenizer, be.config, drafter, {"kind": "mlx-dir", "path": str(t.resolve())},
-                   be.drafter.c.draft_temperature if be.drafter is not None else 1.0)
+def load(target: str = "gemma3-270m", drafter: str | None = None, backend: str = "torch", *, max_len: int = 4096,
+         max_draft: int = 16, **options: Any) -> Session:
+    """Load target + drafter on a backend (runtime/__init__.py lists them). `options` are the backend's own
+    (its `Options` dataclass): torch: device, dtype, threads, cuda_graphs, compile, random_drafter (an untrained
+    drafter for cost measurements, never used unless asked for); llamacpp: threads, head; mlx: device."""
+    from mtpkit.runtime import backend_module, backend_options
+    mod = backend_module(backend)
+    opts = backend_options(mod, backend, options)
+    loaded = mod.load(target, resolve_drafter(target, drafter, mod.SIBLING_DRAFTER), opts, max_len=max_len,
+                      max_draft=max_draft)
+    return Session(loaded.backend, loaded.tokenizer, loaded.config, loaded.drafter_path, loaded.source)

@@ -116,9 +116,11 @@ def _stats_line(st) -> str:
 def run(prompt: str = typer.Argument(..., help="Text to continue."),
         target: str = typer.Option("gemma3-270m", help="Target name, .gguf file or HF directory."),
         drafter: str = typer.Option(None, help="Drafter directory, 'none' for plain decoding; default: the shipped one."),
-        backend: str = typer.Option("torch", help="Runtime backend."),
-        device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
-        dtype: str = typer.Option(None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)."),
+        backend: str = typer.Option("torch", help="Runtime backend: torch | llamacpp (DIR/target.gguf from mtpkit "
+                                                  "export) | mlx (DIR/target)."),
+        device: str = typer.Option(None, help="torch: cpu or cuda (default: cuda if available); mlx: cpu or gpu."),
+        dtype: str = typer.Option(None, help="torch: float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)."),
+        threads: int = typer.Option(None, help="CPU threads (torch, llamacpp; mlx on Linux: its OpenBLAS)."),
         max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
         temperature: float = typer.Option(0.0, help="0 = greedy."),
         top_p: float = typer.Option(1.0, "--top-p"),
@@ -142,8 +144,8 @@ def run(prompt: str = typer.Argument(..., help="Text to continue."),
                      draft_temperature=1.0 if draft_temperature is None else draft_temperature)
     if not prompt:
         raise MtpkitError("empty prompt")
-    s = mtpkit.load(target=target, drafter=drafter, backend=backend, device=device, dtype=dtype,
-                    max_draft=max(16, num_draft_tokens))
+    s = mtpkit.load(target=target, drafter=drafter, backend=backend, max_draft=max(16, num_draft_tokens),
+                    device=device, dtype=dtype, threads=threads)
     if compare and s.drafter_path is None:
         raise MtpkitError("--compare needs a drafter (there is nothing to compare plain decoding with)")
     if s.drafter_path is None and drafter != "none":

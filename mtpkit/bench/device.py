@@ -33,7 +33,7 @@ def _time(fn, device: torch.device, repeats: int) -> float:
 @torch.no_grad()
 def measure(device: str | None = None, dtype: str | None = None, threads: int | None = None, rows: int = 262144,
             cols: int = 640, repeats: int = 20) -> dict[str, Any]:
-    from mtpkit.api import torch_device_dtype
+    from mtpkit.runtime.torch_backend import torch_device_dtype
     dev, dt = torch_device_dtype(device, dtype)
     if threads is not None:
         torch.set_num_threads(threads)

@@ -14,8 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from mtpkit.errors import MtpkitError
 
 LOOKUP_TOKENS = 10  # prompt-lookup draft length: the default of llama-cpp-python's LlamaPromptLookupDecoding
@@ -60,8 +58,10 @@ class Sampling:
     eos: set[int]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
+def _sync(device) -> None:
+    """Wait for a CUDA device (a torch.device or a name like "cuda:0"); nothing on other devices."""
+    if str(device).startswith("cuda"):
+        import torch
         torch.cuda.synchronize(device)
 
 
@@ -70,6 +70,7 @@ class OurLoop(Method):
     session: Any = None
     use_drafter: bool = False
     gen: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"  # the backend's (BackendInfo.device): runs end with a CUDA sync there
 
     def run(self, ids: list[int], max_new_tokens: int) -> Run:
         from mtpkit.api import Stats
@@ -81,7 +82,7 @@ class OurLoop(Method):
             toks += r.tokens
             if r.prefill:
                 t_first = time.perf_counter()
-        _sync(self.session.backend.device)
+        _sync(self.device)
         decode_s = time.perf_counter() - t_first
         return Run(toks, decode_s, st.target_forwards, st.drafted_per_position, st.accepted_per_position,
                    st.draft_s, st.drafted, st.verify_s)
@@ -93,7 +94,7 @@ class _Clock:
     def __init__(self) -> None:
         self.times: list[float] = []
 
-    def put(self, value: torch.Tensor) -> None:
+    def put(self, value: Any) -> None:
         self.times.append(time.perf_counter())
 
     def end(self) -> None:
@@ -107,6 +108,7 @@ class HFGenerate(Method):
     sampling: Sampling | None = None
 
     def run(self, ids: list[int], max_new_tokens: int) -> Run:
+        import torch
         dev = self.model.device
         x = torch.tensor([ids], device=dev)
         sp = self.sampling
@@ -172,14 +174,14 @@ def _lookup_class():
 
 
 def our_methods(session, gen: dict[str, Any], info: dict[str, Any]) -> list[Method]:
-    """Plain and speculative decoding through our loop; `info` = session.backend.describe()."""
-    mb, dmb = info["target_bytes"] / 2**20, info["drafter_bytes"] / 2**20
-    w = f"mtpkit {info['backend']} {info['dtype']}"
+    """Plain and speculative decoding through our loop; `info` = session.backend.info()."""
+    mb, dmb = info.target_bytes / 2**20, info.drafter_bytes / 2**20
+    w = f"mtpkit {info.name} {info.dtype}"
     return [
         OurLoop("plain", "mtpkit loop, no drafter (the baseline of every speedup)", w, mb,
-                session=session, use_drafter=False, gen=gen),
+                session=session, use_drafter=False, gen=gen, device=info.device),
         OurLoop("speculative", "mtpkit shared-cache speculative loop", f"{w} + drafter", mb + dmb,
-                reference="plain", must_match=True, session=session, use_drafter=True, gen=gen),
+                reference="plain", must_match=True, session=session, use_drafter=True, gen=gen, device=info.device),
     ]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -16,8 +17,6 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from mtpkit.bench.methods import (
     LOOKUP_TOKENS,
@@ -115,9 +114,10 @@ class PeakRSS:
         self.peak = max(self.peak, self.now())
 
 
-def machine_info(device: torch.device) -> dict[str, Any]:
+def machine_info(device: str) -> dict[str, Any]:
     """What produced the numbers: never compare documents whose `machine` differs."""
     import importlib.metadata as md
+    torch = sys.modules.get("torch")  # the torch backend's threads and GPU, if torch is in use
 
     def ver(pkg: str) -> str | None:
         try:
@@ -139,8 +139,8 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     except (ValueError, OSError, AttributeError):
         pass
     info = {"hostname": platform.node(), "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "memory_gb": mem, "torch_threads": torch.get_num_threads(), "device": str(device),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "memory_gb": mem, "torch_threads": torch.get_num_threads() if torch else None, "device": device,
+            "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None,
             "versions": {p: ver(p) for p in ("mtpkit", "torch", "transformers", "llama_cpp_python", "numpy")}}
     info["versions"]["python"] = platform.python_version()
     return info
@@ -161,9 +161,9 @@ def spread(prompts: list, limit: int) -> list:
 
 
 def model_info(info: dict[str, Any]) -> dict[str, Any]:
-    """Sizes the predictor needs to carry per-token costs to other devices (info = backend.describe())."""
-    c, dc = info["target_config"], info["drafter_config"]
-    out: dict[str, Any] = {"target": {"params": info["target_params"], "embedding_params": info["embedding_params"],
+    """Sizes the predictor needs to carry per-token costs to other devices (info = backend.info())."""
+    c, dc = info.target_config, info.drafter_config
+    out: dict[str, Any] = {"target": {"params": info.target_params, "embedding_params": info.embedding_params,
                                       "layers": c.num_hidden_layers, "hidden_size": c.hidden_size,
                                       "vocab_size": c.vocab_size, "tied_head": True}, "drafter": None}
     if dc is not None:
@@ -173,8 +173,8 @@ def model_info(info: dict[str, Any]) -> dict[str, Any]:
             rows = dc.centroid_top_k * -(-dc.vocab_size // dc.num_centroids)
         else:
             rows = dc.vocab_size if dc.share_target_embedding else 0
-        out["drafter"] = {"params": info["drafter_params"], "blocks": len(dc.layer_types), "head": dc.head,
-                          "params_read_per_step": info["drafter_params"] + rows * dc.hidden_size}
+        out["drafter"] = {"params": info.drafter_params, "blocks": len(dc.layer_types), "head": dc.head,
+                          "params_read_per_step": info.drafter_params + rows * dc.hidden_size}
     return out
 
 
@@ -196,7 +196,7 @@ def _build_methods(cfg: BenchConfig, session, prompts_len: int, note: Callable[[
                    ) -> tuple[list[Method], dict[str, str]]:
     gen = dict(temperature=cfg.temperature, seed=cfg.seed, num_draft_tokens=cfg.num_draft_tokens,
                min_confidence=cfg.min_confidence)
-    info = session.backend.describe()
+    info = session.backend.info()
     methods = our_methods(session, gen, info)
     skipped: dict[str, str] = {}
     wanted, explicit = cfg.baseline_set()
@@ -208,7 +208,7 @@ def _build_methods(cfg: BenchConfig, session, prompts_len: int, note: Callable[[
         skipped[name] = why
         note(f"skipping baseline {name}: {why}")
 
-    if "hf" in wanted and info["backend"] != "torch":
+    if "hf" in wanted and info.name != "torch":
         unavailable("hf", "transformers runs the torch backend's weights; this run uses another backend")
     elif "hf" in wanted:
         try:
@@ -227,13 +227,14 @@ def _build_methods(cfg: BenchConfig, session, prompts_len: int, note: Callable[[
             if source.get("kind") != "gguf":
                 unavailable("llamacpp", "the target was not loaded from a GGUF file")
             else:
+                from mtpkit.runtime.llamacpp_backend import default_threads
                 n_ctx = prompts_len + cfg.max_new_tokens + cfg.lookup_tokens + 16
-                methods += llamacpp_methods(source["path"], cfg.threads or torch.get_num_threads(), n_ctx, sampling,
+                methods += llamacpp_methods(source["path"], cfg.threads or info.threads or default_threads(), n_ctx, sampling,
                                             cfg.lookup_tokens,
                                             # on a Mac llama.cpp runs on Metal: the baseline a Mac user would pick
-                                            gpu=session.backend.device.type == "cuda" or platform.system() == "Darwin")
+                                            gpu=not info.on_cpu or platform.system() == "Darwin")
     if "mlx_lm" in wanted:
-        if info["backend"] != "mlx":
+        if info.name != "mlx":
             unavailable("mlx_lm", "mlx-lm baselines run with --backend mlx (an exported MLX target)")
         else:
             # the draft keeps the target's first sliding-pattern period (mlx-lm's gemma3_text needs one full layer)
@@ -247,6 +248,7 @@ def _measure(m: Method, ids: list[int], n: int, cuda: bool) -> tuple[Run, dict[s
     """One run with its memory: the process's peak RSS, and how far it rose above where the run started
     (the method's working memory: cache, activations, logits; its weights are `weights_mb`)."""
     if cuda:
+        import torch
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     with PeakRSS() as rss:
@@ -320,16 +322,10 @@ def run_bench(cfg: BenchConfig, note: Callable[[str], None] = lambda s: None, pr
     cfg.check()
     GenerationParams(cfg.max_new_tokens, SamplingParams(cfg.temperature), cfg.num_draft_tokens)
     prompts = spread(load_suite(cfg.suite), cfg.limit)
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    session = mtpkit.load(cfg.target, drafter=cfg.drafter, backend=cfg.backend, device=cfg.device, dtype=cfg.dtype,
-                          max_draft=max(16, cfg.num_draft_tokens))
+    session = mtpkit.load(cfg.target, drafter=cfg.drafter, backend=cfg.backend, max_draft=max(16, cfg.num_draft_tokens),
+                          device=cfg.device, dtype=cfg.dtype, threads=cfg.threads, compile=cfg.compile)
     if session.drafter_path is None:
         raise MtpkitError(f"no drafter for target {cfg.target!r}: pass --drafter DIR (train one with `mtpkit distill`)")
-    if cfg.compile:
-        if not hasattr(session.backend, "enable_compile"):
-            raise MtpkitError("--compile is for the torch backend")
-        session.backend.enable_compile(cfg.compile)
     if session.tokenizer is None:
         raise MtpkitError("this target has no tokenizer: the bench needs text prompts")
     ids = [session.tokenizer.encode(p.text) for p in prompts]
@@ -338,9 +334,8 @@ def run_bench(cfg: BenchConfig, note: Callable[[str], None] = lambda s: None, pr
         raise MtpkitError(f"a prompt of {longest} tokens + {cfg.max_new_tokens} new does not fit the context "
                           f"of {session.backend.max_len}")
     methods, skipped = _build_methods(cfg, session, longest, note)
-    info = session.backend.describe()
-    dev = session.backend.device
-    cuda = dev.type == "cuda"
+    info = session.backend.info()
+    cuda = info.device.startswith("cuda")
     greedy = cfg.temperature <= 0
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -382,13 +377,12 @@ def run_bench(cfg: BenchConfig, note: Callable[[str], None] = lambda s: None, pr
     failed = [m.name for m in methods if m.must_match and greedy and summary[m.name]["greedy_identical"]
               and summary[m.name]["greedy_identical"]["identical"] < summary[m.name]["greedy_identical"]["prompts"]]
     settings = asdict(cfg)
-    settings.update(threads=torch.get_num_threads(), resolved_drafter=session.drafter_path, device=str(dev),
-                    dtype=info["dtype"],
-                    cuda_graphs=getattr(session.backend, "cuda_graphs", None), draft_temperature=session.draft_temperature)
+    settings.update(threads=info.threads, resolved_drafter=session.drafter_path, device=info.device, dtype=info.dtype,
+                    cuda_graphs=info.graphs, draft_temperature=session.draft_temperature)
     doc = {
         "schema": SCHEMA,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine_info(dev),
+        "machine": machine_info(info.device),
         "settings": settings,
         "models": model_info(info),
         "methods": {m.name: {"description": m.description, "weights": m.weights, "weights_mb": round(m.weights_mb, 1),

@@ -150,7 +150,7 @@ def source_reader(source: dict[str, Any]):
     src = Path(source.get("path", "")) if source.get("kind") == "gguf" else None
     if src is None or not src.is_file():
         return None
-    from mtpkit.model.load import _open_gguf
+    from mtpkit.model.files import open_gguf as _open_gguf
     return _open_gguf(src)
 
 
@@ -484,8 +484,9 @@ def check_drafter(ref_target, ref_drafter, target_gguf: Path, drafter_gguf: Path
         want = ref_drafter.dense_logits(x[0, 0])
     be = LlamaCppBackend(target_gguf, drafter_gguf, head="dense", max_len=len(tokens) + 16, threads=2)
     try:
-        _, h = be.start(torch.tensor(tokens))
-        got, _, h_next = be._draft_step(tok, h)
+        _, h = be.start(tokens)
+        s = be.draft_step(be.ops.tokens([tok]), h)
+        got, h_next = torch.from_numpy(s.logits), torch.from_numpy(s.h)
     finally:
         be.close()
     return {"max_abs_logit_diff": float((got - want).abs().max()), "argmax_equal": int(got.argmax()) == int(want.argmax()),

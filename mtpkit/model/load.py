@@ -24,8 +24,9 @@ from typing import Any
 import torch
 
 from mtpkit.errors import MtpkitError
-from mtpkit.model.config import FULL, SLIDING, DrafterConfig, GemmaConfig
+from mtpkit.model.config import DrafterConfig, GemmaConfig
 from mtpkit.model.drafter import DrafterModel
+from mtpkit.model.files import INT8_SCALE, dequantize_int8, gguf_array, gguf_config, open_gguf
 from mtpkit.model.gemma import GemmaModel
 from mtpkit.paths import atomic_dir, cache_dir
 
@@ -233,74 +234,6 @@ def _import_gguf_cached(path: Path) -> tuple[Path, dict[str, Any]]:
     return out, {**source, **info}
 
 
-def _open_gguf(path: Path):
-    import gguf
-    try:
-        return gguf.GGUFReader(str(path))
-    except Exception as e:  # the reader raises ValueError/IndexError/struct errors on damaged files
-        raise MtpkitError(f"cannot read GGUF {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt or truncated file'}") from None
-
-
-def gguf_config(reader) -> GemmaConfig:
-    """GemmaConfig from gemma3 GGUF metadata (defaults follow llama.cpp's gemma3 loader)."""
-    def get(key, default=None):
-        f = reader.fields.get(key)
-        if f is None:
-            return default
-        v = f.contents()
-        if isinstance(v, float):  # GGUF floats are f32: keep the shortest decimal (1e-06, not 9.99999997e-07)
-            import numpy as np
-            v = float(np.format_float_positional(np.float32(v), unique=True, trim="-"))
-        return v
-    arch = get("general.architecture")
-    if arch != "gemma3":
-        raise MtpkitError(f"GGUF architecture is {arch!r}; mtpkit imports 'gemma3' targets")
-    a = "gemma3."
-    n_layers = int(get(a + "block_count"))
-    hidden = int(get(a + "embedding_length"))
-    heads = int(get(a + "attention.head_count"))
-    head_dim = int(get(a + "attention.key_length", hidden // heads))
-    pattern = get(a + "attention.sliding_window_pattern", 6)
-    if isinstance(pattern, list):  # per-layer booleans: True = sliding
-        layer_types = [SLIDING if s else FULL for s in pattern]
-    else:
-        layer_types = [FULL if (i + 1) % int(pattern) == 0 else SLIDING for i in range(n_layers)]
-    scaling = 1.0
-    if get(a + "rope.scaling.type") == "linear":
-        scaling = float(get(a + "rope.scaling.factor", 1.0))
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-    if embd is None:
-        raise MtpkitError("GGUF has no token_embd.weight tensor")
-    vocab = int(embd.shape[1])
-    if tokens is not None and len(tokens.data) != vocab:
-        raise MtpkitError(f"GGUF tokenizer has {len(tokens.data)} tokens but token_embd has {vocab} rows")
-    return GemmaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=int(get(a + "feed_forward_length")),
-        num_hidden_layers=n_layers, num_attention_heads=heads,
-        num_key_value_heads=int(get(a + "attention.head_count_kv", heads)), head_dim=head_dim,
-        # llama.cpp: 27B (62 layers) scales by hidden/heads, every other size by head_dim
-        query_pre_attn_scalar=float(hidden // heads if n_layers == 62 else head_dim),
-        sliding_window=int(get(a + "attention.sliding_window", 512)), layer_types=layer_types,
-        rope_theta=float(get(a + "rope.freq_base", 1e6)), rope_local_base_freq=float(get(a + "rope.freq_base_swa", 1e4)),
-        rope_scaling_factor=scaling, rms_norm_eps=float(get(a + "attention.layer_norm_rms_epsilon", 1e-6)),
-        final_logit_softcapping=get(a + "final_logit_softcapping"),
-        max_position_embeddings=int(get(a + "context_length", 32768)),
-        bos_token_id=int(get("tokenizer.ggml.bos_token_id", 2)), eos_token_id=int(get("tokenizer.ggml.eos_token_id", 1)),
-        pad_token_id=int(get("tokenizer.ggml.padding_token_id", 0)))
-
-
-def gguf_array(t):
-    """One GGUFReader tensor dequantized to float32 numpy, in PyTorch's (row-major) layout."""
-    import numpy as np
-    from gguf.quants import dequantize
-    try:
-        a = dequantize(t.data, t.tensor_type)
-    except NotImplementedError:
-        raise MtpkitError(f"GGUF tensor {t.name} has type {t.tensor_type.name}, which gguf cannot dequantize") from None
-    return np.asarray(a, dtype=np.float32).reshape([int(x) for x in reversed(t.shape)])
-
-
 def gguf_tensors(reader) -> dict[str, torch.Tensor]:
     """Dequantized canonical float32 tensors of a gemma3 GGUF."""
     out = {}
@@ -316,7 +249,7 @@ def import_gguf(path: Path, out: Path) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     from mtpkit.tokenizer import Tokenizer
-    reader = _open_gguf(path)
+    reader = open_gguf(path)
     config = gguf_config(reader)
     tensors = gguf_tensors(reader)
     with torch.device("meta"):
@@ -354,9 +287,6 @@ def _shards(tensors: dict[str, torch.Tensor], max_bytes: int | None) -> list[dic
     return groups
 
 
-INT8_SCALE = ".int8_scale"  # key suffix of the per-row scales of an int8-stored matrix
-
-
 def quantize_int8(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Store each floating matrix as int8 + a float32 scale per output row.
 
@@ -372,23 +302,6 @@ def quantize_int8(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             out[k + INT8_SCALE] = scale
         else:
             out[k] = v
-    return out
-
-
-def dequantize_int8(sd: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
-    """Inverse of `quantize_int8` (float32 matrices); a no-op for files without int8 matrices."""
-    out = {k: v for k, v in sd.items() if not k.endswith(INT8_SCALE)}
-    for k in sd:
-        if not k.endswith(INT8_SCALE):
-            continue
-        base, scale = k[: -len(INT8_SCALE)], sd[k]
-        q = sd.get(base)
-        if q is None or q.dtype != torch.int8 or q.dim() != 2 or tuple(scale.shape) != (q.shape[0],):
-            raise MtpkitError(f"{what}: {k!r} does not scale an int8 matrix {base!r} row by row")
-        out[base] = q.float() * scale.float()[:, None]
-    stray = sorted(k for k, v in out.items() if v.dtype == torch.int8)
-    if stray:
-        raise MtpkitError(f"{what}: int8 tensor {stray[0]!r} has no {INT8_SCALE!r} scales")
     return out
 
 
@@ -435,7 +348,7 @@ def load_drafter(path: str | os.PathLike, target: GemmaConfig | GemmaModel | Non
     if not files:
         raise MtpkitError(f"no *.safetensors weights in {d}")
     model = DrafterModel(config)
-    load_state(model, dequantize_int8(read_safetensors(files), f"drafter {d}"), f"drafter {d}")
+    load_state(model, dequantize_int8(read_safetensors(files), f"drafter {d}", lambda t: t.float()), f"drafter {d}")
     model = model.to(device=device, dtype=dtype).eval()
     if isinstance(target, GemmaModel) and config.share_target_embedding:
         model.bind_target(target.embed_tokens.weight)

@@ -1,52 +1,120 @@
-"""The contract between the speculative loop and a runtime (torch today; llama.cpp, MLX, Core ML, ONNX next).
+"""The contract between the loop and a runtime backend: steps, not policy.
 
-A backend owns the target, its KV cache and the drafter that reads that cache. The loop only calls
-these methods, with torch tensors on `backend.device`; acceptance is the loop's business.
+A backend owns the target, its KV cache and the drafter that reads that cache, and provides steps:
+  start(prompt)          reset, prefill          -> (logits [V], post-norm hidden [d]) at the last position
+  verify(tokens [n])     one target forward at positions length..length+n-1 -> (logits [n, V], hidden [n, d])
+  rollback(length)       forget positions >= length; raises if it cannot
+  draft_step(token, h)   one drafter forward querying at position `length` (the bonus token's, not yet
+                         cached) -> DraftStep(logits over candidates or the vocabulary, candidate ids, next h)
+Arrays are the backend's own (`ops` says which: numpy, or torch on the backend's device). What to draft
+(greedy, sampled, adaptive stop, the draft temperature), what to accept and when to stop live once, in
+runtime/draft.py, sampling.py and loop.py. A backend may offer `fused_greedy_draft(token, h, k)` (e.g. the
+CUDA-graphed greedy draft); the shared contract test proves it equal to the generic policy.
+
+Backends register in runtime/__init__.py and expose `Options` (a dataclass of their load-time options) and
+`load(target, drafter, options, max_len, max_draft) -> Loaded`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
-import torch
+from mtpkit.runtime.ops import NumpyOps
 
-from mtpkit.runtime.sampling import SamplingParams
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """What runs: for benches, the speedup predictor and `--json` output."""
+    name: str  # registry name: torch | llamacpp | mlx
+    device: str  # "cpu", "cuda:0", "gpu" (MLX on Apple silicon) ...
+    dtype: str  # weights as they run: float32, bfloat16, q8, Q4_K_M ...
+    threads: int | None  # CPU threads the backend computes with (None: not a CPU backend)
+    target_params: int
+    target_bytes: int
+    embedding_params: int
+    target_config: Any  # GemmaConfig
+    drafter_config: Any = None  # DrafterConfig, when the backend holds the reference config
+    drafter_params: int = 0
+    drafter_bytes: int = 0
+    drafter_head: str | None = None  # dense | centroid
+    graphs: bool = False  # CUDA graphs (torch on CUDA)
+    compile: str | None = None  # torch.compile'd steps: drafter | all
+    extra: dict[str, Any] = field(default_factory=dict)  # backend-specific settings (llama.cpp context ...)
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.device.split(":")[0] == "cpu"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["target_config"] = self.target_config.to_dict()
+        d["drafter_config"] = self.drafter_config.to_dict() if self.drafter_config is not None else None
+        return d
+
+
+@dataclass
+class DraftStep:
+    logits: Any  # [N] float32 logits of the candidates (centroid head) or [V] of the vocabulary (dense head)
+    ids: Any | None  # [N] int64 candidate token ids; None = logits are over the vocabulary
+    h: Any  # [d_target] the next step's h (backend-native)
 
 
 @dataclass
 class Draft:
-    tokens: torch.Tensor  # [k'] int64, k' <= k (fewer when adaptive drafting stopped early)
-    q: torch.Tensor | None  # [k', V] draft probabilities the tokens were sampled from (None when greedy)
+    tokens: Any  # [k'] int64 proposed tokens, k' <= k (fewer when adaptive drafting stopped early)
+    picks: Any = None  # sampled drafts: [k'] index of each token among its step's candidates
+    q: Any = None  # sampled drafts: [k', N] draft probabilities over the candidates (None when greedy)
+    ids: Any = None  # sampled drafts, centroid head: [k', N] candidate ids (None: q is over the vocabulary)
 
 
-class Backend(Protocol):
-    device: torch.device
+@dataclass
+class Loaded:
+    """What a backend's `load` returns; api.Session wraps it."""
+    backend: Any
+    tokenizer: Any
+    config: Any  # GemmaConfig
+    drafter_path: str | None
+    source: dict[str, Any]
+
+
+class Backend:
+    """Defaults shared by the backends; the methods below the line are what each must provide."""
+    ops: Any = NumpyOps
     vocab_size: int
     max_len: int  # positions the cache holds (prompt + generated)
-    has_drafter: bool
-
-    @property
-    def length(self) -> int:
-        """Positions currently in the target cache."""
-
-    def start(self, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reset, then prefill prompt [T] -> (logits [V] at the last position, post-norm hidden [d] there)."""
-
-    def verify(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run tokens [n] at positions length..length+n-1 in one target forward -> (logits [n, V], hidden [n, d])."""
-
-    def rollback(self, length: int) -> None:
-        """Forget cache positions >= length (rejected drafts). Must raise if it cannot."""
-
-    def draft(self, token: torch.Tensor, h: torch.Tensor, k: int, sampling: SamplingParams,
-              generator: torch.Generator | None, min_confidence: float | None = None) -> Draft:
-        """Propose up to k tokens after `token` (the bonus, not yet in the cache) from target hidden h [d].
-
-        All steps query at position `length`. With min_confidence, stop once the drafter's top
-        probability falls below it (the token that failed is not proposed)."""
+    has_drafter: bool = False
+    draft_temperature: float = 1.0  # the drafter's calibrated factor (DrafterConfig.draft_temperature)
+    fused_greedy_draft = None  # optional: (token, h, k) -> tokens [k], equal to draft.draft(...) when greedy
 
     def clock(self) -> object:
         """A timestamp; `elapsed(a, b)` turns two of them into seconds (CUDA events on GPUs: no sync)."""
+        return time.perf_counter()
 
-    def elapsed(self, a: object, b: object) -> float: ...
+    def elapsed(self, a: Any, b: Any) -> float:
+        return b - a
+
+    def close(self) -> None:
+        """Free native resources now (they are freed on garbage collection otherwise)."""
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def length(self) -> int:
+        """Positions currently in the target cache."""
+        raise NotImplementedError
+
+    def info(self) -> BackendInfo:
+        raise NotImplementedError
+
+    def start(self, prompt: list[int]) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def verify(self, tokens: Any) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def rollback(self, length: int) -> None:
+        raise NotImplementedError
+
+    def draft_step(self, token: Any, h: Any) -> DraftStep:
+        raise NotImplementedError

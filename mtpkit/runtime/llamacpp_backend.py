@@ -26,18 +26,42 @@ from __future__ import annotations
 
 import ctypes
 import json
-import time
+import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from mtpkit.errors import MtpkitError
-from mtpkit.runtime.backend import Draft
-from mtpkit.runtime.sampling import SamplingParams, probs, sample
+from mtpkit.runtime.backend import Backend, BackendInfo, DraftStep, Loaded
 
 HEADS = ("auto", "dense", "centroid")
+SIBLING_DRAFTER = "drafter.gguf"  # `mtpkit export --format gguf` writes it beside target.gguf
+
+
+@dataclass(frozen=True)
+class Options:
+    threads: int | None = None  # llama.cpp's CPU threads; default: the CPUs this process may use
+    head: str = "auto"  # the drafter's head: centroid (mtpkit computes it) | dense (llama.cpp's own) | auto
+
+
+def load(target: str, drafter: str | None, opts: Options, *, max_len: int, max_draft: int) -> Loaded:
+    """`target`: a gemma3 .gguf (e.g. DIR/target.gguf from `mtpkit export --format gguf`); `drafter`: a
+    gemma4-assistant .gguf or None."""
+    t = Path(target)
+    if t.suffix != ".gguf" or not t.is_file():
+        raise MtpkitError(f"backend llamacpp needs a target .gguf file, got {target!r} "
+                          f"(make one with `mtpkit export --format gguf --out DIR`, then pass DIR/target.gguf)")
+    be = LlamaCppBackend(t, drafter, max_len=max_len, threads=opts.threads, head=opts.head, max_draft=max_draft)
+    return Loaded(be, be.tokenizer, be.config, drafter, {"kind": "gguf", "path": str(t.resolve())})
+
+
+def default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
 
 _LOG_CALLBACK = None
 
@@ -87,23 +111,25 @@ class _Rows:
         self.n = int(t.shape[0])
         with warnings.catch_warnings():  # read-only memory map: we never write through it
             warnings.simplefilter("ignore", UserWarning)
-            self.raw = torch.from_numpy(np.asarray(t.data))  # [rows, bytes per row] or [rows, n]
+            self.raw = np.asarray(t.data)  # [rows, bytes per row] or [rows, n]
 
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        g = self.raw.index_select(0, ids)
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        g = self.raw[ids]
+        n = ids.shape[0]
         if self.kind == self.Q.Q8_0:  # blocks of (f16 scale, 32 x int8)
-            g = g.view(ids.numel(), -1, 34)
-            d = g[:, :, :2].contiguous().view(torch.float16).float()
-            q = g[:, :, 2:].contiguous().view(torch.int8).float()
-            return (q * d).reshape(ids.numel(), -1)
+            g = g.reshape(n, -1, 34)
+            d = np.ascontiguousarray(g[:, :, :2]).view(np.float16).astype(np.float32)
+            q = np.ascontiguousarray(g[:, :, 2:]).view(np.int8).astype(np.float32)
+            return (q * d).reshape(n, -1)
         if self.kind == self.Q.F16:
-            return g.view(torch.float16).float() if g.dtype == torch.uint8 else g.float()
-        if self.kind == self.Q.BF16:
-            return g.view(torch.bfloat16).float() if g.dtype == torch.uint8 else g.float()
-        return g.float()
+            return (g.view(np.float16) if g.dtype == np.uint8 else g).astype(np.float32)
+        if self.kind == self.Q.BF16:  # bfloat16 = the high half of a float32
+            bits = g.view(np.uint16) if g.dtype == np.uint8 else g.astype(np.uint16)
+            return (bits.astype(np.uint32) << 16).view(np.float32)
+        return g.astype(np.float32)
 
 
-class LlamaCppBackend:
+class LlamaCppBackend(Backend):
     def __init__(self, target_gguf: str | Path, drafter_gguf: str | Path | None = None, *, max_len: int = 4096,
                  threads: int | None = None, head: str = "auto", max_draft: int = 16):
         L, X = _lib()
@@ -118,9 +144,10 @@ class LlamaCppBackend:
         c = self.config
         if c.head_dim % 32:
             raise MtpkitError(f"backend llamacpp keeps K/V in q8_0 (blocks of 32): head_dim {c.head_dim} is not a multiple")
-        self.device = torch.device("cpu")
         self.vocab_size, self.max_len, self.max_draft = c.vocab_size, max_len, max_draft
-        self.threads = threads or max(1, torch.get_num_threads())
+        if threads is not None and threads < 1:
+            raise MtpkitError(f"threads must be >= 1, got {threads}")
+        self.threads = threads or default_threads()
         L.llama_backend_init()
         mp = L.llama_model_default_params()
         # no weight repacking: the repacked Q4_K gemm (batches) and gemv (one token) kernels round differently,
@@ -145,7 +172,6 @@ class LlamaCppBackend:
         if drafter_gguf is not None:
             self._load_drafter(Path(drafter_gguf), head)
         self.has_drafter = self.dctx is not None
-        self.cuda_graphs = False
 
     # ------------------------------------------------------------------ setup
     def _cparams(self):
@@ -166,8 +192,8 @@ class LlamaCppBackend:
         L, X = self.L, self.X
         if not path.is_file():
             raise MtpkitError(f"drafter GGUF not found: {path}")
-        from mtpkit.model.load import _open_gguf, gguf_array
-        r = _open_gguf(path)
+        from mtpkit.model.files import gguf_array, open_gguf
+        r = open_gguf(path)
         arch = r.fields["general.architecture"].contents() if "general.architecture" in r.fields else None
         if arch != "gemma4-assistant":
             raise MtpkitError(f"{path.name} is a {arch!r} GGUF, not a gemma4-assistant drafter")
@@ -194,9 +220,11 @@ class LlamaCppBackend:
             self.top_k = int(f["mtpkit.centroid_top_k"])
             n_c = int(f["mtpkit.num_centroids"])
             d = self.d_unpadded
-            self.centroids = torch.from_numpy(np.asarray(r.fields["mtpkit.centroids"].contents(), np.float32)).view(n_c, d)
-            self.clusters = torch.from_numpy(np.asarray(r.fields["mtpkit.token_ordering"].contents(), np.int64)).view(n_c, -1)
-            self.post = torch.from_numpy(gguf_array(t["nextn.post_projection.weight"])[:, :d].copy())
+            self.centroids = np.asarray(r.fields["mtpkit.centroids"].contents(), np.float32).reshape(n_c, d)
+            self.clusters = np.asarray(r.fields["mtpkit.token_ordering"].contents(), np.int64).reshape(n_c, -1)
+            if self.clusters.size and not 0 <= self.clusters.min() <= self.clusters.max() < self.vocab_size:
+                raise MtpkitError(f"drafter {path.name}: its centroid head lists token ids outside the vocabulary")
+            self.post = np.ascontiguousarray(gguf_array(t["nextn.post_projection.weight"])[:, :d])
             self.rows = _Rows(t["token_embd.weight"])
             self._install_callback(dp)
         self.dmodel = L.llama_model_load_from_file(str(path).encode(), L.llama_model_default_params())
@@ -231,7 +259,7 @@ class LlamaCppBackend:
             if ask:
                 return True
             n = nel(t)
-            self._result_norm = torch.from_numpy(np.ctypeslib.as_array(get_data(t), shape=(n,)).copy())
+            self._result_norm = np.ctypeslib.as_array(get_data(t), shape=(n,)).copy()
             return False  # cancel the rest of the graph: llama.cpp's dense head and post-projection
 
         self._cb = L.ggml_backend_sched_eval_callback(cb)  # kept alive as long as the context
@@ -257,16 +285,14 @@ class LlamaCppBackend:
         except Exception:
             pass
 
-    def describe(self) -> dict:
+    def info(self) -> BackendInfo:
         L = self.L
-        return {"backend": "llamacpp", "dtype": _ftype(self.path), "target_params": int(L.llama_model_n_params(self.model)),
-                "target_bytes": int(L.llama_model_size(self.model)),
-                "embedding_params": self.config.vocab_size * self.config.hidden_size, "target_config": self.config,
-                "drafter_config": None, "drafter_head": self.head,
-                "drafter_params": int(L.llama_model_n_params(self.dmodel)) if self.dmodel else 0,
-                "drafter_bytes": int(L.llama_model_size(self.dmodel)) if self.dmodel else 0,
-                "llama_context": {"flash_attn": True, "type_k": "q8_0", "type_v": "q8_0", "swa_full": True,
-                                  "threads": self.threads}}
+        return BackendInfo("llamacpp", "cpu", _ftype(self.path), self.threads, int(L.llama_model_n_params(self.model)),
+                           int(L.llama_model_size(self.model)), self.config.vocab_size * self.config.hidden_size,
+                           self.config, None, int(L.llama_model_n_params(self.dmodel)) if self.dmodel else 0,
+                           int(L.llama_model_size(self.dmodel)) if self.dmodel else 0, self.head,
+                           extra={"llama_context": {"flash_attn": True, "type_k": "q8_0", "type_v": "q8_0",
+                                                    "swa_full": True}})
 
     # ------------------------------------------------------------------ target
     @property
@@ -292,15 +318,14 @@ class LlamaCppBackend:
             raise MtpkitError(f"llama_decode failed (code {rc}) at position {self._len}")
         self._len += n
 
-    def _rows(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rows(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         L = self.L
         lg = L.llama_get_logits(self.ctx)
         em = L.llama_get_embeddings(self.ctx)
-        logits = torch.from_numpy(np.ctypeslib.as_array(lg, shape=(n, self.vocab_size)).copy())
-        hidden = torch.from_numpy(np.ctypeslib.as_array(em, shape=(n, self.d_model)).copy())
-        return logits, hidden
+        return (np.ctypeslib.as_array(lg, shape=(n, self.vocab_size)).copy(),
+                np.ctypeslib.as_array(em, shape=(n, self.d_model)).copy())
 
-    def start(self, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def start(self, prompt: list[int]) -> tuple[np.ndarray, np.ndarray]:
         ids = [int(t) for t in prompt]
         if len(ids) >= self.max_len:
             raise MtpkitError(f"prompt of {len(ids)} tokens does not fit the context ({self.max_len})")
@@ -312,8 +337,8 @@ class LlamaCppBackend:
         logits, hidden = self._rows(1)
         return logits[0], hidden[0]
 
-    def verify(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = [int(t) for t in tokens]
+    def verify(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.asarray(tokens).reshape(-1).tolist()
         if self._len + len(ids) > self.max_len:
             raise MtpkitError(f"context full: {self._len + len(ids)} positions > {self.max_len}")
         self._decode(ids, outputs=True)
@@ -327,9 +352,12 @@ class LlamaCppBackend:
         self._len = length
 
     # ------------------------------------------------------------------ drafter
-    def _draft_step(self, token: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """One llama.cpp drafter forward at the bonus position -> (logits, candidate ids or None, next h)."""
+    def draft_step(self, token: np.ndarray, h: np.ndarray) -> DraftStep:
+        """One llama.cpp drafter forward at the bonus position."""
         L, X = self.L, self.X
+        if self.dctx is None:
+            raise MtpkitError("this backend has no drafter")
+        token = int(np.asarray(token).reshape(-1)[0])
         b = self.dbatch
         L.llama_batch_ext_clear(b)
         i = L.llama_batch_ext_add_token(b, 0, token)
@@ -337,7 +365,7 @@ class LlamaCppBackend:
             raise MtpkitError(f"llama.cpp refused draft token {token} (code {i})")
         self._pos.value = self._len
         L.llama_batch_ext_set_pos(b, i, ctypes.byref(self._pos))
-        hv = h.detach().to(torch.float32).contiguous().numpy()
+        hv = np.ascontiguousarray(h, dtype=np.float32)
         ctypes.memmove(self._h, hv.ctypes.data, hv.nbytes)
         if not L.llama_batch_ext_set_embd_token(b, i, L.llama_embd(ctypes.cast(self._h, ctypes.POINTER(ctypes.c_float)),
                                                                    1, self.d_model)):
@@ -349,47 +377,15 @@ class LlamaCppBackend:
         if self.head == "dense":
             lg = L.llama_get_logits_ith(self.dctx, i)
             hn = X.llama_get_embeddings_nextn_ith(self.dctx, i)
-            return (torch.from_numpy(np.ctypeslib.as_array(lg, shape=(self.vocab_size,)).copy()), None,
-                    torch.from_numpy(np.ctypeslib.as_array(hn, shape=(self.d_model,)).copy()))
+            return DraftStep(np.ctypeslib.as_array(lg, shape=(self.vocab_size,)).copy(), None,
+                             np.ctypeslib.as_array(hn, shape=(self.d_model,)).copy())
         x = self._result_norm[:self.d_unpadded]
         self._result_norm = None
-        top = (self.centroids @ x).topk(self.top_k).indices
+        router = self.centroids @ x
+        top = np.argpartition(-router, self.top_k - 1)[:self.top_k]
+        top = top[np.argsort(-router[top], kind="stable")]  # clusters in router order, as the reference's topk
         ids = self.clusters[top].reshape(-1)
-        return self.rows(ids)[:, :self.d_unpadded] @ x, ids, self.post @ x
-
-    def draft(self, token: torch.Tensor, h: torch.Tensor, k: int, sampling: SamplingParams,
-              generator: torch.Generator | None, min_confidence: float | None = None) -> Draft:
-        if self.dctx is None or k <= 0:
-            return Draft(torch.empty(0, dtype=torch.long), None)
-        tok = int(token)
-        toks, qs = [], []
-        for _ in range(k):
-            logits, ids, h = self._draft_step(tok, h)
-            if sampling.greedy:
-                j = int(logits.argmax())
-                nxt = int(ids[j]) if ids is not None else j
-                if min_confidence is not None and float(torch.softmax(logits, -1)[j]) < min_confidence:
-                    break
-                toks.append(nxt)
-            else:
-                dense = logits
-                if ids is not None:
-                    dense = torch.full((self.vocab_size,), float("-inf")).index_copy_(0, ids, logits)
-                q = probs(dense, sampling)
-                nxt = int(sample(q, generator))
-                if min_confidence is not None and float(q.max()) < min_confidence:
-                    break
-                toks.append(nxt)
-                qs.append(q)
-            tok = nxt
-        return Draft(torch.tensor(toks, dtype=torch.long), torch.stack(qs) if qs else None)
-
-    # ------------------------------------------------------------------ timing
-    def clock(self) -> object:
-        return time.perf_counter()
-
-    def elapsed(self, a, b) -> float:
-        return b - a
+        return DraftStep(self.rows(ids)[:, :self.d_unpadded] @ x, ids, self.post @ x)
 
 
 def _ftype(path: Path) -> str:
@@ -412,6 +408,6 @@ def _target_meta(path: Path):
         meta = json.loads(side.read_text())
         if "target_config" in meta:
             return GemmaConfig.from_dict(meta["target_config"]), Tokenizer.from_sentencepiece(spm)
-    from mtpkit.model.load import _open_gguf, gguf_config
-    r = _open_gguf(path)
+    from mtpkit.model.files import gguf_config, open_gguf
+    r = open_gguf(path)
     return gguf_config(r), Tokenizer.from_gguf(r)

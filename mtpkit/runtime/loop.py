@@ -15,11 +15,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
-import torch
-
 from mtpkit.errors import MtpkitError
-from mtpkit.runtime.backend import Backend
-from mtpkit.runtime.sampling import SamplingParams, accept_greedy, accept_rejection, probs, sample
+from mtpkit.runtime.backend import Backend, Draft
+from mtpkit.runtime.draft import draft
+from mtpkit.runtime.sampling import SamplingParams, accept_greedy, accept_rejection, probs
 
 
 @dataclass
@@ -59,19 +58,16 @@ class GenerationParams:
         return sp if sp.greedy else replace(sp, temperature=sp.temperature * self.draft_temperature)
 
 
-def first_token(logits: torch.Tensor, sp: SamplingParams, g: torch.Generator | None) -> int:
-    return int(logits.argmax()) if sp.greedy else int(sample(probs(logits, sp), g))
+def first_token(ops, logits, sp: SamplingParams, rng) -> int:
+    pick = ops.argmax(logits) if sp.greedy else ops.sample(probs(ops, logits, sp), rng)
+    return ops.to_list(pick)[0]
 
 
-def accept(drafts: torch.Tensor, q: torch.Tensor | None, logits: torch.Tensor, sp: SamplingParams,
-           g: torch.Generator | None) -> tuple[int, int]:
-    """(n accepted, next token) for drafts [k] against target logits [k + 1, V]."""
+def accept(ops, d: Draft, logits, sp: SamplingParams, rng) -> tuple[int, int]:
+    """(n accepted, next token) for draft d (k tokens) against target logits [k + 1, V]."""
     if sp.greedy:
-        return accept_greedy(drafts, logits)
-    p = probs(logits, sp)
-    if q is None:  # no drafts
-        q = p.new_zeros((0, p.shape[-1]))
-    return accept_rejection(drafts, q, p, g)
+        return accept_greedy(ops, d.tokens, logits)
+    return accept_rejection(ops, d.tokens, d.picks, d.q, d.ids, probs(ops, logits, sp), rng)
 
 
 def cut(tokens: list[int], eos: set[int], budget: int) -> tuple[list[int], str | None]:
@@ -91,11 +87,11 @@ def generate(backend: Backend, prompt: list[int], params: GenerationParams, eos:
         raise MtpkitError("empty prompt")
     if len(prompt) >= backend.max_len:
         raise MtpkitError(f"prompt of {len(prompt)} tokens does not fit the context of {backend.max_len}")
-    sp, dsp, dev = params.sampling, params.draft_sampling, backend.device
-    g = None if sp.greedy else torch.Generator(device=dev).manual_seed(params.seed)
+    sp, dsp, ops = params.sampling, params.draft_sampling, backend.ops
+    rng = None if sp.greedy else ops.generator(params.seed)
     t0 = backend.clock()
-    logits, h = backend.start(torch.tensor(prompt, device=dev))
-    bonus = first_token(logits, sp, g)
+    logits, h = backend.start(list(prompt))
+    bonus = first_token(ops, logits, sp, rng)
     out, finish = cut([bonus], eos, params.max_new_tokens)
     emitted = len(out)
     yield Round(out, 0, 0, verify_s=backend.elapsed(t0, backend.clock()), prefill=True, finish=finish)
@@ -106,17 +102,17 @@ def generate(backend: Backend, prompt: list[int], params: GenerationParams, eos:
             yield Round([], 0, 0, finish="context")
             return
         k = min(params.num_draft_tokens, params.max_new_tokens - emitted - 1, room) if drafting else 0
-        b = torch.tensor([bonus], device=dev)
+        b = ops.tokens([bonus])
         t0 = backend.clock()
-        d = backend.draft(b[0], h, k, dsp, g, params.min_confidence) if k > 0 else None
-        drafts = d.tokens if d is not None else b[:0]
+        d = draft(backend, b, h, k, dsp, rng, params.min_confidence)
         t1 = backend.clock()
         p0 = backend.length
-        logits, hidden = backend.verify(torch.cat([b, drafts]))
-        n, bonus = accept(drafts, d.q if d is not None else None, logits, sp, g)
+        logits, hidden = backend.verify(ops.cat([b, d.tokens]))
+        n, bonus = accept(ops, d, logits, sp, rng)
         backend.rollback(p0 + n + 1)
         h = hidden[n]
         t2 = backend.clock()
-        out, finish = cut(drafts[:n].tolist() + [bonus], eos, params.max_new_tokens - emitted)
+        drafted = ops.to_list(d.tokens)
+        out, finish = cut(drafted[:n] + [bonus], eos, params.max_new_tokens - emitted)
         emitted += len(out)
-        yield Round(out, int(drafts.numel()), n, backend.elapsed(t0, t1), backend.elapsed(t1, t2), finish=finish)
+        yield Round(out, len(drafted), n, backend.elapsed(t0, t1), backend.elapsed(t1, t2), finish=finish)

@@ -6,27 +6,57 @@ every position of every layer, sliding ones included, and applies the window in 
 setting `offset`, exact at any depth: mlx-lm's RotatingKVCache cannot undo a trim once its ring wrapped
 (mlx-lm #1423/#1914), which is what breaks its own speculative loop past the window.
 
-The loop speaks torch tensors (backend.py); this backend converts at the boundary (logits of the verified
-tokens, the hidden row, the draft tokens) and keeps everything else in MLX.
+The loop speaks numpy (runtime/ops.py): this backend converts at the boundary (logits of the verified tokens,
+the hidden row, one draft step's candidates) and keeps everything else in MLX. Its fused greedy draft chains the
+k steps lazily and evaluates them once (the contract test checks it equals the generic policy).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from mtpkit.errors import MtpkitError
 from mtpkit.model.config import SLIDING, DrafterConfig
-from mtpkit.model.load import INT8_SCALE, dequantize_int8, read_safetensors
-from mtpkit.runtime.backend import Draft
-from mtpkit.runtime.sampling import SamplingParams, probs, sample
+from mtpkit.model.files import INT8_SCALE, dequantize_int8
+from mtpkit.runtime.backend import Backend, BackendInfo, DraftStep, Loaded
 
 _STEP = 256  # cache growth granularity (positions)
+SIBLING_DRAFTER = "drafter"  # `mtpkit export --format mlx` writes DIR/target and DIR/drafter
+
+
+@dataclass(frozen=True)
+class Options:
+    device: str | None = None  # cpu | gpu; default: MLX's default device
+    threads: int | None = None  # Linux: OpenBLAS threads of MLX's float32 matmuls; default: OpenBLAS's own
+
+
+def load(target: str, drafter: str | None, opts: Options, *, max_len: int, max_draft: int) -> Loaded:
+    """`target`: a directory from `mtpkit export --format mlx`; `drafter`: a drafter directory or None."""
+    if opts.device not in (None, "cpu", "gpu"):
+        raise MtpkitError(f"backend mlx runs on cpu or gpu, got device {opts.device!r}")
+    try:
+        mx = _mx()
+        import mlx_lm  # noqa: F401
+    except ImportError:
+        raise MtpkitError("backend mlx needs mlx and mlx-lm (pip install 'mtpkit[mlx]')") from None
+    if opts.device is not None:
+        mx.set_default_device(mx.gpu if opts.device == "gpu" else mx.cpu)
+    if opts.threads is not None:
+        from mtpkit.runtime.mlx_blas import set_threads
+        if opts.threads < 1:
+            raise MtpkitError(f"threads must be >= 1, got {opts.threads}")
+        set_threads(opts.threads)
+    t = Path(target)
+    if not t.is_dir():
+        raise MtpkitError(f"backend mlx needs an exported target directory, got {target!r} "
+                          f"(make one with `mtpkit export --format mlx --out DIR`, then pass DIR/target)")
+    be = MLXBackend(t, drafter, max_len=max_len, threads=opts.threads)
+    return Loaded(be, be.tokenizer, be.config, drafter, {"kind": "mlx-dir", "path": str(t.resolve())})
 
 
 def _mx():
@@ -154,21 +184,22 @@ class MLXDrafter:
         return logits, ids
 
 
-def _to_torch(a) -> torch.Tensor:
+def _np(a) -> np.ndarray:
     mx = _mx()
     if a.dtype == mx.bfloat16:
         a = a.astype(mx.float32)
-    return torch.from_numpy(np.array(a))
+    return np.array(a)
 
 
-class MLXBackend:
-    def __init__(self, target_dir: str | Path, drafter_dir: str | Path | None = None, *, max_len: int = 4096):
+class MLXBackend(Backend):
+    def __init__(self, target_dir: str | Path, drafter_dir: str | Path | None = None, *, max_len: int = 4096,
+                 threads: int | None = None):
         mx = _mx()
         from mtpkit.export.mlx import load_target
         self.dir = Path(target_dir)
+        self.threads = threads  # as set by load (OpenBLAS threads), for info()
         self.model, self.config, self.tokenizer = load_target(target_dir)
         c = self.config
-        self.device = torch.device("cpu")  # where the loop's tensors live; MLX picks its own device
         self.vocab_size, self.max_len = c.vocab_size, max_len
         self.caches = [PositionCache(c.sliding_window if t == SLIDING else None, max_len) for t in c.layer_types]
         self.embed_scale = c.embed_scale
@@ -176,8 +207,10 @@ class MLXBackend:
         if drafter_dir is not None:
             self.drafter = self._load_drafter(Path(drafter_dir))
         self.has_drafter = self.drafter is not None
-        self.cuda_graphs = False
+        self.draft_temperature = self.drafter.c.draft_temperature if self.drafter is not None else 1.0
         self._mx = mx
+        self._round = None  # (query position, kv) of the current draft round
+        self.fused_greedy_draft = self._fused_greedy_draft if self.drafter is not None else None
 
     def _load_drafter(self, d: Path) -> MLXDrafter:
         mx = _mx()
@@ -190,23 +223,28 @@ class MLXBackend:
         for f in files:
             w.update(mx.load(str(f)))
         if any(k.endswith(INT8_SCALE) for k in w):  # int8-stored (e.g. the shipped drafter): dequantize as load_drafter does
-            w = {k: mx.array(v.numpy()) for k, v in dequantize_int8(read_safetensors(files), f"drafter {d}").items()}
+            w = dequantize_int8(w, f"drafter {d}", lambda a: a.astype(mx.float32))
+        if dc.head == "centroid":
+            order = w.get("token_ordering")
+            if order is None or order.size != dc.vocab_size or not 0 <= order.min().item() <= order.max().item() < self.vocab_size:
+                raise MtpkitError(f"drafter {d}: its centroid head's token_ordering does not list the vocabulary's ids")
         return MLXDrafter(dc, w, self.model.model.embed_tokens)
 
-    def describe(self) -> dict:
-        """As TorchBackend.describe (quantized weights: bytes as stored, params = logical weights)."""
+    def info(self) -> BackendInfo:
+        """Quantized weights: bytes as stored, params = logical weights."""
         from mlx.utils import tree_flatten
+        mx = self._mx
         flat = tree_flatten(self.model.parameters())
         q = (json.loads((self.dir / "config.json").read_text()).get("quantization") or {}).get("bits")
         emb = self.model.model.embed_tokens
         d = self.drafter
         dw = list(d.w.values()) if d is not None else []
-        return {"backend": "mlx", "dtype": f"q{q}" if q else str(emb.weight.dtype).removeprefix("mlx.core."),
-                "target_params": self.config_params(), "target_bytes": sum(a.nbytes for _, a in flat),
-                "embedding_params": self.config.vocab_size * self.config.hidden_size, "target_config": self.config,
-                "drafter_config": d.c if d is not None else None,
-                "drafter_params": sum(a.size for a in dw if self._mx.issubdtype(a.dtype, self._mx.floating)),
-                "drafter_bytes": sum(a.nbytes for a in dw)}
+        return BackendInfo("mlx", "gpu" if mx.default_device() == mx.gpu else "cpu",
+                           f"q{q}" if q else str(emb.weight.dtype).removeprefix("mlx.core."), self.threads,
+                           self.config_params(), sum(a.nbytes for _, a in flat),
+                           self.config.vocab_size * self.config.hidden_size, self.config, d.c if d is not None else None,
+                           sum(a.size for a in dw if mx.issubdtype(a.dtype, mx.floating)), sum(a.nbytes for a in dw),
+                           d.c.head if d is not None else None)
 
     def config_params(self) -> int:
         c = self.config
@@ -219,31 +257,35 @@ class MLXBackend:
     def length(self) -> int:
         return self.caches[0].offset
 
-    def _forward(self, tokens: torch.Tensor):
+    def _forward(self, tokens: list[int]):
         mx = self._mx
-        x = mx.array(tokens.to(torch.int32).numpy())[None]
+        x = mx.array(tokens, dtype=mx.int32)[None]
         h = self.model.model(x, self.caches)  # post-norm hidden [1, T, d]
         logits = self.model.model.embed_tokens.as_linear(h).astype(mx.float32)
         mx.eval(logits, h)
         return logits[0], h[0]
 
-    def start(self, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if prompt.numel() >= self.max_len:
-            raise MtpkitError(f"prompt of {prompt.numel()} tokens does not fit the context ({self.max_len})")
+    def start(self, prompt: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        if len(prompt) >= self.max_len:
+            raise MtpkitError(f"prompt of {len(prompt)} tokens does not fit the context ({self.max_len})")
+        self._round = None
         for c in self.caches:
             c.offset = 0
-        logits, h = self._forward(prompt)
-        return _to_torch(logits[-1]), _to_torch(h[-1])
+        logits, h = self._forward(list(prompt))
+        return _np(logits[-1]), _np(h[-1])
 
-    def verify(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.length + tokens.numel() > self.max_len:
-            raise MtpkitError(f"context full: {self.length + tokens.numel()} positions > {self.max_len}")
-        logits, h = self._forward(tokens)
-        return _to_torch(logits), _to_torch(h)
+    def verify(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.asarray(tokens).reshape(-1).tolist()
+        if self.length + len(ids) > self.max_len:
+            raise MtpkitError(f"context full: {self.length + len(ids)} positions > {self.max_len}")
+        self._round = None
+        logits, h = self._forward(ids)
+        return _np(logits), _np(h)
 
     def rollback(self, length: int) -> None:
         if not 0 <= length <= self.length:
             raise MtpkitError(f"rollback to {length}: the cache holds {self.length} positions")
+        self._round = None
         for c in self.caches:
             c.offset = length  # every position is kept: exact at any depth, sliding layers included
 
@@ -252,47 +294,37 @@ class MLXBackend:
         c = self.config
         return {kind: self.caches[c.last_layer_of(kind)].visible(self.length) for kind in set(c.layer_types)}
 
-    def draft(self, token: torch.Tensor, h: torch.Tensor, k: int, sampling: SamplingParams,
-              generator: torch.Generator | None, min_confidence: float | None = None) -> Draft:
+    def _mx_step(self, tok, hm):
+        """One lazy drafter step: tok [1] int32, hm [1, 1, d_t] -> (logits [N] float32, ids [N] or None, next hm)."""
         mx = self._mx
-        if self.drafter is None or k <= 0:
-            return Draft(torch.empty(0, dtype=torch.long), None)
-        kv, pos = self._kv(), self.length
-        tok = mx.array([int(token)])
-        hm = mx.array(h.float().numpy())[None, None]
-        embed = self.model.model.embed_tokens
-        toks, qs = [], []
+        if self._round is None:  # once per round: every step queries at the bonus position
+            self._round = (self.length, self._kv())
+        pos, kv = self._round
+        e = (self.model.model.embed_tokens(tok).astype(mx.float32) * self.embed_scale)[None]  # as GemmaModel.embed
+        x, hm = self.drafter(e, hm, pos, kv)
+        logits, ids = self.drafter.head(x)
+        return logits, ids, hm
+
+    def draft_step(self, token: np.ndarray, h: np.ndarray) -> DraftStep:
+        mx = self._mx
+        if self.drafter is None:
+            raise MtpkitError("this backend has no drafter")
+        tok = mx.array(np.asarray(token, dtype=np.int32).reshape(1))
+        logits, ids, hm = self._mx_step(tok, mx.array(np.asarray(h, dtype=np.float32))[None, None])
+        mx.eval(logits, hm) if ids is None else mx.eval(logits, ids, hm)
+        return DraftStep(_np(logits), None if ids is None else _np(ids).astype(np.int64), _np(hm[0, 0]))
+
+    def _fused_greedy_draft(self, token: np.ndarray, h: np.ndarray, k: int) -> np.ndarray:
+        """k greedy steps chained lazily, evaluated once."""
+        mx = self._mx
+        tok = mx.array(np.asarray(token, dtype=np.int32).reshape(1))
+        hm = mx.array(np.asarray(h, dtype=np.float32))[None, None]
+        toks = []
         for _ in range(k):
-            e = (embed(tok).astype(mx.float32) * self.embed_scale)[None]  # [1, 1, d_t], as GemmaModel.embed
-            x, hm = self.drafter(e, hm, pos, kv)
-            logits, ids = self.drafter.head(x)
-            if sampling.greedy:  # lazily chained: one evaluation for the whole draft when not adaptive
-                best = mx.argmax(logits)
-                tok = (ids[best] if ids is not None else best).reshape(1)
-                if min_confidence is not None and mx.softmax(logits).max().item() < min_confidence:
-                    break
-                toks.append(tok)
-                continue
-            dense = logits
-            if ids is not None:
-                dense = mx.full((self.vocab_size,), float("-inf"), dtype=mx.float32)
-                dense[ids] = logits
-            q = probs(_to_torch(dense), sampling)
-            t = int(sample(q, generator))
-            if min_confidence is not None and float(q.max()) < min_confidence:
-                break
-            toks.append(mx.array([t]))
-            qs.append(q)
-            tok = mx.array([t])
-        if not toks:
-            return Draft(torch.empty(0, dtype=torch.long), None)
+            logits, ids, hm = self._mx_step(tok, hm)
+            best = mx.argmax(logits)
+            tok = (ids[best] if ids is not None else best).reshape(1)
+            toks.append(tok)
         out = mx.concatenate(toks)
         mx.eval(out)
-        return Draft(torch.from_numpy(np.array(out)).long(), torch.stack(qs) if qs else None)
-
-    # ------------------------------------------------------------------ timing
-    def clock(self) -> object:
-        return time.perf_counter()
-
-    def elapsed(self, a, b) -> float:
-        return b - a
+        return np.array(out).astype(np.int64)

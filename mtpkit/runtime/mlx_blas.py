@@ -23,6 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from mtpkit.errors import MtpkitError
 from mtpkit.paths import cache_dir
 
 SHIM = r"""
@@ -82,6 +83,15 @@ def use_openblas() -> bool:
     if why:
         print(f"note: MLX runs with its reference BLAS, several times slower here: {why}", file=sys.stderr)
     return False
+
+
+def set_threads(n: int) -> None:
+    """OpenBLAS threads for MLX's float32 matmuls (the shim must be in use: Linux)."""
+    if "lib" not in _state:
+        raise MtpkitError("threads: MLX's CPU threads are set here only for its Linux OpenBLAS matmuls, "
+                          "which are not in use" + (f" ({_state['why']})" if _state.get("why") else ""))
+    import scipy_openblas32
+    ctypes.CDLL(str(Path(scipy_openblas32.get_lib_dir()) / "libscipy_openblas.so")).scipy_openblas_set_num_threads(n)
 
 
 def sgemm_calls() -> int | None:

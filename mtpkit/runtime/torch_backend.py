@@ -14,28 +14,162 @@ steps compute (H100 bench: 12/16 and 10/16 prompts identical), the eager ones ar
 
 from __future__ import annotations
 
-import time
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from mtpkit.errors import MtpkitError
 from mtpkit.model.drafter import DrafterModel, DraftOutput, target_kv
 from mtpkit.model.gemma import GemmaModel
-from mtpkit.runtime.backend import Draft
-from mtpkit.runtime.sampling import SamplingParams, probs, sample
+from mtpkit.runtime.backend import Backend, BackendInfo, DraftStep, Loaded
 
 COMPILE = ("drafter", "all")  # what TorchBackend(compile=...) compiles
+SIBLING_DRAFTER = None  # targets are names or checkpoints: the default drafter is the one shipped for the name
 
 
-class TorchBackend:
+class TorchOps:
+    """runtime/ops.py's operations on torch tensors of one device (no host sync except where a host value is
+    returned: to_list, top_prob, leading_true)."""
+    name = "torch"
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def tokens(self, ids: list[int]) -> torch.Tensor:
+        return torch.tensor(ids, dtype=torch.long, device=self.device)
+
+    @staticmethod
+    def to_list(x: torch.Tensor) -> list[int]:
+        return x.reshape(-1).tolist()
+
+    @staticmethod
+    def cat(xs: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([x.reshape(-1) for x in xs])
+
+    @staticmethod
+    def stack(xs: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(xs)
+
+    @staticmethod
+    def argmax(x: torch.Tensor) -> torch.Tensor:
+        return x.argmax(-1)
+
+    @staticmethod
+    def index(x: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+        return x.gather(0, i.view(1)).view(())  # not x[i]: a 0-d index tensor would be read on the host
+
+    @staticmethod
+    def top_prob(logits: torch.Tensor) -> float:
+        return float(logits.float().softmax(-1).max())
+
+    @staticmethod
+    def float32(x: torch.Tensor) -> torch.Tensor:
+        return x.float()
+
+    @staticmethod
+    def sort_desc(x: torch.Tensor) -> torch.Tensor:
+        return x.sort(-1, descending=True).values
+
+    @staticmethod
+    def softmax(x: torch.Tensor) -> torch.Tensor:
+        return x.softmax(-1)
+
+    @staticmethod
+    def cumsum(x: torch.Tensor) -> torch.Tensor:
+        return x.cumsum(-1)
+
+    @staticmethod
+    def count(mask: torch.Tensor) -> torch.Tensor:
+        return mask.sum(-1, keepdim=True)
+
+    @staticmethod
+    def take_along(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return x.gather(-1, idx)
+
+    @staticmethod
+    def mask_below(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+        return x.masked_fill(x < threshold, float("-inf"))
+
+    @staticmethod
+    def leading_true(mask: torch.Tensor) -> int:
+        return int(mask.int().cumprod(0).sum())
+
+    @staticmethod
+    def rand(rng: torch.Generator, n: int, like: torch.Tensor) -> torch.Tensor:
+        return torch.rand(n, generator=rng, device=like.device)
+
+    @staticmethod
+    def sample(p: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+        return torch.multinomial(p, 1, generator=rng).view(())
+
+    @staticmethod
+    def residual(p: torch.Tensor, q: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+        if ids is None:
+            r = (p - q).clamp_min(0)
+        else:
+            r = p.index_put((ids,), (p[ids] - q).clamp_min(0))
+        return torch.where(r.sum() > 0, r, p)  # unnormalized: `sample` needs no normalization, and no host sync
+
+
+def torch_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
+    """--device / --dtype -> torch's: CUDA if available, bfloat16 on GPUs and float32 on CPUs by default."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise MtpkitError("device cuda requested but torch sees no CUDA GPU")
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          None: torch.bfloat16 if dev.type == "cuda" else torch.float32}.get(dtype)
+    if dt is None:
+        raise MtpkitError(f"unknown dtype {dtype!r} (float32, bfloat16, float16)")
+    return dev, dt
+
+
+@dataclass(frozen=True)
+class Options:
+    device: str | None = None  # cpu | cuda[:i]; default: cuda if available
+    dtype: str | None = None  # float32 | bfloat16 | float16; default: bfloat16 on GPUs, float32 on CPUs
+    threads: int | None = None  # torch's CPU threads (torch.set_num_threads); default: torch's own
+    cuda_graphs: bool | None = None  # default: on for CUDA
+    compile: str | None = None  # drafter | all (see the module docstring)
+    random_drafter: dict | None = None  # config overrides: an untrained drafter, for cost measurements only
+
+
+def load(target: str, drafter: str | None, opts: Options, *, max_len: int, max_draft: int) -> Loaded:
+    """`target`: a name (gemma3-270m), .gguf file or HF directory; `drafter`: a drafter directory or None."""
+    from mtpkit.model.load import load_drafter, load_target
+    if opts.threads is not None:
+        if opts.threads < 1:
+            raise MtpkitError(f"threads must be >= 1, got {opts.threads}")
+        torch.set_num_threads(opts.threads)
+    dev, dt = torch_device_dtype(opts.device, opts.dtype)
+    t = load_target(target, dtype=dt, device=dev)
+    d = None
+    if opts.random_drafter is not None:
+        from mtpkit.model.config import DrafterConfig
+        torch.manual_seed(0)
+        d = DrafterModel(DrafterConfig.for_target(t.config, **opts.random_drafter)).to(device=dev, dtype=dt).eval()
+        drafter = "random"
+    elif drafter is not None:
+        d = load_drafter(drafter, t.config, dtype=dt, device=dev)
+    be = TorchBackend(t.model, d, max_len=max_len, max_draft=max_draft, cuda_graphs=opts.cuda_graphs,
+                      compile=opts.compile)
+    return Loaded(be, t.tokenizer, t.config, drafter, t.source)
+
+
+class TorchBackend(Backend):
     def __init__(self, target: GemmaModel, drafter: DrafterModel | None = None, *, max_len: int = 4096,
                  max_draft: int = 16, cuda_graphs: bool | None = None, compile: str | None = None):
         p = target.embed_tokens.weight
         self.device = p.device
+        self.ops = TorchOps(self.device)
         self.target, self.drafter = target, drafter
         self.vocab_size = target.config.vocab_size
         self.max_len = max_len
         self.has_drafter = drafter is not None
+        self.draft_temperature = drafter.config.draft_temperature if drafter is not None else 1.0
         self.max_draft = max_draft
         # a verify of k + 1 tokens must fit a sliding ring, and rollback undoes up to k positions
         self.cache = target.new_cache(max_len, slack=max(64, max_draft + 1))
@@ -45,9 +179,15 @@ class TorchBackend:
         if self.cuda_graphs and self.device.type != "cuda":
             raise MtpkitError("cuda_graphs needs a CUDA device")
         self.compile: str | None = None
-        self._graphs = _Graphs(self) if self.cuda_graphs else None
+        self._round: tuple | None = None  # (q_pos, kv, attn) of the current draft round
+        self._set_graphs(_Graphs(self) if self.cuda_graphs else None)
         if compile:
             self.enable_compile(compile)
+
+    def _set_graphs(self, graphs: _Graphs | None) -> None:
+        self._graphs = graphs
+        self.fused_greedy_draft = None if graphs is None or not self.has_drafter else \
+            (lambda token, h, k: graphs.draft(token, h, k, self.cache.length))
 
     def enable_compile(self, what: str = "drafter") -> None:
         """Capture torch.compile'd steps from now on: "drafter" or "all" (see the module docstring).
@@ -57,30 +197,31 @@ class TorchBackend:
         if not self.cuda_graphs:
             raise MtpkitError("compile needs cuda_graphs (it compiles the steps the CUDA graphs capture)")
         self.compile = what
-        self._graphs = _Graphs(self)
+        self._set_graphs(_Graphs(self))
 
     @property
     def length(self) -> int:
         return self.cache.length
 
-    def describe(self) -> dict:
-        """What runs: sizes and dtype of target and drafter (for benches and the speedup predictor)."""
+    def info(self) -> BackendInfo:
         t, d = self.target, self.drafter
-        return {"backend": "torch", "dtype": str(t.embed_tokens.weight.dtype).removeprefix("torch."),
-                "target_params": sum(p.numel() for p in t.parameters()),
-                "target_bytes": sum(p.numel() * p.element_size() for p in t.parameters()),
-                "embedding_params": t.embed_tokens.weight.numel(), "target_config": t.config,
-                "drafter_config": d.config if d is not None else None,
-                "drafter_params": sum(p.numel() for p in d.parameters()) if d is not None else 0,
-                "drafter_bytes": sum(p.numel() * p.element_size() for p in d.parameters()) if d is not None else 0}
+        size = lambda m: (sum(p.numel() for p in m.parameters()),  # noqa: E731
+                          sum(p.numel() * p.element_size() for p in m.parameters()))
+        tp, tb = size(t)
+        dp, db = size(d) if d is not None else (0, 0)
+        return BackendInfo("torch", str(self.device), str(t.embed_tokens.weight.dtype).removeprefix("torch."),
+                           torch.get_num_threads() if self.device.type == "cpu" else None, tp, tb,
+                           t.embed_tokens.weight.numel(), t.config, d.config if d is not None else None, dp, db,
+                           d.config.head if d is not None else None, graphs=self.cuda_graphs, compile=self.compile)
 
     # ------------------------------------------------------------------ target
     @torch.inference_mode()
-    def start(self, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if prompt.numel() >= self.max_len:
-            raise MtpkitError(f"prompt of {prompt.numel()} tokens does not fit the context ({self.max_len})")
+    def start(self, prompt: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(prompt) >= self.max_len:
+            raise MtpkitError(f"prompt of {len(prompt)} tokens does not fit the context ({self.max_len})")
         self.cache.reset()
-        out = self.target(prompt.to(self.device)[None], self.cache)
+        self._round = None
+        out = self.target(self.ops.tokens(prompt)[None], self.cache)
         return out.logits[0, -1], out.hidden[0, -1]
 
     @torch.inference_mode()
@@ -88,6 +229,7 @@ class TorchBackend:
         n, start = tokens.numel(), self.cache.length
         if start + n > self.max_len:
             raise MtpkitError(f"context full: {start + n} positions > {self.max_len}")
+        self._round = None
         if self._graphs is not None:
             logits, hidden = self._graphs.verify(tokens, start)
             self.cache.advance(start, n)
@@ -96,6 +238,7 @@ class TorchBackend:
         return out.logits[0], out.hidden[0]
 
     def rollback(self, length: int) -> None:
+        self._round = None
         self.cache.rollback(length)
 
     # ------------------------------------------------------------------ drafter
@@ -104,64 +247,28 @@ class TorchBackend:
         emb = self.target.embed(token.view(1, 1))
         return self.drafter(emb, h.view(1, 1, -1).to(emb.dtype), q_pos, kv, attn)
 
-    @staticmethod
-    def _argmax(out: DraftOutput) -> torch.Tensor:
-        """The greedy draft token as a 0-d device tensor (no host sync; centroid head: among its candidates)."""
-        best = out.logits[0, 0].argmax()
-        return best if out.ids is None else out.ids[0, 0].gather(0, best.view(1)).view(())
-
     def _draft_inputs(self, q_pos: torch.Tensor) -> tuple[dict, dict]:
         """(kv, attn) of a draft round querying at q_pos [1] (a device tensor: CUDA-graph safe)."""
         kv = target_kv(self.cache, self.target.config, q_pos[0])
         return kv, self.drafter.attention_inputs(q_pos, kv)
 
+    @torch.inference_mode()
+    def draft_step(self, token: torch.Tensor, h: torch.Tensor) -> DraftStep:
+        if self.drafter is None:
+            raise MtpkitError("this backend has no drafter")
+        if self._round is None:  # once per round: every step queries at the bonus position
+            q_pos = torch.tensor([self.cache.length], device=self.device)
+            self._round = (q_pos, *self._draft_inputs(q_pos))
+        out = self._step(token.reshape(()), h, *self._round)
+        return DraftStep(out.logits[0, 0], None if out.ids is None else out.ids[0, 0], out.hidden[0, 0])
+
     def _greedy_step(self, tok: torch.Tensor, h: torch.Tensor, q_pos: torch.Tensor, kv: dict, attn: dict
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One greedy draft step on device: (token [], h [d_t]) -> (next token [], next h [d_t])."""
+        """One greedy draft step on device, as the CUDA graphs capture it: (token [], h) -> (next token [], next h).
+        Same picks as draft.draft's greedy path (the contract test checks it)."""
         out = self._step(tok, h, q_pos, kv, attn)
-        return self._argmax(out), out.hidden[0, 0]
-
-    def _greedy_drafts(self, token: torch.Tensor, h: torch.Tensor, q_pos: torch.Tensor, k: int) -> torch.Tensor:
-        """k greedy draft tokens [k], all on device (no host sync)."""
-        kv, attn = self._draft_inputs(q_pos)
-        toks = []
-        tok = token.reshape(())
-        for _ in range(k):
-            tok, h = self._greedy_step(tok, h, q_pos, kv, attn)
-            toks.append(tok)
-        return torch.stack(toks)
-
-    @torch.inference_mode()
-    def draft(self, token: torch.Tensor, h: torch.Tensor, k: int, sampling: SamplingParams,
-              generator: torch.Generator | None, min_confidence: float | None = None) -> Draft:
-        if self.drafter is None or k <= 0:
-            return Draft(torch.empty(0, dtype=torch.long, device=self.device), None)
-        if sampling.greedy and min_confidence is None and self._graphs is not None:
-            return Draft(self._graphs.draft(token, h, k, self.cache.length), None)
-        q_pos = torch.tensor([self.cache.length], device=self.device)
-        if sampling.greedy and min_confidence is None:
-            return Draft(self._greedy_drafts(token, h, q_pos, k), None)
-        kv, attn = self._draft_inputs(q_pos)
-        toks, qs = [], []
-        tok = token.reshape(())
-        for _ in range(k):
-            out = self._step(tok, h, q_pos, kv, attn)
-            h = out.hidden[0, 0]
-            if sampling.greedy:  # the top probability over the candidates = over the vocabulary (the rest is 0)
-                tok = self._argmax(out)
-                conf = out.logits[0, 0].softmax(-1).max() if min_confidence is not None else None
-            else:
-                q = probs(out.dense_logits(self.vocab_size)[0, 0], sampling)
-                tok = sample(q, generator)
-                qs.append(q)
-                conf = q.max() if min_confidence is not None else None
-            if conf is not None and float(conf) < min_confidence:
-                if qs:
-                    qs.pop()
-                break
-            toks.append(tok)
-        tokens = torch.stack(toks) if toks else torch.empty(0, dtype=torch.long, device=self.device)
-        return Draft(tokens, torch.stack(qs) if qs else None)
+        best = out.logits[0, 0].argmax()
+        return (best if out.ids is None else self.ops.index(out.ids[0, 0], best)), out.hidden[0, 0]
 
     # ------------------------------------------------------------------ timing
     def clock(self) -> object:
@@ -169,9 +276,9 @@ class TorchBackend:
             e = torch.cuda.Event(enable_timing=True)
             e.record()
             return e
-        return time.perf_counter()
+        return super().clock()
 
-    def elapsed(self, a, b) -> float:
+    def elapsed(self, a: Any, b: Any) -> float:
         if self.device.type == "cuda":
             b.synchronize()
             return a.elapsed_time(b) / 1000.0
@@ -230,6 +337,7 @@ class _Graphs:
         g.replay()
         return out
 
+    @torch.inference_mode()
     def draft(self, token: torch.Tensor, h: torch.Tensor, k: int, length: int) -> torch.Tensor:
         if self.draft_prep is None:
             static = (token.reshape(()).clone(), h.clone(), torch.full((1,), length, device=self.be.device))

@@ -1,0 +1,111 @@
+"""The few array operations the loop, the draft policy and acceptance need, for one array library.
+
+Sampling and acceptance (sampling.py) and the draft policy (draft.py) are written once against this small
+interface; a backend hands the loop the `Ops` of the arrays it returns: `NumpyOps` here (llama.cpp, MLX and
+the coming ONNX / Core ML backends: no torch), `TorchOps` in torch_backend.py (tensors stay on the GPU, so
+greedy drafting and acceptance need no host sync per step). Random numbers come from `ops.generator(seed)`.
+Shapes: V = vocabulary, N = candidates of one draft step (V for a dense head), k = drafts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class NumpyOps:
+    name = "numpy"
+
+    @staticmethod
+    def generator(seed: int) -> np.random.Generator:
+        return np.random.default_rng(seed)
+
+    @staticmethod
+    def tokens(ids: list[int]) -> np.ndarray:
+        return np.asarray(ids, dtype=np.int64).reshape(len(ids))
+
+    @staticmethod
+    def to_list(x) -> list[int]:
+        return np.asarray(x).reshape(-1).tolist()
+
+    @staticmethod
+    def cat(xs: list) -> np.ndarray:
+        return np.concatenate([np.asarray(x).reshape(-1) for x in xs])
+
+    @staticmethod
+    def stack(xs: list) -> np.ndarray:
+        return np.stack(xs)
+
+    @staticmethod
+    def argmax(x) -> np.ndarray:
+        return np.asarray(x).argmax(-1)
+
+    @staticmethod
+    def index(x, i) -> np.ndarray:
+        """x[i] for a 1-D x and a 0-d index array."""
+        return x[i]
+
+    @staticmethod
+    def top_prob(logits) -> float:
+        """max softmax(logits) of a 1-D row, on the host."""
+        x = np.asarray(logits, dtype=np.float64)
+        return float(1.0 / np.exp(x - x.max()).sum())
+
+    @staticmethod
+    def float32(x) -> np.ndarray:
+        return np.asarray(x, dtype=np.float32)
+
+    @staticmethod
+    def sort_desc(x) -> np.ndarray:
+        return -np.sort(-x, axis=-1)
+
+    @staticmethod
+    def softmax(x) -> np.ndarray:
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    @staticmethod
+    def cumsum(x) -> np.ndarray:
+        return np.cumsum(x, axis=-1)
+
+    @staticmethod
+    def count(mask) -> np.ndarray:
+        """[..., n] bool -> [..., 1] int64 number of True along the last axis."""
+        return mask.sum(-1, keepdims=True, dtype=np.int64)
+
+    @staticmethod
+    def take_along(x, idx) -> np.ndarray:
+        return np.take_along_axis(x, idx, axis=-1)
+
+    @staticmethod
+    def mask_below(x, threshold) -> np.ndarray:
+        return np.where(x < threshold, np.float32(-np.inf), x)
+
+    @staticmethod
+    def leading_true(mask) -> int:
+        """Length of the all-True prefix of a 1-D bool array (host int)."""
+        m = np.asarray(mask).reshape(-1)
+        bad = np.flatnonzero(~m)
+        return int(bad[0]) if bad.size else int(m.size)
+
+    @staticmethod
+    def rand(rng: np.random.Generator, n: int, like=None) -> np.ndarray:
+        return rng.random(n, dtype=np.float32)
+
+    @staticmethod
+    def sample(p, rng: np.random.Generator) -> np.ndarray:
+        """One index drawn from a 1-D probability vector (need not be normalized), as a 0-d int64 array."""
+        c = np.cumsum(np.asarray(p, dtype=np.float64))
+        i = np.searchsorted(c, rng.random() * c[-1], side="right")
+        return np.int64(min(i, c.size - 1))
+
+    @staticmethod
+    def residual(p, q, ids) -> np.ndarray:
+        """norm(max(0, p - q)) for one position: p [V] target probabilities, q the draft's over candidates ids [N]
+        (ids None: q is over the vocabulary). Falls back to p when the residual is all zero (p == q)."""
+        r = p.copy()
+        if ids is None:
+            r = np.maximum(p - q, 0)
+        else:
+            r[ids] = np.maximum(p[ids] - q, 0)
+        total = float(r.sum())
+        return r / total if total > 0 else p

@@ -1,0 +1,268 @@
+"""The backend contract (runtime/backend.py), checked the same way on every installed backend.
+
+A backend joins by registering in mtpkit/runtime/__init__.py and adding a `_make_<name>` below that turns a
+tiny reference target + drafter into an instance of it (through its exporter when it runs exported files).
+Every test then runs on it: parity of logits / hidden / one drafter step with the reference, greedy
+speculative == plain past the sliding window for k in {1, 3, 5} and both heads, a fused fast path equal to
+the generic draft policy, rollback and context errors, EOS inside a draft, a full context, and a chi-square
+test that the sampled loop emits the backend's own target distribution.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mtpkit.errors import MtpkitError
+from mtpkit.model.config import FULL, SLIDING
+from mtpkit.model.drafter import draft_step as ref_draft_step
+from mtpkit.runtime import BACKENDS
+from mtpkit.runtime.draft import draft
+from mtpkit.runtime.loop import GenerationParams, generate
+from mtpkit.runtime.oracle import OracleDrafter
+from mtpkit.runtime.sampling import SamplingParams, probs
+from tests.conftest import tiny_drafter, tiny_target
+
+HEADS = ("dense", "centroid")
+# one tiny config every backend can express: llama.cpp keeps K/V in q8_0 (head_dim % 32 == 0) and its assistant
+# reads layers n-2 (sliding) and n-1 (full); mlx-lm's gemma3_text needs every p-th layer full and no softcap
+TARGET = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=2,
+              num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32.0, sliding_window=8,
+              layer_types=[SLIDING, FULL, SLIDING, FULL], final_logit_softcapping=None)
+WINDOW = TARGET["sliding_window"]
+NEEDS = {"torch": "torch", "llamacpp": "llama_cpp", "mlx": "mlx_lm"}
+# parity with the float32 reference: relative to the largest |value| (llama.cpp keeps K/V in q8_0)
+TOL = {"torch": 1e-5, "llamacpp": 0.03, "mlx": 1e-4}
+
+
+def _reference(head: str):
+    t = tiny_target(5, **TARGET)
+    kw = dict(head=head, draft_temperature=0.8)
+    if head == "centroid":
+        kw.update(num_centroids=30, centroid_top_k=3)
+    return t, tiny_drafter(t, 5, **kw)
+
+
+def _make_torch(t, d, tmp, max_len, with_drafter):
+    from mtpkit.runtime.torch_backend import TorchBackend
+    return TorchBackend(t, d if with_drafter else None, max_len=max_len, max_draft=8)
+
+
+def _make_llamacpp(t, d, tmp, max_len, with_drafter):
+    from mtpkit.export.gguf import export_gguf
+    from mtpkit.model.load import save_drafter
+    from mtpkit.runtime.llamacpp_backend import LlamaCppBackend
+    from tests.tiny_gguf import write_gguf
+    out = tmp / "gguf"
+    if not (out / "target.gguf").exists():
+        save_drafter(d, tmp / "drafter")
+        export_gguf(str(write_gguf(t, tmp / "src.gguf")), str(tmp / "drafter"), out, "f32", "q8_0")
+    return LlamaCppBackend(out / "target.gguf", out / "drafter.gguf" if with_drafter else None, max_len=max_len,
+                           threads=1)
+
+
+def _make_mlx(t, d, tmp, max_len, with_drafter):
+    from mtpkit.export.mlx import write_target
+    from mtpkit.model.load import save_drafter
+    from mtpkit.runtime.mlx_backend import MLXBackend
+    out = tmp / "mlx"
+    if not (out / "target").exists():
+        write_target(t, None, out / "target", dtype="float32")
+        save_drafter(d, out / "drafter")
+    return MLXBackend(out / "target", out / "drafter" if with_drafter else None, max_len=max_len)
+
+
+def test_every_registered_backend_has_a_maker():
+    assert set(BACKENDS) == {name.removeprefix("_make_") for name in globals() if name.startswith("_make_")}
+
+
+@pytest.fixture(scope="module")
+def _cache(tmp_path_factory):
+    return {}
+
+
+@pytest.fixture(params=[(b, h) for b in BACKENDS for h in HEADS], ids=lambda p: f"{p[0]}-{p[1]}")
+def pair(request, _cache, tmp_path_factory):
+    """(reference target, reference drafter, make(max_len=64, drafter=True) -> backend) for one backend and head."""
+    name, head = request.param
+    if importlib.util.find_spec(NEEDS[name]) is None:
+        pytest.skip(f"backend {name} is not installed")
+    key = (name, head)
+    if key not in _cache:
+        _cache[key] = (*_reference(head), tmp_path_factory.mktemp(f"{name}-{head}"))
+    t, d, tmp = _cache[key]
+    maker = globals()[f"_make_{name}"]
+    made: list = []
+
+    def make(max_len: int = 64, drafter: bool = True):
+        be = maker(t, d, tmp, max_len, drafter)
+        made.append(be)
+        return be
+    yield name, t, d, make
+    for be in made:
+        be.close()
+
+
+def _np(x) -> np.ndarray:
+    return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
+
+
+def _close(got, want, tol: float, what: str) -> None:
+    got, want = _np(got), _np(want)
+    assert got.shape == want.shape, what
+    err = np.abs(got - want).max()
+    assert err <= tol * max(np.abs(want).max(), 1.0), f"{what}: max |diff| {err:.3g}"
+
+
+def _tokens(be, n_new, prompt, k=None, eos=(), min_confidence=None, **sampling):
+    params = GenerationParams(n_new, SamplingParams(**sampling), k or 1, seed=sampling.pop("seed", 0),
+                              min_confidence=min_confidence)
+    rounds = list(generate(be, prompt, params, set(eos), use_drafter=k is not None))
+    return [x for r in rounds for x in r.tokens], rounds
+
+
+PROMPT = [2] + list(range(270, 290))  # 21 tokens: past the window of 8
+
+
+def test_target_and_drafter_step_match_the_reference(pair):
+    name, t, d, make = pair
+    be = make()
+    tol = TOL[name]
+    with torch.no_grad():
+        cache = t.new_cache(64)
+        o = t(torch.tensor([PROMPT]), cache)
+    logits, h = be.start(PROMPT)
+    _close(logits, o.logits[0, -1], tol, "prefill logits")
+    _close(h, o.hidden[0, -1], tol, "prefill hidden")
+    # one drafter step from the reference's own h: only the backend's K/V and arithmetic differ
+    tok = int(o.logits[0, -1].argmax())
+    with torch.no_grad():
+        ref = ref_draft_step(t, d, torch.tensor([tok]), o.hidden[:, -1], cache)
+    s = be.draft_step(be.ops.tokens([tok]), be.ops.float32(o.hidden[0, -1]) if name == "torch" else _np(o.hidden[0, -1]))
+    _close(s.h, ref.hidden[0, 0], tol, "drafter next h")
+    if ref.ids is None:
+        assert s.ids is None
+        _close(s.logits, ref.logits[0, 0], tol, "drafter logits")
+    else:  # the same candidates (their order follows router scores, which K/V rounding may swap at near-ties)
+        got_ids, want_ids = _np(s.ids).astype(int), ref.ids[0, 0].numpy()
+        assert sorted(got_ids.tolist()) == sorted(want_ids.tolist())
+        _close(_np(s.logits)[np.argsort(got_ids)], _np(ref.logits[0, 0])[np.argsort(want_ids)], tol,
+               "drafter candidate logits")
+    # verify 3 tokens, roll back 2 of them, verify again: what a full forward over the kept tokens gives
+    more = [271, 5, 6]
+    lv, hv = be.verify(be.ops.tokens(more))
+    be.rollback(len(PROMPT) + 1)
+    lw, _ = be.verify(be.ops.tokens([9, 10]))
+    with torch.no_grad():
+        full = t(torch.tensor([PROMPT + more[:1] + [9, 10]]))
+        want_v = t(torch.tensor([PROMPT + more]))
+    _close(lv, want_v.logits[0, -3:], tol, "verify logits")
+    _close(hv, want_v.hidden[0, -3:], tol, "verify hidden")
+    _close(lw, full.logits[0, -2:], tol, "logits after rollback")
+    assert be.length == len(PROMPT) + 3
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_greedy_speculative_equals_plain_past_the_window(pair, k):
+    _, t, d, make = pair
+    be = make(128)
+    for prompt in ([2, 270, 271, 272], PROMPT):
+        plain, _ = _tokens(be, 5 * WINDOW, prompt)
+        spec, rounds = _tokens(be, 5 * WINDOW, prompt, k=k)
+        assert spec == plain, f"k={k}"
+        assert len(rounds) - 1 <= len(plain)
+        adaptive, _ = _tokens(be, 5 * WINDOW, prompt, k=k, min_confidence=0.2)
+        assert adaptive == plain
+
+
+def test_oracle_drafts_get_accepted_and_stay_lossless(pair):
+    """Long accepted runs (the real tiny drafters get few accepted) with random rejections, and an EOS that
+    arrives inside an accepted draft: the output stops right there."""
+    _, t, d, make = pair
+    be = make(128, drafter=False)
+    plain, _ = _tokens(be, 6 * WINDOW, PROMPT)
+    for seed in range(2):
+        oracle = OracleDrafter(be, plain, len(PROMPT), corrupt=0.25, seed=seed)
+        got, rounds = _tokens(oracle, 6 * WINDOW, PROMPT, k=5)
+        assert got == plain and sum(r.accepted for r in rounds) > 2 * WINDOW
+    j = next(j for j in range(6, len(plain)) if plain.index(plain[j]) == j)  # first seen mid-way
+    oracle = OracleDrafter(be, plain, len(PROMPT), corrupt=0.0, seed=0)
+    got, rounds = _tokens(oracle, 6 * WINDOW, PROMPT, k=5, eos={plain[j]})
+    assert got == plain[:j + 1] and rounds[-1].finish == "eos"
+
+
+def test_fused_greedy_draft_equals_the_generic_policy(pair):
+    _, t, d, make = pair
+    be = make()
+    if be.fused_greedy_draft is None:
+        pytest.skip("this backend drafts through the generic policy only")
+    logits, h = be.start(PROMPT)
+    bonus = be.ops.tokens([be.ops.to_list(be.ops.argmax(logits))[0]])
+    fused = be.ops.to_list(be.fused_greedy_draft(bonus, h, 5))
+    fast, be.fused_greedy_draft = be.fused_greedy_draft, None
+    try:
+        assert be.ops.to_list(draft(be, bonus, h, 5, SamplingParams()).tokens) == fused
+    finally:
+        be.fused_greedy_draft = fast
+
+
+def test_rollback_and_context_errors(pair):
+    _, t, d, make = pair
+    be = make(32)
+    be.start(PROMPT[:10])
+    with pytest.raises(MtpkitError, match="roll ?back"):
+        be.rollback(11)  # forward: nothing to keep
+    with pytest.raises(MtpkitError, match="context full"):
+        be.verify(be.ops.tokens(list(range(3, 26))))
+    with pytest.raises(MtpkitError, match="does not fit"):
+        be.start(list(range(3, 40)))
+    # a generation that fills the context stops cleanly ("context"), still equal to plain decoding
+    spec, rounds = _tokens(be, 100, PROMPT[:10], k=5)
+    plain, _ = _tokens(make(32, drafter=False), 100, PROMPT[:10])
+    assert spec == plain and rounds[-1].finish == "context" and len(spec) == 32 - 10 + 1
+
+
+def chi2_999(df: int) -> float:
+    """The 99.9 % quantile of chi-square with df degrees of freedom (Wilson-Hilferty; within 1 % for df >= 5)."""
+    z = 3.0902
+    return df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
+
+
+def test_sampled_loop_emits_the_backends_own_target_distribution(pair):
+    """2,000 short generations, each: a sampled first token, then one speculative round of 3 drafts. The second
+    emitted token must follow sum_t p(t) p(. | t), computed from the same backend's own logits. At T = 0.1 the
+    tiny target puts ~0.4 on one token while its random drafter is flat: drafts are accepted sometimes (the
+    ratio test) and rejected often (the residual max(0, p - q), over the candidates only for the centroid head)."""
+    _, t, d, make = pair
+    be = make(32)
+    sp = SamplingParams(temperature=0.1)
+    prompt = [2, 270, 271]
+    p1 = _np(probs(be.ops, be.start(prompt)[0], sp))
+    expected = np.zeros(t.config.vocab_size)
+    for tok in np.flatnonzero(p1 > 1e-6):
+        expected += p1[tok] * _np(probs(be.ops, be.start(prompt + [int(tok)])[0], sp))
+    n = 2000
+    counts = np.zeros_like(expected)
+    accepted = 0
+    for seed in range(n):
+        rounds = list(generate(be, prompt, GenerationParams(5, sp, 3, seed=seed), set()))
+        counts[rounds[1].tokens[0]] += 1
+        accepted += rounds[1].accepted
+    assert accepted > 20  # the ratio test accepted drafts, the residual supplied the rest
+    exp = n * expected / expected.sum()
+    big = exp >= 5  # pool the cells expected below 5
+    cells, want = np.append(counts[big], counts[~big].sum()), np.append(exp[big], exp[~big].sum())
+    chi2 = float(((cells - want) ** 2 / want).sum())
+    assert chi2 < chi2_999(len(cells) - 1), f"chi2 {chi2:.1f} over {len(cells) - 1} degrees of freedom"
+
+
+def test_backend_info_is_typed(pair):
+    name, t, d, make = pair
+    info = make().info()
+    assert info.name == name and info.target_config.vocab_size == 300 and info.drafter_head in HEADS
+    assert info.target_params > 0 and info.drafter_bytes > 0
+    json.dumps(info.to_dict())
