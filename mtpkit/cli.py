@@ -198,7 +198,7 @@ def _register_bench() -> None:
     app.command("profile-device", help="Measure this machine into a device profile JSON.")(
         one_line_errors(profile_device_command))
     from mtpkit.export.cli import export_command
-    app.command("export", help="Export target + drafter (mlx) and check the target against the reference.")(
+    app.command("export", help="Export target + drafter (mlx, gguf) and check the target against the reference.")(
         one_line_errors(export_command))
 
 

@@ -1,5 +1,7 @@
 """Where mtpkit caches things ($MTPKIT_CACHE, else $XDG_CACHE_HOME/mtpkit, else ~/.cache/mtpkit), and the one
-way it writes a directory so that a reader never sees half of it (`atomic_dir`)."""
+way it writes anything so that a reader never sees half of it: a file (`atomic_file`, `atomic_write`), a directory
+(`atomic_dir`), or a set of entries of an output directory (`atomic_entries`). Each fills a temporary beside its
+destination and renames it into place only on success; on any error the temporary is removed."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 
@@ -29,16 +31,91 @@ def swap_dir(tmp: Path, dest: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(dest: Path) -> Iterator[Path]:
-    """Yield a fresh directory beside `dest` to fill; on success it replaces `dest`, on any error it is removed."""
+def atomic_dir(dest: Path, keep_existing: bool = False) -> Iterator[Path]:
+    """Yield a fresh directory beside `dest` to fill; on success it replaces `dest`, on any error it is removed.
+
+    keep_existing: a cache entry that another process may have published meanwhile: theirs is kept, ours dropped
+    (replacing it would pull a directory from under its readers)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the result is an ordinary directory
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the result is an ordinary directory
     try:
         yield tmp
-        swap_dir(tmp, dest)
+        if not keep_existing:
+            swap_dir(tmp, dest)
+        else:
+            try:
+                os.replace(tmp, dest)  # fails if dest exists and is not empty
+            except OSError:
+                if not dest.is_dir():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+@contextlib.contextmanager
+def atomic_file(dest: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `dest` (an empty file) for a writer to fill; on success it replaces `dest`,
+    on any error it is removed. For writers that take a path (safetensors, a compiler, savefig)."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; the result is an ordinary file
+        yield tmp
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write(dest: Path, data: bytes | str) -> None:
+    """Write `data` (str: as UTF-8) to `dest` atomically."""
+    with atomic_file(Path(dest)) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+
+
+@contextlib.contextmanager
+def atomic_entries(dest: Path, names: Sequence[str]) -> Iterator[Path]:
+    """Yield an empty staging directory to fill with entries called `names` (files or directories) for the output
+    directory `dest`; on success each replaces `dest/name` atomically, in the order of `names`, and a name the
+    staging directory lacks is removed from `dest` (a stale file of an earlier run would be read as this one's).
+    Other entries of `dest` are left alone. On any error nothing in `dest` changes (a `dest` this call created is
+    removed again). The staging directory lives in `dest`, so every rename stays on one filesystem."""
+    dest = Path(dest)
+    created = not dest.exists()
+    dest.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=dest))
+    try:
+        yield stage
+        extra = sorted(p.name for p in stage.iterdir() if p.name not in names)
+        if extra:
+            raise RuntimeError(f"atomic_entries: {extra} staged for {dest} but not named")
+        for name in names:
+            src, dst = stage / name, dest / name
+            if src.is_dir():
+                swap_dir(src, dst)
+            elif src.exists():
+                os.replace(src, dst)
+            elif dst.is_dir():
+                shutil.rmtree(dst)
+            elif dst.exists():
+                dst.unlink()
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if created:
+            with contextlib.suppress(OSError):
+                dest.rmdir()  # only if still empty
+        raise
+    shutil.rmtree(stage, ignore_errors=True)

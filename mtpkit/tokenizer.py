@@ -15,10 +15,10 @@ import json
 import operator
 import os
 import struct
-import tempfile
 from pathlib import Path
 
 from mtpkit.errors import MtpkitError
+from mtpkit.paths import atomic_write
 
 _FORMAT = "mtpkit-spm-v1"  # bump when the proto layout below changes (invalidates the cache)
 _SPACE = "\u2581"
@@ -68,20 +68,6 @@ def _vocab_key(tokens, scores, token_types, ids, add_space_prefix) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 class Tokenizer:
     """Text <-> token ids.  Build with ``from_gguf``, ``from_gguf_fields`` or ``from_sentencepiece``."""
 
@@ -122,7 +108,7 @@ class Tokenizer:
         except Exception as e:
             raise MtpkitError(f"cannot build SentencePiece model from tokenizer metadata: {e}") from e
         try:
-            _atomic_write(path, data)
+            atomic_write(path, data)
         except OSError:
             path = None  # read-only cache dir: fine, just slower next time
         return cls(sp, ids[0], ids[1], add_bos, ids[3], path)

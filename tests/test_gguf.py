@@ -152,5 +152,5 @@ def test_gguf_bad_input_writes_nothing(tmp_path):
     fails_cleanly(["export", "--format", "gguf", "--target", str(src), "--drafter", str(tmp_path / "d2"),
                    "--out", str(tmp_path / "o3")], "key_value_heads")
     fails_cleanly(["export", "--format", "gguf", "--target", str(src), "--quant", "q3_x", "--drafter", "none",
-                   "--out", str(tmp_path / "o4")], "not a GGUF type")
+                   "--out", str(tmp_path / "o4")], "not accepted by --format gguf")
     fails_cleanly(["run", "x", "--backend", "llamacpp", "--target", str(tmp_path / "nope.gguf")], "needs a target .gguf")

@@ -132,14 +132,14 @@ def test_export_and_run_cli(tmp_path):
     assert out["plain"]["identical"] and out["drafter"].endswith("drafter") and len(out["tokens"]) == 12
     if t.config.hidden_size % 64:
         fails_cleanly(["export", "--format", "mlx", "--target", str(gguf), "--drafter", "none",
-                        "--out", str(tmp_path / "q"), "--quant", "8"], "not a multiple")
+                        "--out", str(tmp_path / "q"), "--quant", "int8"], "not a multiple")
         assert not (tmp_path / "q").exists()
     # quantized export of a target whose matrices fit MLX's groups of 64; mlx-lm loads it
     t64 = tiny_target(5, vocab_size=288, num_hidden_layers=2, layer_types=[SLIDING, FULL], hidden_size=64,
                       intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                       final_logit_softcapping=None)
     res = r.invoke(app, ["export", "--format", "mlx", "--target", str(write_gguf(t64, tmp_path / "t64.gguf")),
-                         "--drafter", "none", "--out", str(tmp_path / "q"), "--quant", "8", "--json"])
+                         "--drafter", "none", "--out", str(tmp_path / "q"), "--quant", "int8", "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "q" / "target" / "config.json").read_text())["quantization"]["bits"] == 8
     assert json.loads(res.output.strip().splitlines()[-1])["vs_reference"]["argmax_agreement"] >= 0.5
@@ -152,7 +152,7 @@ def test_export_bad_input(tmp_path):
     gguf = write_gguf(t, tmp_path / "t.gguf")
     base = ["export", "--target", str(gguf), "--drafter", "none", "--out", str(tmp_path / "o")]
     fails_cleanly(base + ["--format", "tflite"], "not available")
-    fails_cleanly(base + ["--format", "mlx", "--quant", "3"], "--quant must be one of")
+    fails_cleanly(base + ["--format", "mlx", "--quant", "3"], "accepted: none, int8, int4")
     odd = tiny_target(0, vocab_size=288, num_hidden_layers=3, layer_types=[FULL, SLIDING, FULL],
                       final_logit_softcapping=None)
     fails_cleanly(["export", "--format", "mlx", "--target", str(write_gguf(odd, tmp_path / "odd.gguf")),

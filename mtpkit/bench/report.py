@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from mtpkit.paths import atomic_file
+
 
 def _f(x: float | None, fmt: str) -> str:
     return "-" if x is None else format(x, fmt)
@@ -105,8 +107,8 @@ def plot(doc: dict[str, Any], path: str | os.PathLike) -> None:
                  fontsize=10)
     fig.tight_layout()
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.stem}.tmp{p.suffix}")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, p)
+    try:
+        with atomic_file(p) as tmp:
+            fig.savefig(tmp, dpi=110, format=p.suffix[1:] or "png")
+    finally:
+        plt.close(fig)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mtpkit.errors import MtpkitError
+from mtpkit.paths import atomic_write
 
 SCHEMA = "mtpkit.bench/1"
 SUMMARY_KEYS = ("tok_per_s", "speedup", "tau", "acceptance", "c", "verify_rel", "peak_rss_mb", "rss_growth_mb",
@@ -36,8 +37,4 @@ def check_document(doc: Any, where: str = "document") -> None:
 
 def write_json(doc: dict[str, Any], path: str | os.PathLike) -> None:
     """Write atomically: a reader never sees half a document."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    os.replace(tmp, p)
+    atomic_write(Path(path), json.dumps(doc, indent=2))

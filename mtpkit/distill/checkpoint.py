@@ -21,11 +21,11 @@ from typing import Any
 
 import torch
 
-from mtpkit.distill.data import atomic_save_tensors, atomic_write_text
+from mtpkit.distill.data import atomic_save_tensors
 from mtpkit.errors import MtpkitError
 from mtpkit.model.drafter import DrafterModel
 from mtpkit.model.load import load_state, read_safetensors, save_drafter
-from mtpkit.paths import atomic_dir
+from mtpkit.paths import atomic_dir, atomic_write
 
 _FIELDS = ("step", "exp_avg", "exp_avg_sq")
 
@@ -48,7 +48,7 @@ def write_last(out: Path, drafter: DrafterModel, opt: torch.optim.Optimizer, sta
     with atomic_dir(out / "last") as tmp:
         save_drafter(drafter, tmp / "drafter", meta=meta)
         atomic_save_tensors(tmp / "state.safetensors", tensors)
-        atomic_write_text(tmp / "state.json", json.dumps(state, indent=2))
+        atomic_write(tmp / "state.json", json.dumps(state, indent=2))
     return out / "last"
 
 
@@ -108,7 +108,7 @@ def trim_log(out: Path, step: int) -> None:
         limit = step if rec.get("kind") == "train" else step + 1
         if rec.get("step", 0) < limit:
             keep.append(line)
-    atomic_write_text(path, "".join(x + "\n" for x in keep))
+    atomic_write(path, "".join(x + "\n" for x in keep))
 
 
 def read_log(out: Path, kind: str = "train") -> list[dict[str, Any]]:

@@ -119,8 +119,8 @@ class DistillConfig:
         return cls(**d)
 
     def save(self, path: Path) -> None:
-        from mtpkit.distill.data import atomic_write_text
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2))
+        from mtpkit.paths import atomic_write
+        atomic_write(path, json.dumps(self.to_dict(), indent=2))
 
     @classmethod
     def load(cls, path: Path) -> DistillConfig:

@@ -15,11 +15,8 @@ keeps its finished shards. Hidden states and K/V are never stored: training reco
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,35 +26,15 @@ import torch
 
 from mtpkit.distill.objective import Batch
 from mtpkit.errors import MtpkitError
+from mtpkit.paths import atomic_file, atomic_write
 
 FORMAT = 1
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 @dataclass
@@ -229,7 +206,7 @@ def ensure_data(data_dir: Path, settings: dict, *, model, tokenizer, sources: Ca
                  "shards": [{"file": f"shard-{j:05d}.safetensors", "split": sp, "first": s, "end": e}
                             for j, (sp, s, e) in enumerate(plan)],
                  "excluded_windows_rank0": stats["excluded"]}
-        atomic_write_text(index_path, json.dumps(index, indent=2))
+        atomic_write(index_path, json.dumps(index, indent=2))
     dist.barrier()
     if not complete:
         return None

@@ -27,11 +27,12 @@ import torch
 
 from mtpkit.distill import checkpoint as ckpt
 from mtpkit.distill.config import DistillConfig
-from mtpkit.distill.data import Dataset, Rows, atomic_write_text, data_key, ensure_data
+from mtpkit.distill.data import Dataset, Rows, data_key, ensure_data
 from mtpkit.distill.dist import Dist
 from mtpkit.distill.objective import Objective, acceptance_sums, distill_step, round_mask, summarize
 from mtpkit.distill.progress import TrainProgress
 from mtpkit.errors import MtpkitError
+from mtpkit.paths import atomic_write
 
 
 @dataclass
@@ -236,7 +237,7 @@ def _run(cfg: DistillConfig, out: Path, opts: RunOptions, dist: Dist, t0: float,
     summary = {"out": str(out), **_Trainer(cfg, out, opts, dist, target, data, data_key(settings)).run(deadline),
                "elapsed_s": round(time.monotonic() - t0, 1)}
     if dist.main:
-        atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+        atomic_write(out / "summary.json", json.dumps(summary, indent=2))
     return summary
 
 

@@ -1,2 +1,72 @@
 """Exporters: each writes a format from the reference weights and checks it against the reference.
-Heavy dependencies (mlx, gguf, coremltools, onnx) are imported inside each exporter."""
+
+One module per format, found by name in `FORMATS` (`mtpkit export --format NAME`). Every format module has the
+same shape:
+
+    QUANTS: tuple[str, ...]   the `--quant` values it accepts: always `COMMON_QUANTS` (none | int8 | int4), then
+                              its own names (GGUF: source, f32, q8_0, q4_k_m, ...)
+    export(target: str, drafter: str | None, out: Path, *, quant: str | None, dtype: str | None,
+           **format_options) -> dict
+                              writes everything through a staging directory (`mtpkit.paths.atomic_entries`),
+                              checks the exported target against the reference before anything lands in OUT,
+                              returns a JSON-able result: format, out, quant, wrote (human list of what it
+                              wrote), vs_reference (compare_logits), probe_tokens, seconds, plus its own keys
+    check_target(ref, path, tokens, tolerance, what) -> dict
+                              its parity check: the format's runtime vs the float32 reference through
+                              `mtpkit.export.parity.compare_logits`, which raises beyond the tolerance
+
+Heavy dependencies (torch, mlx, gguf, llama_cpp, coremltools, onnx) are imported inside the functions that need
+them: a format module imports without any of them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+from mtpkit.errors import MtpkitError
+
+FORMATS = {"mlx": "mtpkit.export.mlx", "gguf": "mtpkit.export.gguf"}  # coreml, onnx: a module each, added here
+
+# the --quant values every format accepts; `none` = no quantization added by the export (each format says what
+# it writes then), int8 / int4 = the format's usual 8- and 4-bit weights
+COMMON_QUANTS = ("none", "int8", "int4")
+
+
+def export_module(name: str) -> ModuleType:
+    """The module of export format `name` (see FORMATS)."""
+    if name not in FORMATS:
+        raise MtpkitError(f"export format {name!r} is not available (have: {', '.join(FORMATS)}; coreml, onnx: "
+                          "not built yet)")
+    return importlib.import_module(FORMATS[name])
+
+
+def check_quant(fmt: str, quant: str | None, accepted: Sequence[str]) -> str:
+    """`--quant` for format `fmt` -> its value (None -> "none"); anything else is one line listing `accepted`.
+    Called before the (slow) target load."""
+    q = "none" if quant is None else quant
+    if q in accepted:
+        return q
+    if q in ("4", "8"):  # the bits of MLX's earlier --quant
+        raise MtpkitError(f"--quant {q}: write --quant int{q} (--format {fmt} accepts: {', '.join(accepted)})")
+    raise MtpkitError(f"--quant {q!r} is not accepted by --format {fmt} (accepted: {', '.join(accepted)})")
+
+
+def no_options(fmt: str, options: dict[str, Any]) -> None:
+    """Refuse format options (CLI flags of other formats) that `fmt` does not take."""
+    if options:
+        flags = ", ".join("--" + k.replace("_", "-") for k in options)
+        raise MtpkitError(f"{flags}: not an option of --format {fmt}")
+
+
+def summary_line(res: dict[str, Any]) -> str:
+    """One human line from any format's export result."""
+    v = res["vs_reference"]
+    line = (f"wrote {' and '.join(res['wrote'])}; target vs reference over {res['probe_tokens']} tokens: max |logit "
+            f"diff| {v['max_abs_logit_diff']:.3g} (tolerance {v['tolerance']}), argmax agreement "
+            f"{100 * v['argmax_agreement']:.0f}%")
+    if res.get("drafter_check"):
+        line += f"; drafter step vs reference: max |logit diff| {res['drafter_check']['max_abs_logit_diff']:.3g}"
+    return line + f"; {res['seconds']} s"

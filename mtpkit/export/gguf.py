@@ -6,31 +6,39 @@
     DIR/drafter.gguf  arch `gemma4-assistant`, the keys and tensors llama.cpp's loader for that arch reads
                       (see `drafter_tensors`)
 
+--quant: the common values `none` (default: a GGUF target's own tensors byte for byte, i.e. `source`; any other
+target in f32), `int8` (= q8_0) and `int4` (= q4_k_m), or a GGUF type by name (`QUANTS`).
 Quantization: `f32 f16 bf16 q8_0 q5_0 q5_1 q4_0 q4_1` are written by the `gguf` package's numpy quantizers;
 the K-quants (`q4_k_m q5_k_m q6_k ...`) are made by llama.cpp's own quantizer (llama-cpp-python's
 `llama_model_quantize`) from an F32 file, which, like llama.cpp's tool, picks the per-tensor mix and falls back
 for rows that are not a multiple of 256. 1-D tensors (norms, scalars) always stay F32. A tensor whose rows
-the numpy quantizer cannot split into blocks is an error before anything is written.
+the numpy quantizer cannot split into blocks is an error before anything is written. Imports without torch.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from mtpkit.errors import MtpkitError
+from mtpkit.export import COMMON_QUANTS, check_quant, no_options
+from mtpkit.export.parity import compare_logits, probe_tokens, reference_logits
 from mtpkit.model.config import FULL, SLIDING, GemmaConfig
-from mtpkit.model.load import canonical_to_gguf
+from mtpkit.paths import atomic_entries
 
 NUMPY_QUANTS = ("source", "f32", "f16", "bf16", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1")
 # llama.cpp's ftype names (llama_ftype) for the quantizer it ships; values from llama.h
 LLAMA_QUANTS = {"q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18, "q3_k_m": 12, "q2_k": 10}
-QUANTS = NUMPY_QUANTS + tuple(LLAMA_QUANTS)
+TYPES = NUMPY_QUANTS + tuple(LLAMA_QUANTS)
+QUANTS = COMMON_QUANTS + TYPES
+COMMON_TYPES = {"int8": "q8_0", "int4": "q4_k_m"}  # none: gguf_type
+OUTPUTS = ("target.gguf", "drafter.gguf", "tokenizer.model", "target.json", "export.json")  # what OUT gets, in order
 
 
 def _qtype(name: str):
@@ -41,10 +49,15 @@ def _qtype(name: str):
             "q4_0": gguf.GGMLQuantizationType.Q4_0, "q4_1": gguf.GGMLQuantizationType.Q4_1}[name]
 
 
-def check_quant(quant: str) -> None:
-    if quant not in QUANTS:
-        raise MtpkitError(f"--quant {quant!r} is not a GGUF type mtpkit writes (have: {', '.join(QUANTS)})")
-    if quant in LLAMA_QUANTS:
+def gguf_type(quant: str, source: dict[str, Any]) -> str:
+    """--quant (QUANTS) -> the GGUF type written for the target (`source`: the loaded target's source info)."""
+    if quant == "none":
+        return "source" if source.get("kind") == "gguf" else "f32"
+    return COMMON_TYPES.get(quant, quant)
+
+
+def check_llama_quantizer(quant: str) -> None:
+    if COMMON_TYPES.get(quant, quant) in LLAMA_QUANTS:
         try:
             import llama_cpp  # noqa: F401
         except ImportError:
@@ -225,6 +238,7 @@ def target_kv(c: GemmaConfig) -> list[tuple[str, Any, Any]]:
 
 
 def target_tensors(model) -> list[Tensor]:
+    from mtpkit.model.load import canonical_to_gguf
     out = []
     for k, v in model.state_dict().items():
         if "inv_freq" in k:
@@ -235,8 +249,10 @@ def target_tensors(model) -> list[Tensor]:
     return out
 
 
-def check_target(ref, path: Path, tokens: list[int], threads: int = 2) -> dict[str, float]:
-    """The exported target in llama.cpp vs the float32 reference on `tokens`: max |logit diff|, argmax agreement."""
+def check_target(ref, path: Path, tokens: list[int], tolerance: float, what: str = "exported GGUF target",
+                 threads: int = 2) -> dict[str, float]:
+    """The exported target in llama.cpp vs the float32 reference `ref` on `tokens` (parity.compare_logits: raises
+    beyond `tolerance`)."""
     from llama_cpp import Llama
 
     from mtpkit.runtime.llamacpp_backend import quiet_llama_logs
@@ -249,10 +265,7 @@ def check_target(ref, path: Path, tokens: list[int], threads: int = 2) -> dict[s
     llm.eval(tokens)
     got = np.array(llm.scores[:len(tokens)], dtype=np.float32)
     llm.close()
-    with torch.no_grad():
-        want = ref.float()(torch.tensor([tokens])).logits[0].numpy()
-    return {"max_abs_logit_diff": float(np.abs(got - want).max()),
-            "argmax_agreement": float((got.argmax(-1) == want.argmax(-1)).mean())}
+    return compare_logits(reference_logits(ref, tokens), got, tolerance, MIN_ARGMAX, what)
 
 
 def layer_roles(c: GemmaConfig) -> tuple[int, int]:
@@ -387,22 +400,22 @@ def tolerance(quant: str) -> float:
     return TOLERANCE.get(quant, 6.0)
 
 
-def export_gguf(target: str, drafter: str | None, out: Path, quant: str, drafter_quant: str, *,
-                dtype_given: bool = False) -> dict[str, Any]:
-    """Write OUT/target.gguf (+ tokenizer.model, target.json) and OUT/drafter.gguf, load both in llama.cpp and
-    compare with the reference; nothing is left in OUT unless every check passed."""
-    import os
-    import shutil
-    import tempfile
-    import time
-
+def export(target: str, drafter: str | None, out: Path, *, quant: str | None = None, dtype: str | None = None,
+           drafter_quant: str | None = None, **format_options) -> dict[str, Any]:
+    """Write OUT/target.gguf (+ tokenizer.model, target.json), OUT/drafter.gguf and OUT/export.json, load both in
+    llama.cpp and compare with the reference; nothing lands in OUT unless every check passed. Without a drafter a
+    stale OUT/drafter.gguf is removed (it would be picked up as the sibling). drafter_quant: NUMPY_QUANTS but
+    source (default q8_0)."""
     from mtpkit.api import resolve_drafter
     from mtpkit.model.load import load_drafter, load_target
-    if dtype_given:
+    no_options("gguf", format_options)
+    if dtype is not None:
         raise MtpkitError("--dtype is for MLX; GGUF types are chosen with --quant / --drafter-quant")
-    check_quant(quant)
+    quant = check_quant("gguf", quant, QUANTS)
+    check_llama_quantizer(quant)
+    drafter_quant = drafter_quant or "q8_0"
     if drafter_quant not in NUMPY_QUANTS or drafter_quant == "source":
-        raise MtpkitError(f"--drafter-quant must be one of {', '.join(NUMPY_QUANTS)} (got {drafter_quant!r})")
+        raise MtpkitError(f"--drafter-quant must be one of {', '.join(NUMPY_QUANTS[1:])} (got {drafter_quant!r})")
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
@@ -410,69 +423,60 @@ def export_gguf(target: str, drafter: str | None, out: Path, quant: str, drafter
     t0 = time.perf_counter()
     t = load_target(target)
     c = t.config
-    if quant == "source" and t.source.get("kind") != "gguf":
+    gtype = gguf_type(quant, t.source)
+    if gtype == "source" and t.source.get("kind") != "gguf":
         raise MtpkitError("--quant source copies the tensors of a GGUF target; this target is not one (pick a type)")
     dpath = resolve_drafter(target, drafter)
     d = load_drafter(dpath, t.model) if dpath is not None else None
     # every refusal before anything is written
     tk = target_kv(c)
     tt = target_tensors(t.model)
-    ttypes = plan_types(tt, quant)
+    ttypes = plan_types(tt, gtype)
     if d is not None:
         width = drafter_width(d.config.hidden_size, d.config.target_hidden_size)
         dt = drafter_tensors(d, c)
         dtypes = plan_types(dt, drafter_quant)
     reader = source_reader(t.source)  # parsed once: its tokenizer fields and (--quant source) its tensors
     tok_kv = tokenizer_kv(reader, t.tokenizer)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".gguf-export-", dir=out))
-    try:
+    out = Path(out)
+    with atomic_entries(out, OUTPUTS) as tmp:
         tgt = tmp / "target.gguf"
-        if quant == "source":
+        if gtype == "source":
             copy_source_gguf(reader, tgt, tk + tok_kv)
-        elif quant in LLAMA_QUANTS:
+        elif gtype in LLAMA_QUANTS:
             write_gguf(tmp / "target-f32.gguf", "gemma3", tk + tok_kv, tt, ttypes, "mtpkit target (f32)")
             from mtpkit.runtime.llamacpp_backend import quiet_llama_logs
             quiet_llama_logs()
-            llama_quantize(tmp / "target-f32.gguf", tgt, quant)
+            llama_quantize(tmp / "target-f32.gguf", tgt, gtype)
             (tmp / "target-f32.gguf").unlink()
         else:
-            write_gguf(tgt, "gemma3", tk + tok_kv, tt, ttypes, f"mtpkit target ({quant})")
+            write_gguf(tgt, "gemma3", tk + tok_kv, tt, ttypes, f"mtpkit target ({gtype})")
         if t.tokenizer is not None and getattr(t.tokenizer, "model_path", None):
             shutil.copyfile(t.tokenizer.model_path, tmp / "tokenizer.model")
-        (tmp / "target.json").write_text(json.dumps({"quant": quant, "target_config": c.to_dict()}, indent=2))
-        probe = (t.tokenizer.encode("def fibonacci(n):\n    if n < 2:\n        return n\n    return")
-                 if t.tokenizer is not None else list(range(2, 24)))[:32]
-        check = check_target(t.model, tgt, probe)
-        check["tolerance"] = tolerance(quant)
-        if check["max_abs_logit_diff"] > check["tolerance"] or check["argmax_agreement"] < MIN_ARGMAX:
-            raise MtpkitError(f"exported target ({quant}) differs from the reference beyond tolerance: max |logit diff| "
-                              f"{check['max_abs_logit_diff']:.3g} > {check['tolerance']} or argmax agreement "
-                              f"{check['argmax_agreement']:.2f} < {MIN_ARGMAX}; nothing written")
-        res: dict[str, Any] = {"format": "gguf", "out": str(out), "quant": quant, "drafter_quant": drafter_quant,
-                               "vs_reference": check, "probe_tokens": len(probe), "target": describe(tgt),
-                               "drafter": None, "drafter_source": dpath}
+        (tmp / "target.json").write_text(json.dumps({"quant": gtype, "target_config": c.to_dict()}, indent=2))
+        probe = probe_tokens(t.tokenizer)
+        check = check_target(t.model, tgt, probe, tolerance(gtype), what=f"exported target ({gtype})")
+        res: dict[str, Any] = {"format": "gguf", "out": str(out), "quant": gtype, "quant_requested": quant,
+                               "drafter_quant": drafter_quant, "vs_reference": check, "probe_tokens": len(probe),
+                               "target": describe(tgt), "drafter": None, "drafter_source": dpath}
+        res["wrote"] = [f"{out}/target.gguf ({gtype}, {res['target']['mb']} MB)"]
         if d is not None:
             kv = drafter_kv(d.config, c, width) + centroid_kv(d) + tok_kv
             write_gguf(tmp / "drafter.gguf", DRAFTER_ARCH, kv, dt, dtypes, "mtpkit assistant drafter")
             res["drafter"] = {**describe(tmp / "drafter.gguf"), "embedding_length": width,
                               "padded_from": d.config.hidden_size if width != d.config.hidden_size else None}
+            res["wrote"].append(f"{out}/drafter.gguf ({drafter_quant}, {res['drafter']['mb']} MB)")
             res["drafter_check"] = check_drafter(t.model, d, tgt, tmp / "drafter.gguf", probe)
         res["seconds"] = round(time.perf_counter() - t0, 1)
         (tmp / "export.json").write_text(json.dumps(res, indent=2))
-        for f in ("target.gguf", "drafter.gguf", "tokenizer.model", "target.json", "export.json"):
-            if (tmp / f).exists():
-                os.replace(tmp / f, out / f)
-        if d is None and (out / "drafter.gguf").exists():
-            (out / "drafter.gguf").unlink()  # a stale drafter from an earlier export would be picked up as the sibling
-        return res
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return res
 
 
 def check_drafter(ref_target, ref_drafter, target_gguf: Path, drafter_gguf: Path, tokens: list[int]) -> dict[str, Any]:
     """One draft step after `tokens` in llama.cpp (its own dense head; the target's K/V and h from the exported
     target) vs the reference drafter on the reference target: max |logit diff|, argmax equal, |h_next diff|."""
+    import torch
+
     from mtpkit.model.drafter import target_kv as kv_of
     from mtpkit.runtime.llamacpp_backend import LlamaCppBackend
     with torch.no_grad():

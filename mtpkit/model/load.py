@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -219,18 +217,9 @@ def _import_gguf_cached(path: Path) -> tuple[Path, dict[str, Any]]:
     source = {"kind": "gguf", "path": str(path.resolve()), "sha256": digest, "cache": str(out)}
     if (out / "source.json").exists():
         return out, {**json.loads((out / "source.json").read_text()), **source}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".import-", dir=out.parent))
-    try:
+    with atomic_dir(out, keep_existing=True) as tmp:  # another process won the race: keep theirs
         info = import_gguf(path, tmp)
         (tmp / "source.json").write_text(json.dumps({**source, **info}, indent=2))
-        try:
-            os.replace(tmp, out)
-        except OSError:  # another process won the race: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out, {**source, **info}
 
 

@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 
 from mtpkit.errors import MtpkitError
-from mtpkit.paths import cache_dir
+from mtpkit.paths import atomic_file, cache_dir
 
 SHIM = r"""
 typedef int I;
@@ -47,15 +47,13 @@ def _build(lib_dir: str) -> Path:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler (cc/gcc) to build the OpenBLAS shim")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        src, lib = Path(tmp) / "shim.c", Path(tmp) / out.name
+    with atomic_file(out) as lib, tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        src = Path(tmp) / "shim.c"
         src.write_text(SHIM)
         r = subprocess.run([cc, "-O2", "-shared", "-fPIC", str(src), "-o", str(lib), f"-L{lib_dir}", "-lscipy_openblas",
                             f"-Wl,-rpath,{lib_dir}"], capture_output=True, text=True)
         if r.returncode:
             raise RuntimeError(f"building the OpenBLAS shim failed: {r.stderr.strip().splitlines()[-1:]}")
-        os.replace(lib, out)
     return out
 
 
