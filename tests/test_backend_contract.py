@@ -53,14 +53,14 @@ def _make_torch(t, d, tmp, max_len, with_drafter):
 
 
 def _make_llamacpp(t, d, tmp, max_len, with_drafter):
-    from mtpkit.export.gguf import export_gguf
+    from mtpkit.export import gguf
     from mtpkit.model.load import save_drafter
     from mtpkit.runtime.llamacpp_backend import LlamaCppBackend
     from tests.tiny_gguf import write_gguf
     out = tmp / "gguf"
     if not (out / "target.gguf").exists():
         save_drafter(d, tmp / "drafter")
-        export_gguf(str(write_gguf(t, tmp / "src.gguf")), str(tmp / "drafter"), out, "f32", "q8_0")
+        gguf.export(str(write_gguf(t, tmp / "src.gguf")), str(tmp / "drafter"), out, quant="f32", drafter_quant="q8_0")
     return LlamaCppBackend(out / "target.gguf", out / "drafter.gguf" if with_drafter else None, max_len=max_len,
                            threads=1)
 
@@ -233,7 +233,7 @@ def chi2_999(df: int) -> float:
 
 
 def test_sampled_loop_emits_the_backends_own_target_distribution(pair):
-    """2,000 short generations, each: a sampled first token, then one speculative round of 3 drafts. The second
+    """1,000 short generations, each: a sampled first token, then one speculative round of 3 drafts. The second
     emitted token must follow sum_t p(t) p(. | t), computed from the same backend's own logits. At T = 0.1 the
     tiny target puts ~0.4 on one token while its random drafter is flat: drafts are accepted sometimes (the
     ratio test) and rejected often (the residual max(0, p - q), over the candidates only for the centroid head)."""
@@ -245,14 +245,14 @@ def test_sampled_loop_emits_the_backends_own_target_distribution(pair):
     expected = np.zeros(t.config.vocab_size)
     for tok in np.flatnonzero(p1 > 1e-6):
         expected += p1[tok] * _np(probs(be.ops, be.start(prompt + [int(tok)])[0], sp))
-    n = 2000
+    n = 1000
     counts = np.zeros_like(expected)
     accepted = 0
     for seed in range(n):
         rounds = list(generate(be, prompt, GenerationParams(5, sp, 3, seed=seed), set()))
         counts[rounds[1].tokens[0]] += 1
         accepted += rounds[1].accepted
-    assert accepted > 20  # the ratio test accepted drafts, the residual supplied the rest
+    assert accepted > 10  # the ratio test accepted drafts, the residual supplied the rest
     exp = n * expected / expected.sum()
     big = exp >= 5  # pool the cells expected below 5
     cells, want = np.append(counts[big], counts[~big].sum()), np.append(exp[big], exp[~big].sum())

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
+from mtpkit.errors import MtpkitError
 from mtpkit.model.config import FULL, SLIDING
 from tests.conftest import fails_cleanly, tiny_drafter, tiny_target
 from tests.tiny_gguf import write_gguf
@@ -62,59 +62,20 @@ def test_export_target_and_drafter_match_the_reference(tmp_path):
 
 
 @pytest.mark.parametrize("head", ["dense", "centroid"])
-def test_llamacpp_drafter_step_matches_the_reference(tmp_path, head):
-    from mtpkit.model.drafter import draft_step
-    from mtpkit.model.load import load_drafter, load_target
-    from mtpkit.runtime.llamacpp_backend import LlamaCppBackend
-    t = _target()
-    _, out = _export(tmp_path, t, dict(**CENTROID))
-    ref_t = load_target(str(tmp_path / "out-src.gguf"))
-    ref_d = load_drafter(tmp_path / "out-drafter", ref_t.model)
-    ids = [2] + list(range(270, 290))  # 21 tokens: past the window of 8
-    be = LlamaCppBackend(out / "target.gguf", out / "drafter.gguf", head=head, max_len=64, threads=1)
-    try:
-        logits, h = be.start(torch.tensor(ids))
-        with torch.no_grad():
-            cache = ref_t.model.new_cache(64)
-            o = ref_t.model(torch.tensor([ids]), cache)
-            # llama.cpp keeps K/V in q8_0: within a few percent of the float32 reference
-            assert (logits - o.logits[0, -1]).abs().max() < 0.03 * o.logits[0, -1].abs().max()
-            assert (h - o.hidden[0, -1]).abs().max() < 0.03 * o.hidden[0, -1].abs().max()
-            tok = int(o.logits[0, -1].argmax())
-            ref = draft_step(ref_t.model, ref_d, torch.tensor([tok]), o.hidden[:, -1], cache)
-        got, cand, h_next = be._draft_step(tok, o.hidden[0, -1])  # the same h: only the K/V (q8_0) differ
-        assert (h_next - ref.hidden[0, 0]).abs().max() < 0.03 * ref.hidden.abs().max()
-        if head == "dense":
-            want = ref.dense_logits(ref_t.config.vocab_size, float("-inf"))[0, 0]
-            sel = torch.isfinite(want)
-            assert cand is None and got.shape == (300,)
-            assert (got[sel] - want[sel]).abs().max() < 0.03 * want[sel].abs().max()
-        else:
-            assert torch.equal(torch.sort(cand).values, torch.sort(ref.ids[0, 0]).values)
-            order = torch.argsort(cand)
-            want = ref.logits[0, 0][torch.argsort(ref.ids[0, 0])]
-            assert (got[order] - want).abs().max() < 0.03 * want.abs().max()
-    finally:
-        be.close()
-
-
-@pytest.mark.parametrize("head", ["dense", "centroid"])
-def test_llamacpp_speculative_equals_plain_past_the_window(tmp_path, head):
+def test_llamacpp_loads_the_sibling_drafter_and_its_calibration(tmp_path, head):
+    """Parity, losslessness and sampling are in tests/test_backend_contract.py; this checks the loader."""
     import mtpkit
     t = _target()
     _, out = _export(tmp_path, t, dict(**CENTROID, draft_temperature=0.7))
-    s = mtpkit.load(str(out / "target.gguf"), backend="llamacpp", max_len=128, llamacpp={"threads": 1, "head": head})
+    s = mtpkit.load(str(out / "target.gguf"), backend="llamacpp", max_len=128, threads=1, head=head)
     assert s.drafter_path == str(out / "drafter.gguf")  # the sibling drafter.gguf
     assert s.draft_temperature == pytest.approx(0.7)  # the drafter's calibration travels in the GGUF
-    for prompt in ([2, 270, 271, 272], [2] + list(range(275, 295))):
-        plain = s.generate(prompt, max_new_tokens=40, use_drafter=False)
-        for k in (1, 3, 5):
-            spec = s.generate(prompt, max_new_tokens=40, num_draft_tokens=k, min_confidence=None)
-            assert spec.tokens == plain.tokens  # 40+ tokens past a window of 8: rollback must be exact
-            assert spec.stats.target_forwards <= plain.stats.target_forwards
-    # sampling runs and stays within the vocabulary
-    r = s.generate([2, 270], max_new_tokens=20, temperature=1.0, num_draft_tokens=3, seed=1)
-    assert len(r.tokens) == 20 and all(0 <= x < 300 for x in r.tokens)
+    info = s.backend.info()
+    assert info.name == "llamacpp" and info.threads == 1 and info.drafter_head == head
+    plain = s.generate([2, 270, 271], max_new_tokens=20, use_drafter=False)
+    assert s.generate([2, 270, 271], max_new_tokens=20, num_draft_tokens=3).tokens == plain.tokens
+    with pytest.raises(MtpkitError, match="no option 'dtype'"):
+        mtpkit.load(str(out / "target.gguf"), backend="llamacpp", dtype="float32")
 
 
 def test_run_cli_on_llamacpp(tmp_path):

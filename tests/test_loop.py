@@ -99,29 +99,39 @@ def _chi2(counts: torch.Tensor, expected: torch.Tensor) -> float:
 CHI2_999 = {7: 24.32, 15: 37.70}  # 99.9 % quantiles (df = V - 1)
 
 
-def test_rejection_sampling_preserves_the_target_distribution():
-    """100k rounds on an 8-token vocabulary: the first two emitted tokens are distributed as p."""
-    V, k, N = 8, 3, 100_000
-    g = torch.Generator().manual_seed(0)
-    p = torch.rand(k + 1, V, generator=g).pow(3)
-    p /= p.sum(-1, keepdim=True)
-    q = torch.rand(k, V, generator=g).pow(3)
-    q[:, 0] = 0  # the drafter can never propose token 0: the residual must supply it
-    q /= q.sum(-1, keepdim=True)
-    first = torch.zeros(V)
-    second = torch.zeros(V)
-    n_second = 0
+@pytest.mark.parametrize("ops_name,sparse", [("numpy", False), ("numpy", True), ("torch", False), ("torch", True)])
+def test_rejection_sampling_preserves_the_target_distribution(ops_name, sparse):
+    """60k rounds on an 8-token vocabulary, with numpy's and torch's ops, q dense or over 5 candidates per step
+    (the centroid head's sparse q): the first two emitted tokens are distributed as p."""
+    import numpy as np
+
+    from mtpkit.runtime.ops import NumpyOps
+    V, k, N = 8, 3, 60_000
+    g = np.random.default_rng(0)
+    p = g.random((k + 1, V)) ** 3
+    p /= p.sum(-1, keepdims=True)
+    ids = np.stack([g.permutation(np.arange(1, V))[:5] for _ in range(k)])  # token 0 is never a candidate
+    qc = g.random((k, 5)) ** 3
+    qc /= qc.sum(-1, keepdims=True)
+    q = qc if sparse else np.zeros((k, V))
+    if not sparse:
+        np.put_along_axis(q, ids, qc, axis=1)
+    ops = NumpyOps() if ops_name == "numpy" else TorchBackend(tiny_target(0), None, max_len=8).ops
+    arr = (lambda x: x) if ops_name == "numpy" else torch.from_numpy
+    rng = ops.generator(0)
+    P, Q, IDS = arr(p.astype(np.float32)), arr(q.astype(np.float32)), arr(ids) if sparse else None
+    first, second = np.zeros(V), np.zeros(V)
     for _ in range(N):
-        drafts = torch.multinomial(q, 1, generator=g)[:, 0]
-        n, nxt = accept_rejection(drafts, q, p, g)
+        picks = (g.random((k, 1)) > qc.cumsum(-1)).sum(-1).clip(max=4)  # draft i drawn from q_i
+        drafts = ids[np.arange(k), picks]
+        n, nxt = accept_rejection(ops, arr(drafts), arr(picks if sparse else drafts), Q, IDS, P, rng)
         toks = drafts[:n].tolist() + [nxt]
         first[toks[0]] += 1
         if len(toks) > 1:
             second[toks[1]] += 1
-            n_second += 1
-    assert _chi2(first, N * p[0]) < CHI2_999[7]
+    assert _chi2(torch.from_numpy(first), N * torch.from_numpy(p[0])) < CHI2_999[7]
     # given an accepted first draft, the second token follows p[1]
-    assert _chi2(second, n_second * p[1]) < CHI2_999[7]
+    assert _chi2(torch.from_numpy(second), second.sum() * torch.from_numpy(p[1])) < CHI2_999[7]
 
 
 @pytest.mark.parametrize("draft_temperature", [1.0, 0.6])
@@ -132,16 +142,16 @@ def test_sampled_loop_matches_target_distribution(draft_temperature):
     drafter = tiny_drafter(target, 3)
     prompt = [1, 2, 3]
     sp = SamplingParams(temperature=1.3, top_k=12, top_p=0.95)
-    with torch.no_grad():
-        p1 = probs(target(torch.tensor([prompt])).logits[0, -1], sp)
-        cont = torch.tensor([[*prompt, t] for t in range(16)])
-        p2 = probs(target(cont).logits[:, -1], sp)
-    expected = (p1[:, None] * p2).sum(0)
     be = TorchBackend(target, drafter, max_len=16, max_draft=3)
+    with torch.no_grad():
+        p1 = probs(be.ops, target(torch.tensor([prompt])).logits[0, -1], sp)
+        cont = torch.tensor([[*prompt, t] for t in range(16)])
+        p2 = probs(be.ops, target(cont).logits[:, -1], sp)
+    expected = (p1[:, None] * p2).sum(0)
     counts = torch.zeros(16)
     N = 6000
     for s in range(N):
-        out, _ = _run(be, prompt, set(), max_new_tokens=2, num_draft_tokens=3, seed=s,
+        out, _ = _run(be, prompt, set(), max_new_tokens=5, num_draft_tokens=3, seed=s,
                       sampling=sp, draft_temperature=draft_temperature)
         counts[out[1]] += 1
     assert _chi2(counts, N * expected) < CHI2_999[15]

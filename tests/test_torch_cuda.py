@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mtpkit.model.config import FULL, SLIDING
+from mtpkit.runtime.draft import draft
 from mtpkit.runtime.loop import GenerationParams, generate
 from mtpkit.runtime.torch_backend import TorchBackend
 from tests.conftest import tiny_drafter, tiny_target
@@ -41,8 +42,8 @@ def test_graphs_draft_and_decode_like_the_uncaptured_path(seed):
     sp = GenerationParams().sampling
     drafts = []
     for be in (eager, graphs):  # the same drafts, for every draft length, from one state
-        logits, h = be.start(torch.tensor(prompt, device="cuda"))
-        drafts.append([be.draft(logits.argmax(), h, j, sp, None).tokens.tolist() for j in range(1, k + 1)])
+        logits, h = be.start(list(prompt))
+        drafts.append([draft(be, logits.argmax(), h, j, sp).tokens.tolist() for j in range(1, k + 1)])
     assert drafts[0] == drafts[1]
 
 def test_compiled_drafter_keeps_greedy_output():
