@@ -201,10 +201,11 @@ def test_mlx_export_and_backend_on_the_real_target(real, tmp_path):
     assert check["argmax_agreement"] == 1.0 and check["max_abs_logit_diff"] < 0.2
     mb = MLXBackend(tmp_path / "target", tmp_path / "drafter", max_len=256)
     tb = TorchBackend(real.model.float(), d, max_len=256)
-    (la, ha), (_, hb) = mb.start(torch.tensor(ids)), tb.start(torch.tensor(ids))
-    bonus = torch.tensor(int(la.argmax()))
-    a = mb.draft(bonus, ha, 5, SamplingParams(), None).tokens.tolist()
-    b = tb.draft(bonus, hb, 5, SamplingParams(), None).tokens.tolist()
+    from mtpkit.runtime.draft import draft
+    (la, ha), (_, hb) = mb.start(ids), tb.start(ids)
+    bonus = int(la.argmax())
+    a = draft(mb, mb.ops.tokens([bonus]), ha, 5, SamplingParams()).tokens.tolist()
+    b = draft(tb, tb.ops.tokens([bonus]), hb, 5, SamplingParams()).tokens.tolist()
     print(f"[mlx drafts] {a} vs torch {b}")
     assert a[:3] == b[:3]
     eos = {real.config.eos_token_id}
@@ -227,7 +228,7 @@ def test_gguf_export_and_llamacpp_backend_on_the_real_target(real, tmp_path):
     assert res["drafter_check"]["argmax_equal"] and res["drafter"]["embedding_length"] == 672
     for head in ("centroid", "dense"):
         s = mtpkit.load(str(tmp_path / "g" / "target.gguf"), backend="llamacpp", max_len=512,
-                        llamacpp={"threads": 2, "head": head})
+                        threads=2, head=head)
         for prompt in ("def fibonacci(n):\n    ", "Write a short poem about the sea."):
             plain = s.generate(prompt, max_new_tokens=48, use_drafter=False)
             spec = s.generate(prompt, max_new_tokens=48, num_draft_tokens=4, min_confidence=None)
