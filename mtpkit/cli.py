@@ -45,6 +45,12 @@ def one_line_errors(fn: Callable) -> Callable:
         except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
             typer.echo(f"error: {e.strerror or e}: {e.filename}", err=True)
             raise typer.Exit(2) from None
+        except ModuleNotFoundError as e:
+            if e.name != "torch":
+                raise
+            typer.echo("error: this needs PyTorch (pip install 'mtpkit[torch]'); exported pairs run without it: "
+                       "--backend llamacpp|mlx", err=True)
+            raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
