@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mtpkit.errors import MtpkitError
+from mtpkit.runtime.gate import RoundCosts
 from mtpkit.runtime.loop import GenerationParams, Round, generate
 from mtpkit.runtime.sampling import SamplingParams
 
@@ -95,6 +96,7 @@ class Session:
         self.tokenizer = tokenizer
         self.config = target_config
         self.drafter_path = drafter_path
+        self.costs = {True: RoundCosts(), False: RoundCosts()}  # the gate's round timings, greedy / sampled
         self.eos = {target_config.eos_token_id}
         if tokenizer is not None:
             self.eos.add(tokenizer.eos_id)
@@ -114,10 +116,13 @@ class Session:
     def stream(self, prompt: str | list[int], max_new_tokens: int = 128, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, seed: int = 0, num_draft_tokens: int = 4,
                min_confidence: float | str | None = "auto", stats: Stats | None = None,
-               use_drafter: bool = True, draft_temperature: float | None = None) -> Iterator[Round]:
+               use_drafter: bool = True, draft_temperature: float | None = None, gate: bool = True
+               ) -> Iterator[Round]:
         """Yield one Round per target forward; pass a Stats to have it filled as you go.
 
         use_drafter=False decodes plainly through the same loop (the baseline of every speedup).
+        gate (default): each round drafts the k in 0..num_draft_tokens that the online gate expects to be fastest
+        (runtime/gate.py; k = 0 is a plain step); gate=False drafts num_draft_tokens every round.
         min_confidence (adaptive drafting): stop a draft once the drafter's top probability falls below it.
         "auto" = AUTO_MIN_CONFIDENCE on CPU, off on GPUs (there the k-step draft is one CUDA graph, and
         stopping early would need a host sync per step); None or 0 = off.
@@ -128,11 +133,12 @@ class Session:
             min_confidence = AUTO_MIN_CONFIDENCE if self.backend.info().on_cpu else None
         params = GenerationParams(max_new_tokens, SamplingParams(temperature, top_p, top_k), num_draft_tokens, seed,
                                   min_confidence or None,
-                                  self.draft_temperature if draft_temperature is None else draft_temperature)
+                                  self.draft_temperature if draft_temperature is None else draft_temperature, gate)
         ids = self._ids(prompt)
         st = stats if stats is not None else Stats()
         t0 = time.perf_counter()
-        for r in generate(self.backend, ids, params, self.eos, use_drafter=use_drafter):
+        for r in generate(self.backend, ids, params, self.eos, use_drafter=use_drafter,
+                          costs=self.costs[params.sampling.greedy]):
             st.add(r)
             st.wall_s = time.perf_counter() - t0
             yield r

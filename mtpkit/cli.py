@@ -131,7 +131,10 @@ def run(prompt: str = typer.Argument(..., help="Text to continue."),
         temperature: float = typer.Option(0.0, help="0 = greedy."),
         top_p: float = typer.Option(1.0, "--top-p"),
         top_k: int = typer.Option(0, "--top-k"),
-        num_draft_tokens: int = typer.Option(4, "--num-draft-tokens", "-k"),
+        num_draft_tokens: int = typer.Option(5, "--num-draft-tokens", "-k",
+                                             help="The most drafts per round: the gate picks 0..k each round."),
+        gate: bool = typer.Option(True, "--gate/--no-gate",
+                                  help="--no-gate: draft exactly k every round (fixed k, for benchmarks)."),
         min_confidence: float = typer.Option(None, "--min-confidence",
                                              help="Adaptive drafting: stop a draft when the drafter's top probability "
                                                   "drops below this (default: 0.3 on CPU, off on GPU; 0 = off)."),
@@ -158,7 +161,7 @@ def run(prompt: str = typer.Argument(..., help="Text to continue."),
         typer.echo(f"note: no drafter for target {target!r}: plain decoding (train one with `mtpkit distill`)", err=True)
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
               num_draft_tokens=num_draft_tokens, min_confidence="auto" if min_confidence is None else min_confidence,
-              draft_temperature=draft_temperature)
+              draft_temperature=draft_temperature, gate=gate)
     if as_json:
         r = s.generate(prompt, **kw)
         out = {"tokens": r.tokens, "text": r.text, "stats": r.stats.to_dict(), "drafter": s.drafter_path}

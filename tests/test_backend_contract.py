@@ -34,9 +34,11 @@ TARGET = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_l
               num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32.0, sliding_window=8,
               layer_types=[SLIDING, FULL, SLIDING, FULL], final_logit_softcapping=None)
 WINDOW = TARGET["sliding_window"]
-NEEDS = {"torch": "torch", "llamacpp": "llama_cpp", "mlx": "mlx_lm"}
+NEEDS = {"torch": "torch", "llamacpp": "llama_cpp", "mlx": "mlx_lm", "torch_cuda": "torch"}
 # parity with the float32 reference: relative to the largest |value| (llama.cpp keeps K/V in q8_0)
-TOL = {"torch": 1e-5, "llamacpp": 0.03, "mlx": 1e-4}
+TOL = {"torch": 1e-5, "llamacpp": 0.03, "mlx": 1e-4, "torch_cuda": 1e-4}
+# where a GPU is: the torch backend on CUDA too, through its CUDA graphs (the fused greedy and sampled drafts)
+RUNS = list(BACKENDS) + (["torch_cuda"] if torch.cuda.is_available() else [])
 
 
 def _reference(head: str):
@@ -50,6 +52,19 @@ def _reference(head: str):
 def _make_torch(t, d, tmp, max_len, with_drafter):
     from mtpkit.runtime.torch_backend import TorchBackend
     return TorchBackend(t, d if with_drafter else None, max_len=max_len, max_draft=8)
+
+
+def _make_torch_cuda(t, d, tmp, max_len, with_drafter):
+    import copy
+
+    from mtpkit.runtime.torch_backend import TorchBackend
+    tc = copy.deepcopy(t).cuda()
+    dc = None
+    if with_drafter:
+        dc = copy.deepcopy(d)
+        dc._target_embedding = None  # bound to the CUDA copy's embedding by the backend
+        dc = dc.cuda()
+    return TorchBackend(tc, dc, max_len=max_len, max_draft=8, cuda_graphs=True)
 
 
 def _make_llamacpp(t, d, tmp, max_len, with_drafter):
@@ -77,7 +92,8 @@ def _make_mlx(t, d, tmp, max_len, with_drafter):
 
 
 def test_every_registered_backend_has_a_maker():
-    assert set(BACKENDS) == {name.removeprefix("_make_") for name in globals() if name.startswith("_make_")}
+    assert set(BACKENDS) == {name.removeprefix("_make_") for name in globals()
+                             if name.startswith("_make_") and not name.endswith("_cuda")}
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +101,7 @@ def _cache(tmp_path_factory):
     return {}
 
 
-@pytest.fixture(params=[(b, h) for b in BACKENDS for h in HEADS], ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.fixture(params=[(b, h) for b in RUNS for h in HEADS], ids=lambda p: f"{p[0]}-{p[1]}")
 def pair(request, _cache, tmp_path_factory):
     """(reference target, reference drafter, make(max_len=64, drafter=True) -> backend) for one backend and head."""
     name, head = request.param
@@ -118,9 +134,9 @@ def _close(got, want, tol: float, what: str) -> None:
     assert err <= tol * max(np.abs(want).max(), 1.0), f"{what}: max |diff| {err:.3g}"
 
 
-def _tokens(be, n_new, prompt, k=None, eos=(), min_confidence=None, **sampling):
+def _tokens(be, n_new, prompt, k=None, eos=(), min_confidence=None, gate=True, **sampling):
     params = GenerationParams(n_new, SamplingParams(**sampling), k or 1, seed=sampling.pop("seed", 0),
-                              min_confidence=min_confidence)
+                              min_confidence=min_confidence, gate=gate)
     rounds = list(generate(be, prompt, params, set(eos), use_drafter=k is not None))
     return [x for r in rounds for x in r.tokens], rounds
 
@@ -142,7 +158,8 @@ def test_target_and_drafter_step_match_the_reference(pair):
     tok = int(o.logits[0, -1].argmax())
     with torch.no_grad():
         ref = ref_draft_step(t, d, torch.tensor([tok]), o.hidden[:, -1], cache)
-    s = be.draft_step(be.ops.tokens([tok]), be.ops.float32(o.hidden[0, -1]) if name == "torch" else _np(o.hidden[0, -1]))
+    h_ref = o.hidden[0, -1].to(be.device) if name.startswith("torch") else _np(o.hidden[0, -1])
+    s = be.draft_step(be.ops.tokens([tok]), h_ref)
     _close(s.h, ref.hidden[0, 0], tol, "drafter next h")
     if ref.ids is None:
         assert s.ids is None
@@ -172,9 +189,11 @@ def test_greedy_speculative_equals_plain_past_the_window(pair, k):
     be = make(128)
     for prompt in ([2, 270, 271, 272], PROMPT):
         plain, _ = _tokens(be, 5 * WINDOW, prompt)
-        spec, rounds = _tokens(be, 5 * WINDOW, prompt, k=k)
+        spec, rounds = _tokens(be, 5 * WINDOW, prompt, k=k)  # the online gate picks 0..k per round
         assert spec == plain, f"k={k}"
         assert len(rounds) - 1 <= len(plain)
+        fixed, rounds = _tokens(be, 5 * WINDOW, prompt, k=k, gate=False)
+        assert fixed == plain and rounds[1].drafted == k and all(r.drafted for r in rounds[1:-1])  # k, budget allowing
         adaptive, _ = _tokens(be, 5 * WINDOW, prompt, k=k, min_confidence=0.2)
         assert adaptive == plain
 
@@ -187,11 +206,11 @@ def test_oracle_drafts_get_accepted_and_stay_lossless(pair):
     plain, _ = _tokens(be, 6 * WINDOW, PROMPT)
     for seed in range(2):
         oracle = OracleDrafter(be, plain, len(PROMPT), corrupt=0.25, seed=seed)
-        got, rounds = _tokens(oracle, 6 * WINDOW, PROMPT, k=5)
+        got, rounds = _tokens(oracle, 6 * WINDOW, PROMPT, k=5, gate=False)  # 5 drafts every round
         assert got == plain and sum(r.accepted for r in rounds) > 2 * WINDOW
     j = next(j for j in range(6, len(plain)) if plain.index(plain[j]) == j)  # first seen mid-way
     oracle = OracleDrafter(be, plain, len(PROMPT), corrupt=0.0, seed=0)
-    got, rounds = _tokens(oracle, 6 * WINDOW, PROMPT, k=5, eos={plain[j]})
+    got, rounds = _tokens(oracle, 6 * WINDOW, PROMPT, k=5, eos={plain[j]}, gate=False)
     assert got == plain[:j + 1] and rounds[-1].finish == "eos"
 
 
@@ -203,11 +222,26 @@ def test_fused_greedy_draft_equals_the_generic_policy(pair):
     logits, h = be.start(PROMPT)
     bonus = be.ops.tokens([be.ops.to_list(be.ops.argmax(logits))[0]])
     fused = be.ops.to_list(be.fused_greedy_draft(bonus, h, 5))
-    fast, be.fused_greedy_draft = be.fused_greedy_draft, None
-    try:
-        assert be.ops.to_list(draft(be, bonus, h, 5, SamplingParams()).tokens) == fused
-    finally:
-        be.fused_greedy_draft = fast
+    assert be.ops.to_list(draft(be, bonus, h, 5, SamplingParams(), fused=False).tokens) == fused
+
+
+def test_fused_sampled_draft_equals_the_generic_policy(pair):
+    """Same uniforms -> same drafts, picks and candidate ids, and the same draft distributions q."""
+    _, t, d, make = pair
+    be = make()
+    if be.fused_sampled_draft is None:
+        pytest.skip("this backend drafts through the generic policy only")
+    logits, h = be.start(PROMPT)
+    bonus = be.ops.tokens([be.ops.to_list(be.ops.argmax(logits))[0]])
+    for sp in (SamplingParams(temperature=0.8), SamplingParams(temperature=1.0, top_p=0.9, top_k=20)):
+        fused = draft(be, bonus, h, 5, sp, be.ops.generator(3))
+        generic = draft(be, bonus, h, 5, sp, be.ops.generator(3), fused=False)
+        assert be.ops.to_list(fused.tokens) == be.ops.to_list(generic.tokens)
+        assert be.ops.to_list(fused.picks) == be.ops.to_list(generic.picks)
+        assert (fused.ids is None) == (generic.ids is None)
+        if fused.ids is not None:
+            assert be.ops.to_list(fused.ids) == be.ops.to_list(generic.ids)
+        _close(fused.q, generic.q, 1e-6, "draft probabilities")
 
 
 def test_rollback_and_context_errors(pair):
@@ -263,7 +297,7 @@ def test_sampled_loop_emits_the_backends_own_target_distribution(pair):
 def test_backend_info_is_typed(pair):
     name, t, d, make = pair
     info = make().info()
-    assert info.name == name and info.target_config.vocab_size == 300 and info.drafter_head in HEADS
+    assert info.name == name.removesuffix("_cuda") and info.target_config.vocab_size == 300 and info.drafter_head in HEADS
     assert info.target_params > 0 and info.drafter_bytes > 0
     json.dumps(info.to_dict())
 

@@ -17,6 +17,7 @@ from tests.conftest import tiny_drafter, tiny_target
 
 
 def _run(backend, prompt, eos, **kw):
+    kw.setdefault("gate", False)  # these check the loop's mechanics: k drafts every round (the gate: test_gate.py)
     params = GenerationParams(**kw)
     out, rounds = [], []
     for r in generate(backend, prompt, params, eos):
@@ -43,6 +44,9 @@ def test_greedy_speculative_equals_plain_greedy(seed):
     spec, rounds = _run(TorchBackend(target, drafter, max_len=128, max_draft=k), prompt, set(),
                         max_new_tokens=n_new, num_draft_tokens=k)
     assert spec == plain
+    gated, _ = _run(TorchBackend(target, drafter, max_len=128, max_draft=k), prompt, set(),
+                    max_new_tokens=n_new, num_draft_tokens=k, gate=True)
+    assert gated == plain
     # the oracle drafter gets most drafts accepted; with an EOS inside the text the output must stop there
     late = sorted({t for t in plain if plain.index(t) >= len(plain) // 2})  # tokens first seen late
     eos = {rng.choice(late)} if late else set()

@@ -136,7 +136,7 @@ def test_speculative_greedy_equals_plain_on_the_real_target(real):
         plain = [t for r in generate(TorchBackend(real.model, None, max_len=256), ids, GenerationParams(40), set())
                  for t in r.tokens]
         be = OracleBackend(real.model, None, max_len=256, future=plain, prompt_len=len(ids), corrupt=0.2, seed=1)
-        rounds = list(generate(be, ids, GenerationParams(40, num_draft_tokens=5), set()))
+        rounds = list(generate(be, ids, GenerationParams(40, num_draft_tokens=5, gate=False), set()))
         spec = [t for r in rounds for t in r.tokens]
         accepted = sum(r.accepted for r in rounds)
         print(f"\n[spec vs plain] {p!r}: identical={spec == plain}, {accepted} drafts accepted in {len(rounds) - 1} rounds")
@@ -151,8 +151,9 @@ def test_shipped_default_drafter(real):
     assert s.drafter_path is not None and s.drafter_path.endswith("gemma3-270m")
     own = sum(p.numel() for p in s.backend.drafter.parameters())
     assert own <= 0.10 * sum(p.numel() for p in s.backend.target.parameters())
-    spec = s.generate("def fibonacci(n):", max_new_tokens=48, num_draft_tokens=5)
+    spec = s.generate("def fibonacci(n):", max_new_tokens=48, num_draft_tokens=5, gate=False)
     plain = s.generate("def fibonacci(n):", max_new_tokens=48, use_drafter=False)
+    assert s.generate("def fibonacci(n):", max_new_tokens=48).tokens == plain.tokens  # the gate's k, any
     print(f"\n[default drafter] tau {spec.stats.tau:.2f}, acceptance {[round(a, 2) for a in spec.stats.acceptance]}")
     assert spec.tokens == plain.tokens
     assert spec.stats.tau > 2.0
@@ -210,7 +211,7 @@ def test_mlx_export_and_backend_on_the_real_target(real, tmp_path):
     assert a[:3] == b[:3]
     eos = {real.config.eos_token_id}
     plain = [x for r in generate(mb, ids, GenerationParams(24), eos, use_drafter=False) for x in r.tokens]
-    rounds = list(generate(mb, ids, GenerationParams(24, num_draft_tokens=5), eos))
+    rounds = list(generate(mb, ids, GenerationParams(24, num_draft_tokens=5, gate=False), eos))
     assert [x for r in rounds for x in r.tokens] == plain
     assert sum(r.accepted for r in rounds) > 5
 
@@ -231,7 +232,7 @@ def test_gguf_export_and_llamacpp_backend_on_the_real_target(real, tmp_path):
                         threads=2, head=head)
         for prompt in ("def fibonacci(n):\n    ", "Write a short poem about the sea."):
             plain = s.generate(prompt, max_new_tokens=48, use_drafter=False)
-            spec = s.generate(prompt, max_new_tokens=48, num_draft_tokens=4, min_confidence=None)
+            spec = s.generate(prompt, max_new_tokens=48, num_draft_tokens=4, min_confidence=None, gate=False)
             print(f"[llamacpp {head}] tau {spec.stats.tau:.2f}")
             assert spec.tokens == plain.tokens
         assert spec.stats.accepted > 0

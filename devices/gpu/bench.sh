@@ -7,7 +7,8 @@
 #   mtpkit report OUT_DIR/bench_humaneval.json --plot OUT_DIR/bench_humaneval.png   # plots (needs matplotlib)
 #
 # Environment: MTPKIT (command, default `mtpkit`), LIMIT (prompts, 10), REPEATS (2), TOKENS (128), K (5),
-# BENCH_ARGS (more `mtpkit bench` options). Writes profile.json, bench_<suite>.{json,md}, predict_<suite>.json.
+# TEMPS (temperatures, "0"; e.g. "0 1"), BENCH_ARGS (more `mtpkit bench` options, e.g. "--gate both").
+# Writes profile.json, bench_<suite>.{json,md} and predict_<suite>.json (T = 0), bench_<suite>_t<T>.* (T > 0).
 set -uo pipefail
 out=${1:?usage: devices/gpu/bench.sh OUT_DIR [SUITE...]}; shift
 suites=${*:-humaneval mtbench}
@@ -18,11 +19,14 @@ $mt profile-device --device cuda --kind datacenter-gpu --name "$(hostname)-gpu" 
   || echo "profile-device failed" >&2
 rc=0
 for suite in $suites; do
-  $mt bench --device cuda --suite "$suite" --limit "${LIMIT:-10}" --repeats "${REPEATS:-2}" \
-    --max-new-tokens "${TOKENS:-128}" -k "${K:-5}" --quiet ${BENCH_ARGS:-} \
-    --json "$out/bench_$suite.json" --markdown "$out/bench_$suite.md" || rc=1
-  cat "$out/bench_$suite.md" 2>/dev/null
-  [ -f "$out/profile.json" ] && $mt predict "$out/bench_$suite.json" --profile "$out/profile.json" --json \
-    > "$out/predict_$suite.json" && tail -n 12 "$out/predict_$suite.json"
+  for t in ${TEMPS:-0}; do
+    name=$suite; [ "$t" = 0 ] || name=${suite}_t$t
+    $mt bench --device cuda --suite "$suite" --limit "${LIMIT:-10}" --repeats "${REPEATS:-2}" \
+      --max-new-tokens "${TOKENS:-128}" -k "${K:-5}" --temperature "$t" --quiet ${BENCH_ARGS:-} \
+      --json "$out/bench_$name.json" --markdown "$out/bench_$name.md" || rc=1
+    cat "$out/bench_$name.md" 2>/dev/null
+    [ -f "$out/profile.json" ] && [ "$t" = 0 ] && $mt predict "$out/bench_$name.json" --profile "$out/profile.json" \
+      --json > "$out/predict_$name.json" && tail -n 12 "$out/predict_$name.json"
+  done
 done
 exit $rc

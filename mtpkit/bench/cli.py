@@ -35,7 +35,10 @@ def bench_command(
         limit: int = typer.Option(8, help="Number of prompts: the first N, taken in turn from each category if several."),
         max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
         temperature: float = typer.Option(0.0, help="0 = greedy (then outputs are checked for identity)."),
-        num_draft_tokens: int = typer.Option(5, "--num-draft-tokens", "-k"),
+        num_draft_tokens: int = typer.Option(5, "--num-draft-tokens", "-k",
+                                             help="The most drafts per round (the gate picks 0..k; fixed k with --gate off)."),
+        gate: str = typer.Option("on", help="on: the online gate picks each round's k (the default everywhere) | off: "
+                                            "always k | both: also run `speculative_fixed_k` (always k) beside it."),
         min_confidence: float = typer.Option(None, "--min-confidence",
                                              help="Adaptive drafting threshold, as in `mtpkit run` (default: 0.3 on CPU, "
                                                   "off on GPU; 0 = off)."),
@@ -64,7 +67,7 @@ def bench_command(
                       limit=limit, max_new_tokens=max_new_tokens, temperature=temperature,
                       num_draft_tokens=num_draft_tokens, min_confidence="auto" if min_confidence is None else min_confidence,
                       repeats=repeats, seed=seed, threads=threads, baselines=baselines, lookup_tokens=lookup_tokens,
-                      compile=compile)
+                      compile=compile, gate=gate)
     doc = run_bench(cfg, note=lambda s: typer.echo(f"note: {s}", err=True), progress=not quiet)
     table = markdown(doc)
     if jp:

@@ -173,16 +173,23 @@ def _lookup_class():
     return _CountingLookup
 
 
-def our_methods(session, gen: dict[str, Any], info: dict[str, Any]) -> list[Method]:
-    """Plain and speculative decoding through our loop; `info` = session.backend.info()."""
+def our_methods(session, gen: dict[str, Any], info: dict[str, Any], gate: str = "on") -> list[Method]:
+    """Plain and speculative decoding through our loop; `info` = session.backend.info(). gate: on = speculative
+    with the online gate (the default), off = speculative drafting k every round, both = the two side by side."""
     mb, dmb = info.target_bytes / 2**20, info.drafter_bytes / 2**20
     w = f"mtpkit {info.name} {info.dtype}"
-    return [
-        OurLoop("plain", "mtpkit loop, no drafter (the baseline of every speedup)", w, mb,
-                session=session, use_drafter=False, gen=gen, device=info.device),
-        OurLoop("speculative", "mtpkit shared-cache speculative loop", f"{w} + drafter", mb + dmb,
-                reference="plain", must_match=True, session=session, use_drafter=True, gen=gen, device=info.device),
-    ]
+    out: list[Method] = [OurLoop("plain", "mtpkit loop, no drafter (the baseline of every speedup)", w, mb,
+                                 session=session, use_drafter=False, gen=gen, device=info.device)]
+    if gate in ("on", "both"):
+        out.append(OurLoop("speculative", "mtpkit shared-cache speculative loop, online gate picks k per round",
+                           f"{w} + drafter", mb + dmb, reference="plain", must_match=True, session=session,
+                           use_drafter=True, gen=dict(gen, gate=True), device=info.device))
+    if gate in ("off", "both"):
+        out.append(OurLoop("speculative" if gate == "off" else "speculative_fixed_k",
+                           "mtpkit shared-cache speculative loop, k drafts every round (no gate)",
+                           f"{w} + drafter", mb + dmb, reference="plain", must_match=True, session=session,
+                           use_drafter=True, gen=dict(gen, gate=False), device=info.device))
+    return out
 
 
 def hf_methods(session, sampling: Sampling, lookup_tokens: int) -> list[Method]:

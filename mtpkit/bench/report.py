@@ -55,10 +55,13 @@ def markdown(doc: dict[str, Any]) -> str:
                 "prompts; speedup: median over prompts of tok/s / plain tok/s on the same prompt; c: drafter "
                 "seconds per draft token / plain target step; working mem: peak rise of "
                 + ("GPU memory" if doc["machine"]["gpu"] else "process RSS") + " during a run, above the loaded weights. "
-                f"Reproduce: `mtpkit bench --suite {s['suite']} --limit {s['limit']} --max-new-tokens {s['max_new_tokens']} "
+                "Reproduce: `mtpkit bench"
+                + (f" --backend {s['backend']} --target {s['target']}" if s.get("backend", "torch") != "torch" else "")
+                + f" --suite {s['suite']} --limit {s['limit']} --max-new-tokens {s['max_new_tokens']} "
                 f"--temperature {s['temperature']:g} -k {s['num_draft_tokens']} --repeats {s['repeats']}"
                 + (f" --device {s['device']}" if s["device"] else "") + (f" --threads {s['threads']}" if s["threads"] else "")
-                + (f" --compile {s['compile']}" if s.get("compile") else "") + "`"]
+                + (f" --compile {s['compile']}" if s.get("compile") else "")
+                + (f" --gate {s['gate']}" if s.get("gate", "on") != "on" else "") + "`"]
     return "\n".join(out) + "\n"
 
 

@@ -32,6 +32,7 @@ from mtpkit.bench.schema import SCHEMA, check_document
 from mtpkit.errors import MtpkitError
 
 BASELINES = ("hf", "llamacpp", "mlx_lm")
+GATE = ("on", "off", "both")
 
 
 @dataclass
@@ -53,6 +54,7 @@ class BenchConfig:
     baselines: str = "auto"  # auto (all installed) | none | comma list of hf, llamacpp
     lookup_tokens: int = LOOKUP_TOKENS
     compile: str | None = None  # torch on CUDA: torch.compile "drafter" or "all" captured steps (TorchBackend)
+    gate: str = "on"  # on | off (fixed k) | both (speculative with the gate + speculative_fixed_k)
 
     def check(self) -> None:
         if self.repeats < 1:
@@ -63,6 +65,8 @@ class BenchConfig:
             raise MtpkitError(f"--threads must be >= 1, got {self.threads}")
         if self.lookup_tokens < 1:
             raise MtpkitError(f"--lookup-tokens must be >= 1, got {self.lookup_tokens}")
+        if self.gate not in GATE:
+            raise MtpkitError(f"--gate must be one of {', '.join(GATE)}, got {self.gate!r}")
         self.baseline_set()
 
     def baseline_set(self) -> tuple[set[str], bool]:
@@ -197,7 +201,7 @@ def _build_methods(cfg: BenchConfig, session, prompts_len: int, note: Callable[[
     gen = dict(temperature=cfg.temperature, seed=cfg.seed, num_draft_tokens=cfg.num_draft_tokens,
                min_confidence=cfg.min_confidence)
     info = session.backend.info()
-    methods = our_methods(session, gen, info)
+    methods = our_methods(session, gen, info, gate=cfg.gate)
     skipped: dict[str, str] = {}
     wanted, explicit = cfg.baseline_set()
     sampling = Sampling(cfg.temperature, cfg.seed, session.eos)

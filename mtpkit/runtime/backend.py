@@ -8,8 +8,9 @@ A backend owns the target, its KV cache and the drafter that reads that cache, a
                          cached) -> DraftStep(logits over candidates or the vocabulary, candidate ids, next h)
 Arrays are the backend's own (`ops` says which: numpy, or torch on the backend's device). What to draft
 (greedy, sampled, adaptive stop, the draft temperature), what to accept and when to stop live once, in
-runtime/draft.py, sampling.py and loop.py. A backend may offer `fused_greedy_draft(token, h, k)` (e.g. the
-CUDA-graphed greedy draft); the shared contract test proves it equal to the generic policy.
+runtime/draft.py, sampling.py, gate.py and loop.py. A backend may offer `fused_greedy_draft(token, h, k)` and
+`fused_sampled_draft(token, h, k, sp, u)` (the CUDA-graphed drafts); the shared contract test proves them equal
+to the generic policy.
 
 Backends register in runtime/__init__.py and expose `Options` (a dataclass of their load-time options) and
 `load(target, drafter, options, max_len, max_draft) -> Loaded`.
@@ -87,6 +88,7 @@ class Backend:
     has_drafter: bool = False
     draft_temperature: float = 1.0  # the drafter's calibrated factor (DrafterConfig.draft_temperature)
     fused_greedy_draft = None  # optional: (token, h, k) -> tokens [k], equal to draft.draft(...) when greedy
+    fused_sampled_draft = None  # optional: (token, h, k, sp, u) -> Draft, equal to draft.draft(...) when sampling
 
     def clock(self) -> object:
         """A timestamp; `elapsed(a, b)` turns two of them into seconds (CUDA events on GPUs: no sync)."""

@@ -1,11 +1,16 @@
 """The draft policy, once for every backend: k drafter steps -> the proposed tokens (and, when sampling, the
 sparse draft distributions acceptance needs).
 
-Greedy: each step's argmax (over the centroid head's candidates, or the vocabulary). Sampling: each step's
-token is drawn from q = probs(candidate logits) at the draft temperature (GenerationParams.draft_sampling);
-q stays over the candidates. Adaptive stop (min_confidence): stop once the step's top probability falls below
-the threshold; the token that failed is not proposed. Token and h stay backend-native arrays from step to step,
-so a GPU backend drafts without host syncs unless adaptive stopping asks for one.
+Greedy: each step's argmax (over the centroid head's candidates, or the vocabulary). Sampling: step i's token
+is drawn from q = probs(candidate logits) at the draft temperature (GenerationParams.draft_sampling) by inverse
+CDF with the i-th of k uniforms drawn up front (`ops.pick`); q stays over the candidates. Adaptive stop
+(min_confidence): stop once the step's top probability falls below the threshold; the token that failed is not
+proposed. Token and h stay backend-native arrays from step to step, so a GPU backend drafts without host syncs
+unless adaptive stopping asks for one.
+
+A backend may replace the k-step loop with a fused path that computes the same thing: `fused_greedy_draft(token,
+h, k) -> tokens` and `fused_sampled_draft(token, h, k, sp, u) -> Draft` (the torch backend's CUDA graphs); the
+contract test (tests/test_backend_contract.py) checks each against the loop below.
 """
 
 from __future__ import annotations
@@ -17,16 +22,19 @@ from mtpkit.runtime.sampling import SamplingParams, probs
 
 
 def draft(backend, token: Any, h: Any, k: int, sp: SamplingParams, rng: Any = None,
-          min_confidence: float | None = None) -> Draft:
+          min_confidence: float | None = None, fused: bool = True) -> Draft:
     """Propose up to k tokens after `token` (the bonus, a backend-native [1] or 0-d int array, not yet in
-    the cache) from the target's hidden h at the bonus's previous position."""
+    the cache) from the target's hidden h at the bonus's previous position. fused=False: never the fused path."""
     ops = backend.ops
     if k <= 0 or not backend.has_drafter:
         return Draft(ops.tokens([]))
-    if sp.greedy and min_confidence is None and backend.fused_greedy_draft is not None:
+    if sp.greedy and min_confidence is None and fused and backend.fused_greedy_draft is not None:
         return Draft(backend.fused_greedy_draft(token, h, k))
+    u = None if sp.greedy else ops.rand(rng, k, like=h)
+    if u is not None and min_confidence is None and fused and backend.fused_sampled_draft is not None:
+        return backend.fused_sampled_draft(token, h, k, sp, u)
     toks, picks, qs, idss = [], [], [], []
-    for _ in range(k):
+    for i in range(k):
         s = backend.draft_step(token, h)
         h = s.h
         if sp.greedy:
@@ -34,7 +42,7 @@ def draft(backend, token: Any, h: Any, k: int, sp: SamplingParams, rng: Any = No
             conf = ops.top_prob(s.logits) if min_confidence is not None else None
         else:
             q = probs(ops, s.logits, sp)
-            j = ops.sample(q, rng)
+            j = ops.pick(q, u[i])
             conf = float(q.max()) if min_confidence is not None else None
         if conf is not None and conf < min_confidence:
             break

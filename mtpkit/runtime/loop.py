@@ -7,17 +7,20 @@ hidden at p - 1 and b (the bonus token, position p) is not in the cache yet.
   accept  n drafts (greedy prefix match, or rejection sampling) + the next bonus b'
   commit  roll the cache back to p + n + 1, h <- hidden[n]
 Every round emits d_1..d_n, b': tau = n + 1 tokens per target forward. With no drafter (or k = 0) the
-same code is plain decoding, which is the baseline every speedup is measured against.
+same code is plain decoding, which is the baseline every speedup is measured against. Each round's k is
+picked by the online gate (runtime/gate.py) in 0..num_draft_tokens, or is num_draft_tokens when gate=False.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 from mtpkit.errors import MtpkitError
 from mtpkit.runtime.backend import Backend, Draft
 from mtpkit.runtime.draft import draft
+from mtpkit.runtime.gate import Gate, RoundCosts
 from mtpkit.runtime.sampling import SamplingParams, accept_greedy, accept_rejection, probs
 
 
@@ -36,10 +39,11 @@ class Round:
 class GenerationParams:
     max_new_tokens: int = 128
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    num_draft_tokens: int = 4
+    num_draft_tokens: int = 4  # the most drafts per round (K); every round's k when gate=False
     seed: int = 0
     min_confidence: float | None = None  # adaptive drafting: stop a draft when the drafter's top prob drops below
     draft_temperature: float = 1.0  # sampling: drafts are drawn at temperature T * this (DrafterConfig.draft_temperature)
+    gate: bool = True  # pick each round's k in 0..num_draft_tokens (runtime/gate.py); False: always num_draft_tokens
 
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:
@@ -81,8 +85,9 @@ def cut(tokens: list[int], eos: set[int], budget: int) -> tuple[list[int], str |
 
 
 def generate(backend: Backend, prompt: list[int], params: GenerationParams, eos: set[int],
-             use_drafter: bool = True) -> Iterator[Round]:
-    """Yield one Round per target forward (the first is the prefill)."""
+             use_drafter: bool = True, costs: RoundCosts | None = None) -> Iterator[Round]:
+    """Yield one Round per target forward (the first is the prefill). `costs`: the gate's round timings
+    measured on this backend so far (kept by the caller across generations; a fresh one if None)."""
     if not prompt:
         raise MtpkitError("empty prompt")
     if len(prompt) >= backend.max_len:
@@ -96,13 +101,18 @@ def generate(backend: Backend, prompt: list[int], params: GenerationParams, eos:
     emitted = len(out)
     yield Round(out, 0, 0, verify_s=backend.elapsed(t0, backend.clock()), prefill=True, finish=finish)
     drafting = use_drafter and backend.has_drafter
+    gate = Gate(params.num_draft_tokens, costs if costs is not None else RoundCosts()) \
+        if drafting and params.gate else None
     while finish is None:
         room = backend.max_len - backend.length - 1  # positions left after the bonus
         if room < 0:
             yield Round([], 0, 0, finish="context")
             return
         k = min(params.num_draft_tokens, params.max_new_tokens - emitted - 1, room) if drafting else 0
+        if gate is not None:
+            k = gate.choose(k)
         b = ops.tokens([bonus])
+        wall = time.perf_counter()
         t0 = backend.clock()
         d = draft(backend, b, h, k, dsp, rng, params.min_confidence)
         t1 = backend.clock()
@@ -113,6 +123,8 @@ def generate(backend: Backend, prompt: list[int], params: GenerationParams, eos:
         h = hidden[n]
         t2 = backend.clock()
         drafted = ops.to_list(d.tokens)
+        if gate is not None:  # the round's wall time: acceptance synced the device
+            gate.observe(len(drafted), n, time.perf_counter() - wall)
         out, finish = cut(drafted[:n] + [bonus], eos, params.max_new_tokens - emitted)
         emitted += len(out)
         yield Round(out, len(drafted), n, backend.elapsed(t0, t1), backend.elapsed(t1, t2), finish=finish)

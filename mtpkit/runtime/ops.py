@@ -3,7 +3,8 @@
 Sampling and acceptance (sampling.py) and the draft policy (draft.py) are written once against this small
 interface; a backend hands the loop the `Ops` of the arrays it returns: `NumpyOps` here (llama.cpp, MLX and
 the coming ONNX / Core ML backends: no torch), `TorchOps` in torch_backend.py (tensors stay on the GPU, so
-greedy drafting and acceptance need no host sync per step). Random numbers come from `ops.generator(seed)`.
+drafting and acceptance need no host sync per step). Random numbers come from `ops.generator(seed)`; draws
+are `pick(p, u)` of uniforms drawn ahead (so a CUDA graph can replay a sampled draft step).
 Shapes: V = vocabulary, N = candidates of one draft step (V for a dense head), k = drafts.
 """
 
@@ -92,11 +93,16 @@ class NumpyOps:
         return rng.random(n, dtype=np.float32)
 
     @staticmethod
-    def sample(p, rng: np.random.Generator) -> np.ndarray:
-        """One index drawn from a 1-D probability vector (need not be normalized), as a 0-d int64 array."""
+    def pick(p, u) -> np.ndarray:
+        """Inverse CDF: the index i with cdf[i - 1] <= u * total < cdf[i] of a 1-D probability vector p (need not
+        be normalized) and a uniform u in [0, 1): one draw from p. Never an index of probability 0."""
         c = np.cumsum(np.asarray(p, dtype=np.float64))
-        i = np.searchsorted(c, rng.random() * c[-1], side="right")
-        return np.int64(min(i, c.size - 1))
+        return np.int64(min(np.searchsorted(c, float(u) * c[-1], side="right"), c.size - 1))
+
+    @classmethod
+    def sample(cls, p, rng: np.random.Generator) -> np.ndarray:
+        """One index drawn from a 1-D probability vector (need not be normalized), as a 0-d int64 array."""
+        return cls.pick(p, rng.random())
 
     @staticmethod
     def residual(p, q, ids) -> np.ndarray:

@@ -16,7 +16,8 @@ from mtpkit.runtime.backend import DraftStep
 class OracleDrafter:
     """draft_step proposes the next token of `future` as the single candidate of a sparse head (so greedy and
     sampled drafting both propose it); h is passed through."""
-    fused_greedy_draft = None  # never the wrapped backend's fast path: it would run the real drafter
+    fused_greedy_draft = None  # never the wrapped backend's fast paths: they would run the real drafter
+    fused_sampled_draft = None
 
     def __init__(self, backend, future: list[int], prompt_len: int, corrupt: float = 0.2, seed: int = 0):
         self.inner = backend

@@ -1,7 +1,7 @@
 """The torch backend: the reference target and drafter themselves, on CPU or CUDA.
 
-On CUDA (`cuda_graphs=True`) each verify width 1..k+1 and the greedy draft steps are captured once as
-CUDA graphs over the static KV cache and replayed: one launch per target forward, one per draft step
+On CUDA (`cuda_graphs=True`) each verify width 1..k+1 and the draft steps (greedy, and sampled per sampling
+settings, with uniforms drawn ahead) are captured once as CUDA graphs over the static KV cache and replayed: one launch per target forward, one per draft step
 plus one per round for the drafter's attention inputs, and the only host syncs per round are the ones
 acceptance needs. Positions and lengths enter the graphs as device tensors (GemmaModel.step and the
 cache's ring arithmetic are tensor-only for this).
@@ -22,7 +22,8 @@ import torch
 from mtpkit.errors import MtpkitError
 from mtpkit.model.drafter import DrafterModel, DraftOutput, target_kv
 from mtpkit.model.gemma import GemmaModel
-from mtpkit.runtime.backend import Backend, BackendInfo, DraftStep, Loaded
+from mtpkit.runtime.backend import Backend, BackendInfo, Draft, DraftStep, Loaded
+from mtpkit.runtime.sampling import SamplingParams, probs
 
 COMPILE = ("drafter", "all")  # what TorchBackend(compile=...) compiles
 SIBLING_DRAFTER = None  # targets are names or checkpoints: the default drafter is the one shipped for the name
@@ -103,8 +104,14 @@ class TorchOps:
         return torch.rand(n, generator=rng, device=like.device)
 
     @staticmethod
-    def sample(p: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
-        return torch.multinomial(p, 1, generator=rng).view(())
+    def pick(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """NumpyOps.pick on the device, without a host sync (u: a 0-d tensor): CUDA-graph safe."""
+        c = p.double().cumsum(-1)
+        return (c <= u.double() * c[-1]).sum().clamp_max(c.numel() - 1)
+
+    @classmethod
+    def sample(cls, p: torch.Tensor, rng: torch.Generator) -> torch.Tensor:
+        return cls.pick(p, torch.rand((), generator=rng, device=p.device))
 
     @staticmethod
     def residual(p: torch.Tensor, q: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
@@ -186,8 +193,10 @@ class TorchBackend(Backend):
 
     def _set_graphs(self, graphs: _Graphs | None) -> None:
         self._graphs = graphs
-        self.fused_greedy_draft = None if graphs is None or not self.has_drafter else \
-            (lambda token, h, k: graphs.draft(token, h, k, self.cache.length))
+        on = graphs is not None and self.has_drafter
+        self.fused_greedy_draft = (lambda token, h, k: graphs.draft(token, h, k, self.cache.length)) if on else None
+        self.fused_sampled_draft = (lambda token, h, k, sp, u: graphs.draft_sampled(token, h, k, self.cache.length,
+                                                                                    sp, u)) if on else None
 
     def enable_compile(self, what: str = "drafter") -> None:
         """Capture torch.compile'd steps from now on: "drafter" or "all" (see the module docstring).
@@ -270,6 +279,16 @@ class TorchBackend(Backend):
         best = out.logits[0, 0].argmax()
         return (best if out.ids is None else self.ops.index(out.ids[0, 0], best)), out.hidden[0, 0]
 
+    def _sampled_step(self, tok: torch.Tensor, h: torch.Tensor, u: torch.Tensor, q_pos: torch.Tensor, kv: dict,
+                      attn: dict, sp: SamplingParams) -> tuple:
+        """One sampled draft step on device, as the CUDA graphs capture it: (token [], h, uniform u []) ->
+        (next token [], next h, pick [], q [N], candidate ids [N] or None). Same as draft.draft's sampled path."""
+        out = self._step(tok, h, q_pos, kv, attn)
+        q = probs(self.ops, out.logits[0, 0], sp)
+        j = self.ops.pick(q, u)
+        ids = None if out.ids is None else out.ids[0, 0]
+        return (j if ids is None else self.ops.index(ids, j)), out.hidden[0, 0], j, q, ids
+
     # ------------------------------------------------------------------ timing
     def clock(self) -> object:
         if self.device.type == "cuda":
@@ -302,12 +321,16 @@ class _Graphs:
         self.verify_graphs: dict[int, tuple] = {}
         self.draft_prep: tuple | None = None  # (graph, (kv, attn), (token, h, q_pos) inputs)
         self.draft_steps: list[tuple] = []  # step i: (graph, (token, h) outputs)
+        self.sampled_steps: dict[SamplingParams, list[tuple]] = {}  # per sampling settings, step i: (graph, outputs)
+        self.uniforms = torch.zeros(be.max_draft, device=be.device)  # the sampled steps' u, written per round
         self.step, self.draft_inputs, self.draft_step = be.target.step, be._draft_inputs, be._greedy_step
+        self.sampled_step = be._sampled_step
         if be.compile == "all":
             self.step = torch.compile(self.step, fullgraph=True, dynamic=False)
         if be.compile:
             self.draft_inputs = torch.compile(self.draft_inputs, fullgraph=True, dynamic=False)
             self.draft_step = torch.compile(self.draft_step, fullgraph=True, dynamic=False)
+            self.sampled_step = torch.compile(self.sampled_step, fullgraph=True, dynamic=False)
 
     def _capture(self, fn, inputs: tuple[torch.Tensor, ...]):
         """Warm up on a side stream, then capture fn(*inputs) -> (graph, outputs)."""
@@ -337,8 +360,8 @@ class _Graphs:
         g.replay()
         return out
 
-    @torch.inference_mode()
-    def draft(self, token: torch.Tensor, h: torch.Tensor, k: int, length: int) -> torch.Tensor:
+    def _prep(self, token: torch.Tensor, h: torch.Tensor, length: int) -> tuple:
+        """Replay the round's attention-input graph on the bonus token and h -> (kv, attn, (token, h, q_pos) inputs)."""
         if self.draft_prep is None:
             static = (token.reshape(()).clone(), h.clone(), torch.full((1,), length, device=self.be.device))
             self.draft_prep = (*self._capture(self.draft_inputs, static[2:]), static)
@@ -347,9 +370,33 @@ class _Graphs:
         h_in.copy_(h)
         q_in.fill_(length)
         g.replay()
+        return kv, attn, (t_in, h_in, q_in)
+
+    @torch.inference_mode()
+    def draft(self, token: torch.Tensor, h: torch.Tensor, k: int, length: int) -> torch.Tensor:
+        kv, attn, (t_in, h_in, q_in) = self._prep(token, h, length)
         for i in range(k):  # a step is captured after the previous one ran: its warm-up reads real outputs
             if i == len(self.draft_steps):
                 prev = (t_in, h_in) if i == 0 else self.draft_steps[i - 1][1]
                 self.draft_steps.append(self._capture(lambda t, hh: self.draft_step(t, hh, q_in, kv, attn), prev))
             self.draft_steps[i][0].replay()
         return torch.stack([out[0] for _, out in self.draft_steps[:k]])
+
+    @torch.inference_mode()
+    def draft_sampled(self, token: torch.Tensor, h: torch.Tensor, k: int, length: int, sp: SamplingParams,
+                      u: torch.Tensor) -> Draft:
+        """k sampled draft steps, one graph each (per sampling settings), reading k uniforms u drawn by the caller."""
+        kv, attn, (t_in, h_in, q_in) = self._prep(token, h, length)
+        self.uniforms[:k].copy_(u)
+        steps = self.sampled_steps.setdefault(sp, [])
+        for i in range(k):
+            if i == len(steps):
+                prev = (t_in, h_in) if i == 0 else steps[i - 1][1][:2]
+                ui = self.uniforms[i]  # a view: the graph reads whatever this round wrote there
+                steps.append(self._capture(
+                    lambda t, hh, ui=ui: self.sampled_step(t, hh, ui, q_in, kv, attn, sp), prev))
+            steps[i][0].replay()
+        outs = [out for _, out in steps[:k]]
+        ids = None if outs[0][4] is None else torch.stack([o[4] for o in outs])
+        return Draft(torch.stack([o[0] for o in outs]), torch.stack([o[2] for o in outs]),
+                     torch.stack([o[3] for o in outs]), ids)

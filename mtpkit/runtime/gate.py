@@ -1,0 +1,116 @@
+"""The online gate: each round's draft length k in 0..K, picked to maximize expected tokens per second.
+
+    tokens(k)  = 1 + a_1 + a_1 a_2 + ... + a_1 a_2 ... a_k    a_i = P(draft i accepted | drafts 1..i-1 accepted)
+    seconds(k) = R(k), the measured wall time of a round that drafted k (draft + verify of k + 1 + acceptance)
+    k*         = argmax over k in 0..K of tokens(k) / seconds(k);  k = 0 is a plain decoding step
+
+a_i are running estimates at the current temperature: counts decayed by DECAY per round, shrunk toward the
+rate pooled over positions and that toward PRIOR, so when drafts stop being accepted the gate falls back to
+plain decoding within a few rounds; while plain looks best it still drafts 1 token after 4, 8, ..., 64 plain
+rounds (a probe), in case acceptance came back. R(k) is the median of the last rounds that drafted k (a backend's first round at each k is not counted: it pays for CUDA-graph captures and warm-ups),
+linearly interpolated between the k measured so far (when the best k is the largest measured, the next
+one up is tried to measure it: a line through R(0) overstates long drafts); it is a property of the backend, so it is kept across
+generations (api.Session holds one `RoundCosts` per greedy/sampled). Until R is known at k = 0 and at some
+k >= 1, the gate drafts EXPLORE tokens, then decodes plainly, to measure both. Any choice of k keeps the output
+exact (greedy: identical to plain; sampling: the target's distribution), so the gate only moves speed.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+
+PRIOR = 0.5  # a_i before evidence
+PRIOR_WEIGHT = 0.5  # in rounds of evidence
+POOL_WEIGHT = 2.0  # in rounds of evidence: how much a position's estimate leans on the pooled rate
+DECAY = 0.95  # per round: evidence from 20 rounds back counts 1/e
+WINDOW = 9  # rounds per k in the median of R(k)
+PROBE_MIN, PROBE_MAX = 4, 64  # while plain decoding looks best: draft 1 after this many plain rounds (doubling)
+EXPLORE = 2  # k of the first drafting rounds, before any cost is known
+
+
+class RoundCosts:
+    """R(k): seconds per round by number of drafts, measured as the loop runs."""
+
+    def __init__(self) -> None:
+        self.runs: dict[int, deque[float]] = {}
+        self.median: dict[int, float] = {}
+        self.seen: set[int] = set()
+
+    def add(self, k: int, seconds: float) -> None:
+        if k not in self.seen:  # the first round at k: captures and warm-ups
+            self.seen.add(k)
+            return
+        runs = self.runs.setdefault(k, deque(maxlen=WINDOW))
+        runs.append(seconds)
+        self.median[k] = statistics.median(runs)
+
+    def known(self, k: int) -> bool:
+        return k in self.median
+
+    def __call__(self, k: int) -> float:
+        """R(k): measured, or on the line through the nearest measured k on each side (or the two nearest)."""
+        if k in self.median:
+            return self.median[k]
+        ks = sorted(self.median)  # the gate asks only once two k are measured
+        if len(ks) == 1:
+            return self.median[ks[0]]
+        lo, hi = [x for x in ks if x < k], [x for x in ks if x > k]
+        a, b = (lo[-1], hi[0]) if lo and hi else (lo[-2], lo[-1]) if lo else (hi[0], hi[1])
+        ra, rb = self.median[a], self.median[b]
+        return max(ra + (rb - ra) * (k - a) / (b - a), 1e-9)
+
+
+class Gate:
+    """Per generation: acceptance estimates per draft position; `choose` a round's k, `observe` its outcome."""
+
+    def __init__(self, max_k: int, costs: RoundCosts):
+        self.max_k, self.costs = max_k, costs
+        self.accepted = [0.0] * max_k  # decayed counts, per position i: rounds that reached i and accepted it
+        self.reached = [0.0] * max_k  # ... rounds whose draft i was judged (drafts 1..i-1 accepted)
+        self.idle, self.probe_every = 0, PROBE_MIN  # plain rounds in a row; when to probe next
+
+    def rate(self, i: int, pooled: float | None = None) -> float:
+        """a_i: position i's own evidence, shrunk toward the rate pooled over every position (itself shrunk toward
+        PRIOR). Positions the gate has not drafted to lately take the pooled rate, so it tries longer drafts when
+        the short ones are accepted."""
+        if pooled is None:
+            pooled = (sum(self.accepted) + PRIOR * PRIOR_WEIGHT) / (sum(self.reached) + PRIOR_WEIGHT)
+        return (self.accepted[i] + pooled * POOL_WEIGHT) / (self.reached[i] + POOL_WEIGHT)
+
+    def choose(self, limit: int) -> int:
+        """The round's k in 0..min(limit, max_k)."""
+        limit = min(limit, self.max_k)
+        if limit <= 0:
+            return 0
+        r = self.costs
+        if not any(r.known(k) for k in range(1, self.max_k + 1)):
+            return min(EXPLORE, limit)  # measure a drafting round first
+        if not r.known(0):
+            return 0  # then a plain one
+        pooled = (sum(self.accepted) + PRIOR * PRIOR_WEIGHT) / (sum(self.reached) + PRIOR_WEIGHT)
+        best_k, best, tokens, run = 1, 0.0, 1.0, 1.0
+        for k in range(1, limit + 1):
+            run *= self.rate(k - 1, pooled)
+            tokens += run
+            if tokens / r(k) > best:
+                best_k, best = k, tokens / r(k)
+        if best > 1.0 / r(0):
+            self.idle, self.probe_every = 0, PROBE_MIN
+            if best_k < limit and not r.known(best_k + 1):
+                return best_k + 1  # the best is the longest draft measured: measure one more (R there is a guess)
+            return best_k
+        self.idle += 1  # plain looks best: probe now and then, in case acceptance came back
+        if self.idle < self.probe_every:
+            return 0
+        self.idle, self.probe_every = 0, min(2 * self.probe_every, PROBE_MAX)
+        return 1
+
+    def observe(self, drafted: int, accepted: int, seconds: float) -> None:
+        self.costs.add(drafted, seconds)
+        for i in range(self.max_k):
+            self.accepted[i] *= DECAY
+            self.reached[i] *= DECAY
+        for i in range(min(accepted + 1, drafted)):
+            self.reached[i] += 1
+            self.accepted[i] += i < accepted
