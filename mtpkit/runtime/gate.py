@@ -7,7 +7,8 @@
 a_i are running estimates at the current temperature: counts decayed by DECAY per round, each position's
 shrunk toward the estimate of the position before it (the first toward PRIOR). When drafts stop being
 accepted the gate falls back to plain decoding within a few rounds; while plain looks best it still drafts
-after 4, 8, ..., 64 plain rounds (a probe), in case acceptance came back.
+after 4, 8, ..., 64 plain rounds (a probe), in case acceptance came back, but no more often than keeps the
+probes' expected loss under PROBE_BUDGET of the plain time.
 R(k) is the median of the last rounds that drafted k (a backend's first round at each k is not counted: it
 pays for CUDA-graph captures and warm-ups), linearly interpolated between the k measured so far; when the
 best k is the largest measured, the next one up is tried (a line through R(0) overstates long drafts). R is
@@ -28,6 +29,7 @@ CHAIN_WEIGHT = 2.0  # in rounds of evidence: how much a position's estimate lean
 DECAY = 0.95  # per round: evidence from 20 rounds back counts 1/e
 WINDOW = 9  # rounds per k in the median of R(k)
 PROBE_MIN, PROBE_MAX = 4, 64  # while plain decoding looks best: draft after this many plain rounds (doubling)
+PROBE_BUDGET = 0.02  # ... and no sooner than its expected loss (in plain steps) / this
 EXPLORE = 2  # k of the first drafting rounds, before any cost is known
 
 
@@ -107,8 +109,10 @@ class Gate:
             if best_k < limit and not r.known(best_k + 1):
                 return best_k + 1  # the best is the longest draft measured: measure one more (R there is a guess)
             return best_k
-        self.idle += 1  # plain looks best: probe now and then, in case acceptance came back
-        if self.idle < self.probe_every:
+        self.idle += 1  # plain looks best: probe now and then, in case acceptance came back, spending on
+        # probes at most PROBE_BUDGET of the plain time (a probe's expected loss: R(k) / R(0) - tokens(k) steps)
+        loss = max(r(best_k) / r(0) - best * r(best_k), 0.0)
+        if self.idle < max(self.probe_every, loss / PROBE_BUDGET):
             return 0
         self.idle, self.probe_every = 0, min(2 * self.probe_every, PROBE_MAX)
         return best_k
