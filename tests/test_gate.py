@@ -53,7 +53,9 @@ CPU = lambda k: 1.0 + 0.45 * k + (0.1 if k else 0.0)  # noqa: E731
 GPU = lambda k: 1.0 + 0.06 * k + (0.02 if k else 0.0)  # noqa: E731
 CPU_JUMP = lambda k: 1.0 + (0.25 + 0.3 * k if k else 0.0)  # noqa: E731
 GPU_JUMP = lambda k: 1.0 + (0.12 + 0.11 * k if k else 0.0)  # noqa: E731
-COSTS = {"cpu-like": CPU, "gpu-like": GPU, "cpu-jump": CPU_JUMP, "gpu-jump": GPU_JUMP}
+# not monotone: torch's fp32 CPU head GEMM is slow for 2-3 rows (measured round times, torch backend, this CPU)
+TORCH_CPU = lambda k: [1.0, 1.96, 2.47, 1.9, 2.0, 2.25][k]  # noqa: E731
+COSTS = {"cpu-like": CPU, "gpu-like": GPU, "cpu-jump": CPU_JUMP, "gpu-jump": GPU_JUMP, "torch-cpu": TORCH_CPU}
 
 
 @pytest.mark.parametrize("cost", COSTS.values(), ids=COSTS.keys())
@@ -98,6 +100,6 @@ def test_costs_are_explored_first_then_kept_across_generations():
         k = g.choose(4)
         seen.append(k)
         g.observe(k, 0, CPU(k))
-    assert seen == [2, 2, 0, 0]  # the first round at each k is a warm-up: measured twice
-    assert Gate(4, costs).choose(4) in range(5) and costs.known(0) and costs.known(2)
-    assert Gate(4, costs).choose(0) == 0 and Gate(4, RoundCosts()).choose(2) == 2
+    assert seen == [4, 4, 0, 0]  # the longest draft, then plain; the first round at each k is a warm-up
+    assert Gate(4, costs).choose(4) in range(5) and costs.known(0) and costs.known(4)
+    assert Gate(4, costs).choose(0) == 0 and Gate(4, RoundCosts()).choose(2) == 2  # limited by the budget
