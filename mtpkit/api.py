@@ -124,13 +124,14 @@ class Session:
         gate (default): each round drafts the k in 0..num_draft_tokens that the online gate expects to be fastest
         (runtime/gate.py; k = 0 is a plain step); gate=False drafts num_draft_tokens every round.
         min_confidence (adaptive drafting): stop a draft once the drafter's top probability falls below it.
-        "auto" = AUTO_MIN_CONFIDENCE on CPU, off on GPUs (there the k-step draft is one CUDA graph, and
-        stopping early would need a host sync per step); None or 0 = off.
+        "auto" = AUTO_MIN_CONFIDENCE on CPU with gate=False; off with the gate (it picks the length) and on GPUs
+        (there each draft step is a CUDA graph, and stopping early would need a host sync per step); None or 0 = off.
         draft_temperature (sampling only): drafts are drawn at temperature * this; None = the drafter's own
         calibrated factor. The output distribution is the target's either way.
         """
-        if min_confidence == "auto":
-            min_confidence = AUTO_MIN_CONFIDENCE if self.backend.info().on_cpu else None
+        if min_confidence == "auto":  # the gate picks each round's length itself: stopping drafts short of it would
+            # land rounds on lengths it did not choose (on torch's CPU head a verify of 2-3 tokens costs 2x one of 4)
+            min_confidence = AUTO_MIN_CONFIDENCE if self.backend.info().on_cpu and not gate else None
         params = GenerationParams(max_new_tokens, SamplingParams(temperature, top_p, top_k), num_draft_tokens, seed,
                                   min_confidence or None,
                                   self.draft_temperature if draft_temperature is None else draft_temperature, gate)
