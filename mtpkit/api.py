@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mtpkit.errors import MtpkitError
-from mtpkit.runtime.gate import RoundCosts
+from mtpkit.runtime.gate import Gate, RoundCosts
 from mtpkit.runtime.loop import GenerationParams, Round, generate
 from mtpkit.runtime.sampling import SamplingParams
 
@@ -96,7 +96,8 @@ class Session:
         self.tokenizer = tokenizer
         self.config = target_config
         self.drafter_path = drafter_path
-        self.costs = {True: RoundCosts(), False: RoundCosts()}  # the gate's round timings, greedy / sampled
+        # the online gate's state, greedy / sampled: round costs and acceptance, kept from one generation to the next
+        self.gates = {True: Gate(1, RoundCosts()), False: Gate(1, RoundCosts())}
         self.eos = {target_config.eos_token_id}
         if tokenizer is not None:
             self.eos.add(tokenizer.eos_id)
@@ -124,14 +125,14 @@ class Session:
         gate (default): each round drafts the k in 0..num_draft_tokens that the online gate expects to be fastest
         (runtime/gate.py; k = 0 is a plain step); gate=False drafts num_draft_tokens every round.
         min_confidence (adaptive drafting): stop a draft once the drafter's top probability falls below it.
-        "auto" = AUTO_MIN_CONFIDENCE on CPU with gate=False; off with the gate (it picks the length) and on GPUs
-        (there each draft step is a CUDA graph, and stopping early would need a host sync per step); None or 0 = off.
+        "auto" = AUTO_MIN_CONFIDENCE on CPU (with the gate too: the drafter's confidence per step is information the
+        gate's per-round rates do not have), off on GPUs (there each draft step is a CUDA graph, and stopping early
+        would need a host sync per step); None or 0 = off.
         draft_temperature (sampling only): drafts are drawn at temperature * this; None = the drafter's own
         calibrated factor. The output distribution is the target's either way.
         """
-        if min_confidence == "auto":  # the gate picks each round's length itself: stopping drafts short of it would
-            # land rounds on lengths it did not choose (on torch's CPU head a verify of 2-3 tokens costs 2x one of 4)
-            min_confidence = AUTO_MIN_CONFIDENCE if self.backend.info().on_cpu and not gate else None
+        if min_confidence == "auto":
+            min_confidence = AUTO_MIN_CONFIDENCE if self.backend.info().on_cpu else None
         params = GenerationParams(max_new_tokens, SamplingParams(temperature, top_p, top_k), num_draft_tokens, seed,
                                   min_confidence or None,
                                   self.draft_temperature if draft_temperature is None else draft_temperature, gate)
@@ -139,10 +140,16 @@ class Session:
         st = stats if stats is not None else Stats()
         t0 = time.perf_counter()
         for r in generate(self.backend, ids, params, self.eos, use_drafter=use_drafter,
-                          costs=self.costs[params.sampling.greedy]):
+                          gate=self._gate(params)):
             st.add(r)
             st.wall_s = time.perf_counter() - t0
             yield r
+
+    def _gate(self, params: GenerationParams) -> Gate:
+        g = self.gates[params.sampling.greedy]
+        if g.max_k != params.num_draft_tokens:  # a new K: acceptance starts over, round costs stay
+            g = self.gates[params.sampling.greedy] = Gate(params.num_draft_tokens, g.costs)
+        return g
 
     def generate(self, prompt: str | list[int], **kw: Any) -> Result:
         st = Stats()

@@ -137,7 +137,7 @@ def run(prompt: str = typer.Argument(..., help="Text to continue."),
                                   help="--no-gate: draft exactly k every round (fixed k, for benchmarks)."),
         min_confidence: float = typer.Option(None, "--min-confidence",
                                              help="Adaptive drafting: stop a draft when the drafter's top probability "
-                                                  "drops below this (default: 0.3 on CPU with --no-gate, else off; 0 = off)."),
+                                                  "drops below this (default: 0.3 on CPU, off on GPU; 0 = off)."),
         draft_temperature: float = typer.Option(None, "--draft-temperature",
                                                 help="Sampling: draw drafts at temperature x this (default: the "
                                                      "drafter's calibrated factor); the output stays the target's."),

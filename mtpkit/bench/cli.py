@@ -40,8 +40,8 @@ def bench_command(
         gate: str = typer.Option("on", help="on: the online gate picks each round's k (the default everywhere) | off: "
                                             "always k | both: also run `speculative_fixed_k` (always k) beside it."),
         min_confidence: float = typer.Option(None, "--min-confidence",
-                                             help="Adaptive drafting threshold, as in `mtpkit run` (default: 0.3 on CPU "
-                                                  "for fixed k, else off; 0 = off)."),
+                                             help="Adaptive drafting threshold, as in `mtpkit run` (default: 0.3 on CPU, "
+                                                  "off on GPU; 0 = off)."),
         repeats: int = typer.Option(3, help="Timed runs per prompt and method (median reported; a warm-up run is extra)."),
         threads: int = typer.Option(None, help="CPU threads for torch and llama.cpp (default: torch's)."),
         baselines: str = typer.Option("auto", help="auto (every installed one that fits the backend) | none | comma list of hf, llamacpp, mlx_lm."),

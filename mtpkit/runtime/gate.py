@@ -7,8 +7,9 @@
 a_i are running estimates at the current temperature: counts decayed by DECAY per round, each position's
 shrunk toward the estimate of the position before it (the first toward PRIOR). When drafts stop being
 accepted the gate falls back to plain decoding within a few rounds; while plain looks best it still drafts
-after 4, 8, ..., 64 plain rounds (a probe), in case acceptance came back, but no more often than keeps the
-probes' expected loss under PROBE_BUDGET of the plain time.
+(the cheapest k) after 4, 8, ..., 64 plain rounds (a probe), in case acceptance came back, but no more often than
+keeps the probes' expected loss under PROBE_BUDGET of the plain time. api.Session keeps the estimates from one
+generation to the next.
 R(k) is the median of the last rounds that drafted k (a backend's first round at each k is not counted: it
 pays for CUDA-graph captures and warm-ups). It is a property of the backend, kept across generations
 (api.Session holds one `RoundCosts` per greedy/sampled). It need not grow with k (on this repo's CPU torch's
@@ -67,7 +68,8 @@ class RoundCosts:
 
 
 class Gate:
-    """Per generation: acceptance estimates per draft position; `choose` a round's k, `observe` its outcome."""
+    """Acceptance estimates per draft position and the round costs; `choose` a round's k, `observe` its outcome.
+    api.Session keeps one across generations (acceptance decays per round, so a new text soon speaks for itself)."""
 
     def __init__(self, max_k: int, costs: RoundCosts):
         self.max_k, self.costs = max_k, costs
@@ -115,13 +117,18 @@ class Gate:
         if best > 1.0 / r(0):
             self.idle, self.probe_every = 0, PROBE_MIN
             return best_k
-        self.idle += 1  # plain looks best: draft 1 now and then in case acceptance came back, spending on these
-        # probes at most PROBE_BUDGET of the plain time (a probe's expected loss: R(1) / R(0) - tokens(1) steps)
-        loss = max(r(1) / r(0) - (1.0 + rates[0]), 0.0)
-        if self.idle < max(self.probe_every, loss / PROBE_BUDGET):
+        self.idle += 1  # plain looks best: draft now and then in case acceptance came back, the k whose
+        # expected loss (R(k) / R(0) - tokens(k) plain steps) is least, at most PROBE_BUDGET of the plain time
+        loss, probe_k, tokens, run = float("inf"), 1, 1.0, 1.0
+        for k in range(1, limit + 1):
+            run *= rates[k - 1]
+            tokens += run
+            if r(k) / r(0) - tokens < loss:  # (R interpolated where not measured yet)
+                loss, probe_k = r(k) / r(0) - tokens, k
+        if self.idle < max(self.probe_every, max(loss, 0.0) / PROBE_BUDGET):
             return 0
         self.idle, self.probe_every = 0, min(2 * self.probe_every, PROBE_MAX)
-        return 1
+        return probe_k
 
     def observe(self, drafted: int, accepted: int, seconds: float) -> None:
         self.costs.add(drafted, seconds)

@@ -85,8 +85,8 @@ def cut(tokens: list[int], eos: set[int], budget: int) -> tuple[list[int], str |
 
 
 def generate(backend: Backend, prompt: list[int], params: GenerationParams, eos: set[int],
-             use_drafter: bool = True, costs: RoundCosts | None = None) -> Iterator[Round]:
-    """Yield one Round per target forward (the first is the prefill). `costs`: the gate's round timings
+             use_drafter: bool = True, gate: Gate | None = None) -> Iterator[Round]:
+    """Yield one Round per target forward (the first is the prefill). `gate`: the online gate with what it has
     measured on this backend so far (kept by the caller across generations; a fresh one if None)."""
     if not prompt:
         raise MtpkitError("empty prompt")
@@ -101,8 +101,10 @@ def generate(backend: Backend, prompt: list[int], params: GenerationParams, eos:
     emitted = len(out)
     yield Round(out, 0, 0, verify_s=backend.elapsed(t0, backend.clock()), prefill=True, finish=finish)
     drafting = use_drafter and backend.has_drafter
-    gate = Gate(params.num_draft_tokens, costs if costs is not None else RoundCosts()) \
-        if drafting and params.gate else None
+    if not (drafting and params.gate):
+        gate = None
+    elif gate is None or gate.max_k != params.num_draft_tokens:
+        gate = Gate(params.num_draft_tokens, gate.costs if gate is not None else RoundCosts())
     while finish is None:
         room = backend.max_len - backend.length - 1  # positions left after the bonus
         if room < 0:
