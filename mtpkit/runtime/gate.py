@@ -7,16 +7,16 @@
 a_i are running estimates at the current temperature: counts decayed by DECAY per round, each position's
 shrunk toward the estimate of the position before it (the first toward PRIOR). When drafts stop being
 accepted the gate falls back to plain decoding within a few rounds; while plain looks best it still drafts
-(the cheapest k) after 4, 8, ..., 64 plain rounds (a probe), in case acceptance came back, but no more often than
-keeps the probes' expected loss under PROBE_BUDGET of the plain time. api.Session keeps the estimates from one
-generation to the next.
+(the cheapest k) after 4, 8, ..., 64 plain rounds (a probe), in case acceptance came back, but no more often
+than keeps the probes' expected loss under PROBE_BUDGET of the plain time.
 R(k) is the median of the last rounds that drafted k (a backend's first round at each k is not counted: it
-pays for CUDA-graph captures and warm-ups). It is a property of the backend, kept across generations
-(api.Session holds one `RoundCosts` per greedy/sampled). It need not grow with k (on this repo's CPU torch's
-fp32 head GEMM takes 62 / 140 / 200 / 113 ms for 1 / 2 / 3 / 4 rows: a verify of 6 tokens is cheaper than one of
-3), so the gate measures k = K and k = 0 first, then, once drafting pays at a measured k, any other k that could
-beat it if it cost only a plain step (two rounds each); an unmeasured k's R is interpolated linearly. Any choice of k keeps the output exact (greedy: identical to plain; sampling: the
-target's distribution), so the gate only moves speed.
+pays for CUDA-graph captures and warm-ups). R need not grow with k (on this repo's CPU torch's fp32 head GEMM
+takes 62 / 140 / 200 / 113 ms for 1 / 2 / 3 / 4 rows: a verify of 6 tokens is cheaper than one of 3), so the
+gate measures k = K and k = 0 first, then, once drafting pays at a measured k, any other k that could beat it
+if it cost only a plain step (two rounds each); an unmeasured k's R is interpolated linearly.
+api.Session keeps one Gate (acceptance and costs) per greedy/sampled across its generations.
+Any choice of k keeps the output exact (greedy: identical to plain; sampling: the target's distribution),
+so the gate only moves speed.
 """
 
 from __future__ import annotations
