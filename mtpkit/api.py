@@ -146,10 +146,9 @@ class Session:
             yield r
 
     def _gate(self, params: GenerationParams) -> Gate:
-        g = self.gates[params.sampling.greedy]
-        if g.max_k != params.num_draft_tokens:  # a new K: acceptance starts over, round costs stay
-            g = self.gates[params.sampling.greedy] = Gate(params.num_draft_tokens, g.costs)
-        return g
+        key = params.sampling.greedy
+        self.gates[key] = self.gates[key].for_k(params.num_draft_tokens)  # a new K keeps the round costs
+        return self.gates[key]
 
     def generate(self, prompt: str | list[int], **kw: Any) -> Result:
         st = Stats()

@@ -214,25 +214,24 @@ def test_oracle_drafts_get_accepted_and_stay_lossless(pair):
     assert got == plain[:j + 1] and rounds[-1].finish == "eos"
 
 
-def test_fused_greedy_draft_equals_the_generic_policy(pair):
-    _, t, d, make = pair
-    be = make()
-    if be.fused_greedy_draft is None:
+def _started_with(pair, fused: str):
+    """A backend that has the fused path `fused`, after a prefill of PROMPT -> (backend, bonus token, h)."""
+    be = pair[3]()
+    if getattr(be, fused) is None:
         pytest.skip("this backend drafts through the generic policy only")
     logits, h = be.start(PROMPT)
-    bonus = be.ops.tokens([be.ops.to_list(be.ops.argmax(logits))[0]])
+    return be, be.ops.tokens([be.ops.to_list(be.ops.argmax(logits))[0]]), h
+
+
+def test_fused_greedy_draft_equals_the_generic_policy(pair):
+    be, bonus, h = _started_with(pair, "fused_greedy_draft")
     fused = be.ops.to_list(be.fused_greedy_draft(bonus, h, 5))
     assert be.ops.to_list(draft(be, bonus, h, 5, SamplingParams(), fused=False).tokens) == fused
 
 
 def test_fused_sampled_draft_equals_the_generic_policy(pair):
     """Same uniforms -> same drafts, picks and candidate ids, and the same draft distributions q."""
-    _, t, d, make = pair
-    be = make()
-    if be.fused_sampled_draft is None:
-        pytest.skip("this backend drafts through the generic policy only")
-    logits, h = be.start(PROMPT)
-    bonus = be.ops.tokens([be.ops.to_list(be.ops.argmax(logits))[0]])
+    be, bonus, h = _started_with(pair, "fused_sampled_draft")
     for sp in (SamplingParams(temperature=0.8), SamplingParams(temperature=1.0, top_p=0.9, top_k=20)):
         fused = draft(be, bonus, h, 5, sp, be.ops.generator(3))
         generic = draft(be, bonus, h, 5, sp, be.ops.generator(3), fused=False)

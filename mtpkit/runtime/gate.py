@@ -77,6 +77,10 @@ class Gate:
         self.reached = [0.0] * max_k  # ... rounds whose draft i was judged (drafts 1..i-1 accepted)
         self.idle, self.probe_every = 0, PROBE_MIN  # plain rounds in a row; when to probe next
 
+    def for_k(self, max_k: int) -> Gate:
+        """This gate, or for another K a new one that keeps the round costs (acceptance starts over)."""
+        return self if max_k == self.max_k else Gate(max_k, self.costs)
+
     def rates(self) -> list[float]:
         """a_1..a_K: position 1's evidence shrunk toward PRIOR, each later position's toward the estimate of the
         position before it. Conditional acceptance grows with depth for a drafter (given drafts 1..i-1 were

@@ -28,6 +28,7 @@ import ctypes
 import json
 import os
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,7 +138,6 @@ class _ClusterRows:
     generations asked for (456 distinct of 2048)."""
 
     def __init__(self, rows: _Rows, clusters: np.ndarray, width: int, capacity: int = 256):
-        from collections import OrderedDict
         self.rows, self.clusters, self.width, self.capacity = rows, clusters, width, capacity
         self.cache: OrderedDict[int, np.ndarray] = OrderedDict()
 

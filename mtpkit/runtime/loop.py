@@ -103,8 +103,8 @@ def generate(backend: Backend, prompt: list[int], params: GenerationParams, eos:
     drafting = use_drafter and backend.has_drafter
     if not (drafting and params.gate):
         gate = None
-    elif gate is None or gate.max_k != params.num_draft_tokens:
-        gate = Gate(params.num_draft_tokens, gate.costs if gate is not None else RoundCosts())
+    else:
+        gate = (gate or Gate(params.num_draft_tokens, RoundCosts())).for_k(params.num_draft_tokens)
     while finish is None:
         room = backend.max_len - backend.length - 1  # positions left after the bonus
         if room < 0:

@@ -1,8 +1,8 @@
 """The torch backend: the reference target and drafter themselves, on CPU or CUDA.
 
 On CUDA (`cuda_graphs=True`) each verify width 1..k+1 and the draft steps (greedy, and sampled per sampling
-settings, with uniforms drawn ahead) are captured once as CUDA graphs over the static KV cache and replayed: one launch per target forward, one per draft step
-plus one per round for the drafter's attention inputs, and the only host syncs per round are the ones
+settings, with uniforms drawn ahead) are captured once as CUDA graphs over the static KV cache and replayed:
+one launch per target forward, one per draft step plus one per round for the drafter's attention inputs, and the only host syncs per round are the ones
 acceptance needs. Positions and lengths enter the graphs as device tensors (GemmaModel.step and the
 cache's ring arithmetic are tensor-only for this).
 `compile` runs captured steps through torch.compile first (inductor, no cudagraphs of its own): a step
