@@ -191,7 +191,7 @@ def run(prompt: str = typer.Argument(..., help="Text to continue."),
 def _register_distill() -> None:
     from mtpkit.distill.cli import distill_command, eval_drafter_command
     app.command("distill", help="Train an assistant drafter against a frozen target.")(distill_command)
-    app.command("eval-drafter", help="Simulated tau at T=0 and T=1 on a prompt suite.")(eval_drafter_command)
+    app.command("eval-drafter", help="Loop tau at T=0 and T=1 per suite and category (and the simulated mean).")(eval_drafter_command)
 
 
 _register_distill()

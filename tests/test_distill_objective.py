@@ -54,13 +54,14 @@ def test_step_shapes_and_gradients(head):
     k = 3
     res = distill_step(target, drafter, b, Objective(k=k, chunk=8), norm=float(round_mask(b, k).sum()))
     R = b.tokens.shape[1] - 1 - k
-    assert res.mask.shape == (3, R) and all(a.shape == (3, R, k) for a in res.accept)
+    assert res.first == 3  # rounds p < 4 (inside every prompt) are not computed
+    assert res.mask.shape == (3, R - 3) and all(a.shape == (3, R - 3, k) for a in res.accept)
     assert res.step_loss.shape == (k,) and torch.isfinite(res.loss)
     assert (res.router_loss > 0).all() == (head == "centroid")
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in drafter.parameters())
     assert target.embed_tokens.weight.grad is None
     # the mask: rounds start at the prompt end and keep all k drafted tokens inside the sequence
-    p = torch.arange(1, R + 1)
+    p = torch.arange(4, R + 1)
     for i in range(3):
         want = (p >= 4) & (p + k <= int(b.length[i]) - 1)
         assert torch.equal(res.mask[i], want)
@@ -89,6 +90,36 @@ def test_unroll_equals_sequential_runtime_draft_steps(seed, head, shared):
                 assert torch.equal(one.ids[:, 0], steps[i].ids[:, p - 1])
             h = one.hidden[:, 0]
         target(x[:, p:p + 1], ring)
+
+
+@pytest.mark.parametrize("loss", ["kl", "mix"])
+def test_skipping_prompt_rounds_changes_nothing(loss):
+    """Rounds inside every prompt are skipped: same loss, gradients and acceptance as computing all of them."""
+    target = tiny_target(2, vocab_size=128)
+    b = _batch(target, B=3, T=20)._replace(prompt_len=torch.tensor([6, 9, 7]))
+    out = []
+    for skip in (True, False):
+        d = _drafter(target, "centroid", seed=3).train()
+        res = distill_step(target, d, b, Objective(k=3, loss=loss, chunk=7), skip_prompt=skip)
+        out.append((res, [p.grad.clone() for p in d.parameters()]))
+    (a, ga), (full, gf) = out
+    assert a.first == 5 and full.first == 0
+    torch.testing.assert_close(a.loss, full.loss, rtol=1e-5, atol=1e-5)
+    for x, y in zip(ga, gf, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+    assert torch.equal(a.mask, full.mask[:, 5:]) and not full.mask[:, :5].any()
+    torch.testing.assert_close(acceptance_sums(a, b.sampled), acceptance_sums(full, b.sampled))
+
+
+def test_candidate_tv_loss_is_one_minus_runtime_acceptance():
+    """With candidate ids the TV loss is exactly 1 - the acceptance probability of the runtime's sparse draft."""
+    g = torch.Generator().manual_seed(1)
+    t_logp = (2 * torch.randn(4, 6, 50, generator=g)).log_softmax(-1)
+    d = 2 * torch.randn(4, 6, 50, generator=g)
+    ids = torch.stack([torch.randperm(50, generator=g)[:12] for _ in range(24)]).view(4, 6, 12)
+    tv = distill_loss(t_logp, d, "tv", 0.5, ids=ids)
+    torch.testing.assert_close(tv, 1 - accept_from_logits(t_logp, d, ids)[1])
+    assert not torch.allclose(tv, distill_loss(t_logp, d, "tv", 0.5))  # the dense TV is another quantity
 
 
 def test_chunking_does_not_change_loss_or_gradients():

@@ -147,6 +147,29 @@ def test_schedule_and_data_order():
     seen = torch.cat([batch_indices(s, 10, 4, 0) for s in range(5)])  # 20 draws = 2 epochs of 10 rows
     assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:].tolist()) == list(range(10))
     assert torch.equal(batch_indices(3, 10, 4, 0), batch_indices(3, 10, 4, 0))
+    # length buckets: still every row once per epoch, deterministic, and a batch holds rows of similar length
+    lengths = torch.tensor([60, 2000, 70, 2100, 65, 1900, 80, 2200] * 8)
+    steps = [batch_indices(s, 64, 8, 0, lengths, 4) for s in range(16)]  # 2 epochs
+    ep = torch.cat(steps[:8])
+    assert sorted(ep.tolist()) == list(range(64)) and sorted(torch.cat(steps[8:]).tolist()) == list(range(64))
+    assert all(int(lengths[b].max() - lengths[b].min()) < 1000 for b in steps)
+    assert torch.equal(batch_indices(5, 64, 8, 0, lengths, 4), steps[5])
+
+
+def test_generation_batches_cap_tokens_for_long_prompts(monkeypatch):
+    """max_tokens caps rows x (prompt + continuation) per generation batch and keeps prompts whole."""
+    import mtpkit.distill.data as data
+    target = peaky_target(1)
+    items = [([5 + i] * n, False) for i, n in enumerate([3, 3, 3, 3, 30, 30, 30])]
+    shapes = []
+    real = data.generate
+    monkeypatch.setattr(data, "generate", lambda m, p, *a, **k: shapes.append(tuple(p.shape)) or real(m, p, *a, **k))
+    capped = generate_rows(target, items, 4, batch=8, bos_id=2, eos_id=-1, pad_id=0, seed=0, max_tokens=80)
+    assert shapes == [(4, 4), (2, 31), (1, 31)]  # 2 x (31 + 4) <= 80 < 3 x (31 + 4)
+    free = generate_rows(target, items, 4, batch=8, bos_id=2, eos_id=-1, pad_id=0, seed=0)
+    assert shapes[3:] == [(7, 4)] and torch.equal(free.tokens[:4], capped.tokens[:4])
+    assert free.prompt_len.tolist()[4:] == [4, 4, 4] and capped.prompt_len.tolist()[4:] == [31, 31, 31]
+    # without max_tokens (v2 data) the long prompts were cut to the short ones' length
 
 
 def test_batched_generation_equals_uncached_greedy_and_buckets_keep_prompts():
@@ -167,6 +190,30 @@ def test_batched_generation_equals_uncached_greedy_and_buckets_keep_prompts():
     assert torch.equal(exact.sampled, torch.tensor([False, True, True, False]))
 
 
+def test_left_padded_batches_compute_what_each_prompt_computes_alone():
+    """`pad` hides a row's filler keys: its logits and greedy continuation equal the unpadded row's, across the
+    sliding window and through a ring cache; generate_rows with max_tokens keeps every prompt whole."""
+    target = peaky_target(2)
+    w = target.config.sliding_window
+    g = torch.Generator().manual_seed(1)
+    lens = [3, w + 5, 2 * w + 7]
+    rows = [torch.randint(3, 128, (n,), generator=g) for n in lens]
+    L = max(lens)
+    pad = torch.tensor([L - n for n in lens])
+    batch = torch.stack([torch.cat([torch.zeros(L - n, dtype=torch.long), r]) for n, r in zip(lens, rows, strict=True)])
+    ring = target.new_cache(L + 40, batch=3, slack=4)  # a ring on sliding layers: prefill in chunks of 5
+    out = target(batch, ring, pad=pad)
+    for b, r in enumerate(rows):
+        alone = target(r[None])
+        torch.testing.assert_close(out.logits[b, pad[b]:], alone.logits[0], rtol=1e-4, atol=1e-4)
+    items = [(r.tolist(), False) for r in rows]
+    padded = generate_rows(target, items, 6, batch=8, bos_id=2, eos_id=-1, pad_id=0, seed=0, max_tokens=10_000)
+    assert padded.prompt_len.tolist() == [n + 1 for n in lens] and padded.length.tolist() == [n + 7 for n in lens]
+    for b, it in enumerate(items):
+        one = generate_rows(target, [it], 6, batch=8, bos_id=2, eos_id=-1, pad_id=0, seed=0, max_tokens=10_000)
+        assert torch.equal(padded.tokens[b, :lens[b] + 7], one.tokens[0, :lens[b] + 7])
+
+
 def test_prompt_source_skips_evaluation_prompts_and_holds_out_documents(target_dir):
     from mtpkit.tokenizer import Tokenizer
     he = humaneval()
@@ -180,6 +227,10 @@ def test_prompt_source_skips_evaluation_prompts_and_holds_out_documents(target_d
     assert set(held.documents).isdisjoint(src.documents)
     ids, sampled = src(1)
     assert 0 < len(ids) <= 7 and isinstance(sampled, bool)
+    long = Corpus(documents=corpus.documents, prompts=["word " * 200])
+    ids = PromptSource(long, tok, prompt_len=8, seed=0, sampled_fraction=0.5, heldout=False, eval_filter=filt,
+                       max_prompt_len=50)(0)[0]
+    assert len(ids) == 49  # prompt records keep max_prompt_len - 1 tokens, document windows prompt_len - 1
     assert src(1) == PromptSource(corpus, tok, prompt_len=8, seed=0, sampled_fraction=0.5, heldout=False,
                                   eval_filter=filt)(1)  # a function of (seed, i) only
     assert filt("unrelated words " + leaked.upper().replace("\n", "  ") + " trailing")

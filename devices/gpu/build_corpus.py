@@ -288,11 +288,11 @@ def extract_prompt(paras: list[str]) -> str:
     ]).format(p=p)
 
 
-def command_prompts() -> list[str]:
+def command_prompts(keep=lambda name: True) -> list[str]:
     out = []
     for f in sorted(glob.glob("/usr/share/man/man1/*.gz"))[::3]:
         name = Path(f).name.split(".")[0]
-        if not re.fullmatch(r"[a-z][a-z0-9_-]{1,20}", name):
+        if not re.fullmatch(r"[a-z][a-z0-9_-]{1,20}", name) or not keep(name):
             continue
         out.append(rng.choice([f"What does the `{name}` command do?", f"How do I use {name} on Linux? Give an example.",
                                f"Explain the most common options of the {name} command.",

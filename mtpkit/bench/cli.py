@@ -31,7 +31,7 @@ def bench_command(
         backend: str = typer.Option("torch", help="Runtime backend for plain and speculative decoding."),
         device: str = typer.Option(None, help="cpu or cuda (default: cuda if available)."),
         dtype: str = typer.Option(None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)."),
-        suite: str = typer.Option("humaneval", help="humaneval | mtbench | FILE.jsonl (lines with 'prompt' or 'turns')."),
+        suite: str = typer.Option("humaneval", help="humaneval | mtbench | everyday | FILE.jsonl (lines with 'prompt' or 'turns')."),
         limit: int = typer.Option(8, help="Number of prompts: the first N, taken in turn from each category if several."),
         max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
         temperature: float = typer.Option(0.0, help="0 = greedy (then outputs are checked for identity)."),

@@ -118,27 +118,38 @@ def distill_command(
 @_errors
 def eval_drafter_command(
     drafter: str = typer.Option(..., help="Drafter directory (e.g. a run's best/)."),
-    suite: str = typer.Option(..., help="humaneval | mtbench | a .jsonl file (prompt or turns)."),
+    suite: list[str] = typer.Option(..., help="humaneval | mtbench | everyday | a .jsonl file (prompt or turns, optional category); "  # noqa: B008
+                                    "repeat it or separate with commas for several suites."),
     target: str = typer.Option("gemma3-270m", help="Target name, .gguf file or HF directory."),
-    limit: int | None = typer.Option(None, help="Use the first N prompts."),
+    limit: int | None = typer.Option(None, help="Use the first N prompts of each suite."),
     num_draft_tokens: int | None = typer.Option(None, "--num-draft-tokens", help="k (default: the drafter's training k, else 4)."),
     gen_len: int = typer.Option(128, "--gen-len", help="Tokens generated per prompt (greedy and sampled)."),
+    max_prompt_tokens: int | None = typer.Option(None, "--max-prompt-tokens",
+                                                 help="Keep each prompt's last N tokens (default 4096 - --gen-len)."),
+    centroid_top_k: int | None = typer.Option(None, "--centroid-top-k",
+                                              help="Clusters the centroid head keeps per step (default: the drafter's)."),
     batch: int = typer.Option(8, help="Sequences per batch."),
     device: str = typer.Option("cpu", help="cpu | cuda."),
-    seed: int = typer.Option(0, help="Sampling seed for the T=1 continuations."),
+    seed: int = typer.Option(0, help="Seed of the T=1 continuations and of the T=1 walk's acceptance draws."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Simulated tau (T=0 and T=1) and acceptance per draft position of a drafter on a prompt suite."""
+    """Loop tau (T=0 and T=1), simulated tau and acceptance per draft position and per category of a drafter
+    on one or more prompt suites. One suite: a flat report; several: {"suites": {name: report}, "overall": worst}."""
     import torch
 
-    from mtpkit.distill.evaluate import eval_drafter
+    from mtpkit.distill.evaluate import eval_suites
     from mtpkit.model.load import load_drafter, load_target
     from mtpkit.suites import load_suite
     if device == "cuda" and not torch.cuda.is_available():
         raise MtpkitError("--device cuda, but torch sees no CUDA device")
     if batch <= 0:
         raise MtpkitError("--batch must be positive")
-    prompts = load_suite(suite, limit)
+    if centroid_top_k is not None and centroid_top_k <= 0:
+        raise MtpkitError("--centroid-top-k must be positive")
+    names = list(dict.fromkeys(n.strip() for item in suite for n in item.split(",") if n.strip()))
+    if not names:
+        raise MtpkitError("--suite names no suite")
+    suites = {name: load_suite(name, limit) for name in names}
     t = load_target(target, dtype=torch.bfloat16 if device == "cuda" else torch.float32, device=device)
     d = load_drafter(drafter, t.model, device=device)
     k = num_draft_tokens
@@ -149,19 +160,44 @@ def eval_drafter_command(
             k = 4
     if k <= 0:
         raise MtpkitError("--num-draft-tokens must be positive")
-    res = {"suite": suite, "target": target, "drafter": str(drafter),
-           **eval_drafter(t, d, prompts, k=k, gen_len=gen_len, batch=batch, device=device, seed=seed)}
+    kw = dict(k=k, gen_len=gen_len, batch=batch, device=device, seed=seed, max_prompt_tokens=max_prompt_tokens,
+              centroid_top_k=centroid_top_k)
+    nested = eval_suites(t, d, suites, **kw)
+    reports, head = nested["suites"], {"target": target, "drafter": str(drafter)}
+    first = next(iter(reports.values()))
+    if len(reports) == 1:
+        res = {**head, **first}
+    else:
+        res = {**head, **{key: first[key] for key in ("num_draft_tokens", "gen_len", "max_prompt_tokens", "centroid_top_k")},
+               **nested}
     if as_json:
         typer.echo(json.dumps(res))
         return
     from rich.console import Console
     from rich.table import Table
-    tab = Table(title=f"{drafter} on {suite} ({res['prompts']} prompts, k={k}, {gen_len} tokens each)")
-    for col in ("", "tau", "accept per position", "given previous accepted"):
-        tab.add_column(col)
+    console = Console()
     f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-    tab.add_row("T=0", f"{f(res['tau0'])} (loop walk {f(res['tau0_loop'])})", str(res["accept0"]), str(res["cond_accept0"]))
-    tab.add_row("T=1", f(res["tau1"]), str(res["accept1"]), str(res["cond_accept1"]))
-    Console().print(tab)
-    if res["outside_rate"] is not None:
-        typer.echo(f"target argmax outside the chosen clusters: {res['outside_rate']:.2%} of draft steps")
+    for name, r in reports.items():
+        top_k = "" if r["centroid_top_k"] is None else f", top-{r['centroid_top_k']} clusters"
+        tab = Table(title=f"{drafter} on {name} ({r['prompts']} prompts, k={k}, {gen_len} tokens each, "
+                          f"prompts cut to {r['max_prompt_tokens']} tokens: {r['truncated_prompts']}{top_k})")
+        for col in ("", "loop tau", "simulated tau", "accept per position", "given previous accepted"):
+            tab.add_column(col)
+        tab.add_row("T=0", f(r["tau0"]), f(r["tau0_sim"]), str(r["accept0"]), str(r["cond_accept0"]))
+        tab.add_row("T=1", f(r["tau1"]), f(r["tau1_sim"]), str(r["accept1"]), str(r["cond_accept1"]))
+        console.print(tab)
+        cats = Table(title=f"{name} per category (worst: T=0 {r['min_category_tau0_at']}, T=1 {r['min_category_tau1_at']})")
+        for col in ("category", "prompts", "tau0", "tau1", "tau0 sim", "tau1 sim", "outside clusters"):
+            cats.add_column(col)
+        for cat, v in r["per_category"].items():
+            out_rate = "n/a" if v["outside_rate"] is None else f"{v['outside_rate']:.2%}"
+            cats.add_row(cat, str(v["prompts"]), f(v["tau0"]), f(v["tau1"]), f(v["tau0_sim"]), f(v["tau1_sim"]), out_rate)
+        console.print(cats)
+        if r["outside_rate"] is not None:
+            typer.echo(f"target argmax outside the chosen clusters: {r['outside_rate']:.2%} of draft steps")
+    if len(reports) > 1:
+        o = res["overall"]
+        at = lambda v: "n/a" if v is None else ": ".join(v)  # noqa: E731
+        typer.echo(f"overall worst suite: T=0 {f(o['min_tau0'])} ({o['min_tau0_at']}), T=1 {f(o['min_tau1'])} ({o['min_tau1_at']}); "
+                   f"worst category: T=0 {f(o['min_category_tau0'])} ({at(o['min_category_tau0_at'])}), "
+                   f"T=1 {f(o['min_category_tau1'])} ({at(o['min_category_tau1_at'])})")

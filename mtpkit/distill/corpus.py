@@ -97,11 +97,13 @@ def _split(items: list[str], heldout: bool) -> list[str]:
 
 
 class PromptSource:
-    """Sequence index -> (prompt token ids without BOS, at most prompt_len - 1 of them; sampled?)."""
+    """Sequence index -> (prompt token ids without BOS; sampled?): a document window of prompt_len - 1 tokens,
+    or the tail of a prompt record, at most max_prompt_len - 1 tokens (default prompt_len - 1)."""
 
     def __init__(self, corpus: Corpus, tokenizer, *, prompt_len: int, seed: int, sampled_fraction: float,
-                 heldout: bool, eval_filter: EvalFilter | None):
+                 heldout: bool, eval_filter: EvalFilter | None, max_prompt_len: int | None = None):
         self.tok, self.n_tokens = tokenizer, prompt_len - 1
+        self.n_prompt = (max_prompt_len or prompt_len) - 1
         self.seed, self.frac, self.filter = seed, sampled_fraction, eval_filter
         self.documents = _split(corpus.documents, heldout)
         prompts = _split(corpus.prompts, heldout)
@@ -121,7 +123,7 @@ class PromptSource:
         use_prompt = bool(self.prompts) and (not self.documents or i % 2 == 0)
         if use_prompt:
             j = i // 2 if self.documents else i
-            ids = self.tok.encode(self.prompts[j % len(self.prompts)], add_bos=False)[-self.n_tokens:]
+            ids = self.tok.encode(self.prompts[j % len(self.prompts)], add_bos=False)[-self.n_prompt:]
             # a repeated prompt gets a sampled continuation: a second greedy one would be a duplicate
             return ids, j >= len(self.prompts) or rng.random() < self.frac
         return self._window(rng), rng.random() < self.frac

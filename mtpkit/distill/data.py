@@ -74,16 +74,17 @@ class Rows:
 
 @torch.no_grad()
 def generate(model, prompts: torch.Tensor, sampled: torch.Tensor, gen_len: int, *, eos_id: int, pad_id: int,
-             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """prompts [B, L] (same length), sampled [B] bool -> (tokens [B, L + gen_len], length [B]).
+             generator: torch.Generator | None = None, pad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """prompts [B, L], sampled [B] bool -> (tokens [B, L + gen_len], length [B]).
 
     Row b continues greedily or by sampling at T=1; after its EOS it holds pad_id and length stops.
+    `pad` [B]: row b is left-padded with pad[b] filler tokens that it never attends to (GemmaModel.step).
     """
     B, L = prompts.shape
     cache = model.new_cache(L + gen_len, batch=B)
     if L > 1:
-        model(prompts[:, :-1], cache, logits=False)
-    logits = model(prompts[:, -1:], cache).logits[:, -1]
+        model(prompts[:, :-1], cache, logits=False, pad=pad)
+    logits = model(prompts[:, -1:], cache, pad=pad).logits[:, -1]
     length = torch.full((B,), L + gen_len, dtype=torch.long, device=prompts.device)
     done = torch.zeros(B, dtype=torch.bool, device=prompts.device)
     out = [prompts]
@@ -99,39 +100,66 @@ def generate(model, prompts: torch.Tensor, sampled: torch.Tensor, gen_len: int, 
         done |= hit
         if t == gen_len - 1 or bool(done.all()):
             break
-        logits = model(nxt[:, None], cache).logits[:, -1]
+        logits = model(nxt[:, None], cache, pad=pad).logits[:, -1]
     tokens = torch.cat(out, 1)
     return torch.nn.functional.pad(tokens, (0, L + gen_len - tokens.shape[1]), value=pad_id), length
 
 
-def generate_rows(model, items: list[tuple[list[int], bool]], gen_len: int, *, batch: int, bos_id: int,
-                  eos_id: int, pad_id: int, seed: int, truncate: bool = True) -> Rows:
-    """(prompt ids without BOS, sampled) per sequence -> Rows in the same order (see the module doc)."""
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(seed)
-    order = sorted(range(len(items)), key=lambda i: (len(items[i][0]), i))
+def _groups(lengths: list[int], order: list[int], batch: int, gen_len: int, truncate: bool,
+            max_tokens: int | None) -> list[list[int]]:
+    """Generation batches over `order` (ascending prompt length); see `generate_rows`."""
     groups: list[list[int]] = []
     for i in order:
-        fits = groups and len(groups[-1]) < batch and (truncate or len(items[groups[-1][0]][0]) == len(items[i][0]))
+        g = groups[-1] if groups else None
+        if max_tokens is not None:  # left-padded to the longest (= this one): rows x (it + gen_len) <= max_tokens
+            fits = g is not None and len(g) < batch and (len(g) + 1) * (lengths[i] + 1 + gen_len) <= max_tokens
+        else:
+            fits = g is not None and len(g) < batch and (truncate or lengths[g[0]] == lengths[i])
         if fits:
-            groups[-1].append(i)
+            g.append(i)
         else:
             groups.append([i])
+    return groups
+
+
+def generate_rows(model, items: list[tuple[list[int], bool]], gen_len: int, *, batch: int, bos_id: int,
+                  eos_id: int, pad_id: int, seed: int, truncate: bool = True, max_tokens: int | None = None) -> Rows:
+    """(prompt ids without BOS, sampled) per sequence -> Rows in the same order (see the module doc).
+
+    Batches of at most `batch` rows, formed in order of prompt length. With `max_tokens`, every prompt is
+    kept whole: a batch is left-padded to its longest prompt (`generate(pad=...)`) and holds at most
+    max_tokens prompt + continuation tokens. Without it (drafter v1/v2 data), a batch is cut to its shortest
+    prompt (`truncate`; the tail is kept) or holds prompts of one length only (`truncate=False`).
+    """
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    lengths = [len(ids) for ids, _ in items]
+    order = sorted(range(len(items)), key=lambda i: (lengths[i], i))
     prefix = [bos_id] if bos_id >= 0 else []
-    T = len(prefix) + max(len(ids) for ids, _ in items) + gen_len
+    T = len(prefix) + max(lengths) + gen_len
     tokens = torch.full((len(items), T), pad_id, dtype=torch.int32)
     prompt_len = torch.zeros(len(items), dtype=torch.int32)
     length = torch.zeros(len(items), dtype=torch.int32)
     sampled = torch.tensor([s for _, s in items], dtype=torch.bool)
-    for g in groups:
-        n = min(len(items[i][0]) for i in g)
-        if not prefix and n == 0:
+    for g in _groups(lengths, order, batch, gen_len, truncate, max_tokens):
+        n = (max if max_tokens is not None else min)(lengths[i] for i in g)
+        if not prefix and min(lengths[i] for i in g) == 0:
             raise MtpkitError("an empty prompt needs a tokenizer with a BOS token")
-        p = torch.tensor([prefix + (items[i][0][len(items[i][0]) - n:]) for i in g], device=device)
-        toks, lens = generate(model, p, sampled[g].to(device), gen_len, eos_id=eos_id, pad_id=pad_id, generator=gen)
-        tokens[g, :toks.shape[1]] = toks.int().cpu()
-        prompt_len[g] = p.shape[1]
-        length[g] = lens.int().cpu()
+        if max_tokens is not None:
+            pads = [n - lengths[i] for i in g]
+            p = torch.tensor([[pad_id] * k + prefix + items[i][0] for k, i in zip(pads, g, strict=True)], device=device)
+            pad = torch.tensor(pads, device=device)
+        else:
+            pads = [0] * len(g)
+            p = torch.tensor([prefix + (items[i][0][lengths[i] - n:]) for i in g], device=device)
+            pad = None
+        toks, lens = generate(model, p, sampled[g].to(device), gen_len, eos_id=eos_id, pad_id=pad_id, generator=gen,
+                              pad=pad)
+        toks, lens = toks.int().cpu(), lens.int().cpu()
+        for r, (i, k) in enumerate(zip(g, pads, strict=True)):
+            tokens[i, :toks.shape[1] - k] = toks[r, k:]
+            prompt_len[i] = p.shape[1] - k
+            length[i] = lens[r] - k
     return Rows(tokens, prompt_len, length, sampled)
 
 
@@ -166,6 +194,7 @@ def _read_shard(path: Path, key: str, tensors: bool = True) -> Rows | bool | Non
 
 def ensure_data(data_dir: Path, settings: dict, *, model, tokenizer, sources: Callable[[str], Callable],
                 n_train: int, n_heldout: int, shard_size: int, gen_len: int, gen_batch: int, seed: int,
+                gen_tokens: int | None = None,
                 dist, deadline: float | None = None, log: Callable[[str], None] = print) -> Dataset | None:
     """Load `<data_dir>` if its key matches `settings`, else generate the missing shards (this rank's share).
 
@@ -192,7 +221,7 @@ def ensure_data(data_dir: Path, settings: dict, *, model, tokenizer, sources: Ca
         src = built.setdefault(split, sources(split))
         items = [src(i) for i in range(s, e)]
         rows = generate_rows(model, items, gen_len, batch=gen_batch, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
-                             pad_id=max(tokenizer.pad_id, 0), seed=seed * 1_000_003 + j)
+                             pad_id=max(tokenizer.pad_id, 0), seed=seed * 1_000_003 + j, max_tokens=gen_tokens)
         atomic_save_tensors(path, rows.tensors(), {"key": key, "split": split})
         dt = time.monotonic() - t0
         log(f"data: shard {j + 1}/{len(plan)} ({split}, {e - s} sequences, {int(rows.length.sum() - rows.prompt_len.sum())} "

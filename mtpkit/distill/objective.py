@@ -69,8 +69,9 @@ class StepResult(NamedTuple):
     loss: torch.Tensor  # scalar: sum over counted rounds of sum_i w_i * loss_i (un-normalized, detached)
     step_loss: torch.Tensor  # [k] per-step distillation loss sums (unweighted)
     router_loss: torch.Tensor  # [k] per-step router loss sums, KL(cluster mass || router) (0 for the dense head)
-    mask: torch.Tensor  # [B, R] bool: counted rounds
+    mask: torch.Tensor  # [B, R - first] bool: counted rounds
     accept: Accept
+    first: int = 0  # rounds before this one (all inside every row's prompt) were skipped: index r is round first + r
 
 
 def round_mask(batch: Batch, k: int) -> torch.Tensor:
@@ -90,29 +91,30 @@ def teacher_pass(target: GemmaModel, tokens: torch.Tensor) -> TeacherPass:
 
 
 def unroll(target: GemmaModel, drafter: DrafterModel, tokens: torch.Tensor, tp: TeacherPass,
-           k: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """All rounds p = 1..T-1-k in parallel, k steps each -> k x (features x [B, R, d], h_next [B, R, d_t]).
-
-    `drafter.head(x, h_next)` of step i gives the logits the runtime's i-th `draft_step` produces.
+           k: int, first: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Rounds p = first+1..T-1-k in parallel, k steps each -> k x (features [B, R', d], h_next [B, R', d_t]),
+    R' = T - 1 - k - first. `drafter.head(x, h_next)` of step i gives the runtime's i-th `draft_step` logits.
     """
     T = tokens.shape[1]
     R = T - 1 - k
-    q_pos = torch.arange(1, R + 1, device=tokens.device)  # round r queries at p = r + 1
-    h = tp.hidden[:, :R]  # h_{p-1}
+    q_pos = torch.arange(first + 1, R + 1, device=tokens.device)  # round r queries at p = r + 1
+    h = tp.hidden[:, first:R]  # h_{p-1}
     out = []
     for i in range(k):
         with torch.no_grad():
-            emb = target.embed(tokens[:, 1 + i:1 + i + R])  # E[x_{p+i}] * sqrt(d_t)
+            emb = target.embed(tokens[:, first + 1 + i:1 + i + R])  # E[x_{p+i}] * sqrt(d_t)
         x, h = drafter.body(emb, h.to(emb.dtype) if i == 0 else h, q_pos, tp.kv)
         out.append((x, h))
     return out
 
 
 def distill_loss(t_logp: torch.Tensor, d_logits: torch.Tensor, kind: str, tv_weight: float,
-                 p: torch.Tensor | None = None) -> torch.Tensor:
+                 p: torch.Tensor | None = None, ids: torch.Tensor | None = None) -> torch.Tensor:
     """Per-position loss [...]: forward KL(p_target || q_drafter), TV(p, q), or (1 - w) KL + w TV.
 
     t_logp [..., V] target log-probs (no grad), d_logits [..., V] drafter logits, p = t_logp.exp() if given.
+    With `ids` [..., N] (centroid head) TV is the runtime's: q is the softmax over the candidates only, so
+    1 - TV is exactly the acceptance probability of the draft the loop samples; KL stays over the vocabulary.
     """
     p = t_logp.exp() if p is None else p
     out = torch.zeros(d_logits.shape[:-1], device=d_logits.device)
@@ -120,7 +122,11 @@ def distill_loss(t_logp: torch.Tensor, d_logits: torch.Tensor, kind: str, tv_wei
         # KL = <p, log p - log q> with log q = d - logsumexp(d): no [.., V] log q is kept for backward
         kl = (p * (t_logp - d_logits)).sum(-1) + torch.logsumexp(d_logits, -1)
         out = out + (kl if kind == "kl" else (1 - tv_weight) * kl)
-    if kind in ("tv", "mix"):
+    if kind in ("tv", "mix") and ids is not None:
+        p_cand = p.gather(-1, ids)
+        tv = 0.5 * ((p_cand - d_logits.gather(-1, ids).softmax(-1)).abs().sum(-1) + (1 - p_cand.sum(-1)).clamp_min(0))
+        out = out + (tv if kind == "tv" else tv_weight * tv)
+    elif kind in ("tv", "mix"):
         tv = 0.5 * (p - d_logits.softmax(-1)).abs().sum(-1)
         out = out + (tv if kind == "tv" else tv_weight * tv)
     return out
@@ -162,7 +168,7 @@ def cluster_mass(p: torch.Tensor, ordering: torch.Tensor, num_centroids: int) ->
 
 
 def distill_step(target: GemmaModel, drafter: DrafterModel, batch: Batch, obj: Objective, *,
-                 norm: float = 1.0, backward: bool = True) -> StepResult:
+                 norm: float = 1.0, backward: bool = True, skip_prompt: bool = True) -> StepResult:
     """Loss and acceptance of one batch; with `backward`, accumulates d(loss / norm) into the drafter's grads.
 
     `norm` is the number of counted rounds in the *global* batch, so data-parallel processes that sum
@@ -173,13 +179,15 @@ def distill_step(target: GemmaModel, drafter: DrafterModel, batch: Batch, obj: O
         batch = batch._replace(tokens=torch.nn.functional.pad(batch.tokens, (0, k + 2 - batch.tokens.shape[1])))
     tokens = batch.tokens
     B, T = tokens.shape
-    R = T - 1 - k
+    # rounds p < min(prompt_len) never count: skip them (a long prompt costs the teacher pass only)
+    first = min(max(0, int(batch.prompt_len.min()) - 1), T - 2 - k) if skip_prompt else 0
+    R = T - 1 - k - first
     tp = teacher_pass(target, tokens)
     with torch.set_grad_enabled(backward):
-        steps = unroll(target, drafter, tokens, tp, k)
+        steps = unroll(target, drafter, tokens, tp, k, first)
     feats = [x for x, _ in steps]
     leaves = [x.detach().requires_grad_(backward) for x in feats]
-    mask = round_mask(batch, k)
+    mask = round_mask(batch, k)[:, first:]
     dev = tokens.device
     acc = [torch.zeros(B, R, k, device=dev) for _ in range(3)]
     step_loss, router_loss = torch.zeros(k, device=dev), torch.zeros(k, device=dev)
@@ -189,7 +197,7 @@ def distill_step(target: GemmaModel, drafter: DrafterModel, batch: Batch, obj: O
         r1 = min(R, r0 + rows)
         m = mask[:, r0:r1].float()
         with torch.no_grad():  # target distributions at positions r0+1 .. r1+k-1
-            t_all = target.head(tp.hidden[:, r0 + 1:r1 + k]).float().log_softmax(-1)
+            t_all = target.head(tp.hidden[:, first + r0 + 1:first + r1 + k]).float().log_softmax(-1)
             p_all = t_all.exp()
         for i in range(k):
             t_logp = t_all[:, i:i + r1 - r0]  # the distribution draft step i is scored against
@@ -197,11 +205,10 @@ def distill_step(target: GemmaModel, drafter: DrafterModel, batch: Batch, obj: O
             with torch.set_grad_enabled(backward):
                 x = leaves[i][:, r0:r1]
                 d_logits = drafter.dense_logits(x)
-                part = (distill_loss(t_logp, d_logits, obj.loss, obj.tv_weight, p) * m).sum()
+                router, ids = candidate_ids(drafter, x) if c.head == "centroid" else (None, None)
+                part = (distill_loss(t_logp, d_logits, obj.loss, obj.tv_weight, p, ids) * m).sum()
                 total = weights[i] * part
-                ids = None
-                if c.head == "centroid":
-                    router, ids = candidate_ids(drafter, x)
+                if router is not None:
                     mass = cluster_mass(p, drafter.token_ordering, c.num_centroids)
                     # KL(cluster mass || router): 0 for a perfect router (CE minus the mass's entropy)
                     rkl = (torch.special.xlogy(mass, mass) - mass * router.log_softmax(-1)).sum(-1)
@@ -218,7 +225,7 @@ def distill_step(target: GemmaModel, drafter: DrafterModel, batch: Batch, obj: O
         torch.autograd.backward(feats, grads)
     w = torch.tensor(weights, device=dev)
     loss = (w * (step_loss + obj.router_weight * router_loss)).sum()
-    return StepResult(loss, step_loss, router_loss, mask, Accept(*acc))
+    return StepResult(loss, step_loss, router_loss, mask, Accept(*acc), first)
 
 
 def simulated_tau(a: torch.Tensor, mask: torch.Tensor | None = None) -> float:

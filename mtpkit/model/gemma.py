@@ -95,17 +95,18 @@ class GemmaModel(nn.Module):
         return softcap((hidden @ self.embed_tokens.weight.T).float(), self.config.final_logit_softcapping)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start: int | None = None,
-                logits: bool = True) -> Output:
+                logits: bool = True, pad: torch.Tensor | None = None) -> Output:
         """tokens [B, T] at positions start..start+T-1 -> Output(logits [B, T, V], hidden [B, T, d]).
 
         With a cache, `start` defaults to `cache.length`; start < cache.length first rolls back.
         Inputs longer than `cache.max_chunk` are run in chunks (a sliding ring must not overwrite keys
         the same forward still needs). `logits=False` skips the head (returns an empty logits tensor).
+        `pad` [B]: row b is left-padded, its first pad[b] positions are filler (see `step`).
         """
         T = tokens.shape[1]
         if cache is None:
             start = 0 if start is None else start
-            return self.step(tokens, torch.arange(start, start + T, device=tokens.device), None, logits)
+            return self.step(tokens, torch.arange(start, start + T, device=tokens.device), None, logits, pad)
         start = cache.length if start is None else start
         if start < cache.length:
             cache.rollback(start)
@@ -117,17 +118,21 @@ class GemmaModel(nn.Module):
         for i in range(0, T, step):
             n = min(step, T - i)
             outs.append(self.step(tokens[:, i:i + n], torch.arange(start + i, start + i + n, device=tokens.device),
-                                  cache, logits))
+                                  cache, logits, pad))
             cache.advance(start + i, n)
         if len(outs) == 1:
             return outs[0]
         return Output(torch.cat([o.logits for o in outs], 1), torch.cat([o.hidden for o in outs], 1))
 
-    def step(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache | None, logits: bool = True) -> Output:
+    def step(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache | None, logits: bool = True,
+             pad: torch.Tensor | None = None) -> Output:
         """The raw forward: tokens [B, T] at positions pos [T] (contiguous), tensor ops only.
 
         Writes K/V into `cache` but leaves its bookkeeping (length) to the caller, so a backend can
         capture this in a CUDA graph and replay it. Use `forward` unless you are such a backend.
+        `pad` [B] (batched generation of prompts of different lengths): keys at positions < pad[b] are
+        hidden from row b, whose filler queries see only themselves; RoPE scores depend on relative
+        positions only, so row b computes what it computes alone, shifted by pad[b] positions.
         """
         x = self.embed(tokens)
         c = self.config
@@ -137,6 +142,9 @@ class GemmaModel(nn.Module):
             ropes[kind] = rope_table(pos, self.inv_freq_sliding if kind == SLIDING else self.inv_freq_full)
             k_pos = pos if cache is None else cache.key_positions(c.last_layer_of(kind), length)
             masks[kind] = attention_mask(pos, k_pos, length, c.sliding_window if kind == SLIDING else None)
+            if pad is not None:  # [B, 1, T, S]
+                real = (k_pos[None, :] >= pad[:, None])[:, None, None, :]
+                masks[kind] = (masks[kind] & real) | (k_pos[None, :] == pos[:, None])
         for layer, kind in zip(self.layers, c.layer_types, strict=True):
             x = layer(x, pos, ropes[kind], masks[kind], cache)
         hidden = self.norm(x)

@@ -69,7 +69,7 @@ SMALL_QUERY_ROWS = 128
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [B, H, T, D], k/v [B, KV, S, D], mask [T, S] -> [B, H, T, D].
+    """q [B, H, T, D], k/v [B, KV, S, D], mask [T, S] or [B, 1, T, S] -> [B, H, T, D].
 
     GQA without copying K/V: the `rep` query heads sharing a KV head are folded into the query axis.
     On CUDA, a few query rows (decode, verify, drafting) take `_attend_rows` instead of SDPA.
@@ -78,8 +78,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     KV = k.shape[1]
     rep = H // KV
     q = q.reshape(B, KV, rep * T, D)
-    if rep > 1:
-        mask = mask.repeat(rep, 1)
+    if rep > 1:  # mask [T, S], or [B, 1, T, S] per row
+        mask = mask.repeat(rep, 1) if mask.dim() == 2 else mask.repeat(1, 1, rep, 1)
     if q.device.type == "cuda" and rep * T <= SMALL_QUERY_ROWS:
         return _attend_rows(q, k, v, mask, scale).reshape(B, H, T, D)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
