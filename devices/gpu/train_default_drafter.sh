@@ -11,4 +11,4 @@ python3 -m mtpkit.distill --target "$TARGET" --out "$OUT" --device cuda --resume
   --steps 1400 --batch-size 32 --num-draft-tokens 5 --num-sequences 16384 --gen-len 192 \
   --head centroid --loss kl --eval-every 200 \
   --set 'layer_types=["sliding_attention","full_attention"]' --set gen_batch=1024 --set loss_chunk=4096 \
-  --time-budget-min "$BUDGET"
+  --set whole_prompts=false --time-budget-min "$BUDGET"

@@ -13,4 +13,4 @@ python3 -m mtpkit.distill --target "$TARGET" --corpus "$CORPUS" --out "$OUT" --d
   --steps 1700 --batch-size 32 --num-draft-tokens 5 --num-sequences 24576 --gen-len 192 --lr 3e-4 \
   --head centroid --loss kl --eval-every 200 \
   --set 'layer_types=["sliding_attention","full_attention"]' --set gen_batch=1024 --set loss_chunk=4096 \
-  --set warmup_steps=50 --set "init_from=$INIT" --time-budget-min "${BUDGET:-8.6}"
+  --set warmup_steps=50 --set "init_from=$INIT" --set whole_prompts=false --time-budget-min "${BUDGET:-8.6}"

