@@ -28,6 +28,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+from everyday_sources import SKIP_NAME, clean  # this directory is on sys.path when run as a script
+
 from mtpkit.distill.corpus import stdlib_files
 from mtpkit.suites import EvalFilter
 
@@ -38,12 +40,6 @@ CODE_CHARS = 7_000_000
 PROSE_CHARS = 9_000_000
 N_FUNC_PROMPTS = 3800
 N_INSTR_PROMPTS = 10500
-
-
-def clean(t: str) -> str:
-    t = t.replace("\r", "")
-    t = re.sub(r"[ \t]+\n", "\n", t)
-    return re.sub(r"\n{3,}", "\n\n", t).strip() + "\n"
 
 
 # ---------------------------------------------------------------- documents: code
@@ -64,7 +60,6 @@ def code_docs() -> list[str]:
 
 
 # ---------------------------------------------------------------- documents: prose
-SKIP_NAME = re.compile(r"(change|news|history|copying|copyright|license|licence|authors|thanks|todo|credits)", re.I)
 
 
 def info_docs() -> list[str]:

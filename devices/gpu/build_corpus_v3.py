@@ -269,24 +269,23 @@ def extraction_prompts(paras: list[str]) -> list[str]:
     return out
 
 
+def _take(docs: list[str], chars: int) -> list[str]:
+    """The leading documents until their characters pass `chars` (the one that passes it included)."""
+    out, n = [], 0
+    for d in docs:
+        if n > chars:
+            break
+        out.append(d)
+        n += len(d)
+    return out
+
+
 def main(path: str) -> None:
     docs = long_documents()
-    code = v2.code_docs()[: 10**9]
-    n, kept = 0, []
-    for d in code:
-        if n > CODE_CHARS:
-            break
-        kept.append(d)
-        n += len(d)
-    code = kept
-    prose, n = [], 0
+    code = _take(v2.code_docs(), CODE_CHARS)
     pool = [t for _k, t in docs] + v2.metadata_docs()
     rng.shuffle(pool)
-    for t in pool:
-        if n > PROSE_CHARS:
-            break
-        prose.append(t)
-        n += len(t)
+    prose = _take(pool, PROSE_CHARS)
     paras = [p for p in v2.paragraphs(prose) if not FILT(p)]
     stubs = [s for s in v2.func_prompts(stdlib_files()) if not FILT(s)]
     rng.shuffle(stubs)

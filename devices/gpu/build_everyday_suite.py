@@ -110,7 +110,7 @@ def man_text(page: str) -> str:
     lines = out.splitlines()
     if len(lines) > 2:
         lines = lines[1:-1]  # NAME(1) ... NAME(1) header and footer
-    return es._clean("\n".join(lines))  # noqa: SLF001 - the same cleanup as every other reader
+    return es.clean("\n".join(lines))  # the same cleanup as every other reader
 
 
 def man_family(page: str) -> list[str]:

@@ -68,13 +68,13 @@ def sentence_pairs(path: Path, min_words: int = 4) -> list[tuple[str, str]]:
     return out
 
 
-def _clean(t: str) -> str:
+def clean(t: str) -> str:
     t = t.replace("\r", "")
     t = re.sub(r"[ \t]+\n", "\n", t)
     return re.sub(r"\n{3,}", "\n\n", t).strip() + "\n"
 
 
-_SKIP_NAME = re.compile(r"(change|news|history|copying|copyright|license|licence|authors|thanks|todo|credits)", re.I)
+SKIP_NAME = re.compile(r"(change|news|history|copying|copyright|license|licence|authors|thanks|todo|credits)", re.I)
 
 
 def doc_files() -> dict[str, list[Path]]:
@@ -86,7 +86,7 @@ def doc_files() -> dict[str, list[Path]]:
         for d, _dirs, names in os.walk(root / pkg):
             for n in sorted(names):
                 base = n[:-3] if n.endswith(".gz") else n
-                if _SKIP_NAME.search(base) or not re.search(r"(\.(txt|md|rst)|^README[^/]*)$", base, re.I):
+                if SKIP_NAME.search(base) or not re.search(r"(\.(txt|md|rst)|^README[^/]*)$", base, re.I):
                     continue
                 files.append(Path(d) / n)
         if files:
@@ -97,7 +97,7 @@ def doc_files() -> dict[str, list[Path]]:
 def read_text(path: Path) -> str:
     try:
         raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
-        return _clean(raw.decode("utf-8"))
+        return clean(raw.decode("utf-8"))
     except (OSError, UnicodeDecodeError, EOFError):
         return ""
 
@@ -115,7 +115,7 @@ def info_nodes() -> dict[str, list[str]]:
         for node in t.split("\x1f"):
             node = "\n".join(ln for ln in node.splitlines() if not ln.startswith(("File: ", "* Menu:", "Tag Table")))
             if len(node) > 400:
-                nodes.append(_clean(node))
+                nodes.append(clean(node))
         if nodes:
             out.setdefault(f"info:{name}", []).extend(nodes)
     return out

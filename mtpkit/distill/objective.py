@@ -122,12 +122,12 @@ def distill_loss(t_logp: torch.Tensor, d_logits: torch.Tensor, kind: str, tv_wei
         # KL = <p, log p - log q> with log q = d - logsumexp(d): no [.., V] log q is kept for backward
         kl = (p * (t_logp - d_logits)).sum(-1) + torch.logsumexp(d_logits, -1)
         out = out + (kl if kind == "kl" else (1 - tv_weight) * kl)
-    if kind in ("tv", "mix") and ids is not None:
-        p_cand = p.gather(-1, ids)
-        tv = 0.5 * ((p_cand - d_logits.gather(-1, ids).softmax(-1)).abs().sum(-1) + (1 - p_cand.sum(-1)).clamp_min(0))
-        out = out + (tv if kind == "tv" else tv_weight * tv)
-    elif kind in ("tv", "mix"):
-        tv = 0.5 * (p - d_logits.softmax(-1)).abs().sum(-1)
+    if kind in ("tv", "mix"):
+        if ids is None:
+            tv = 0.5 * (p - d_logits.softmax(-1)).abs().sum(-1)
+        else:
+            p_cand = p.gather(-1, ids)
+            tv = 0.5 * ((p_cand - d_logits.gather(-1, ids).softmax(-1)).abs().sum(-1) + (1 - p_cand.sum(-1)).clamp_min(0))
         out = out + (tv if kind == "tv" else tv_weight * tv)
     return out
 
