@@ -12,6 +12,8 @@
 # Budget (first session, bench/results/h200_v3_data/NOTES.md): setup + 6 parts ~2.7 min; data ~15 s per 1,024
 # sequences with padded batches (was 45-58 s); training ~0.6 s a step; a 48-prompt bench ~50 s. Run `eval`
 # only while nothing is timed, and never together with `bench`.
+# Keep the machine busy: the device tool gives a machine back after ~30 s idle, /tmp and the run with it (session 2
+# lost its first run that way); start `wait` right after `train`, and prepare anything slow before `setup`.
 set -euo pipefail
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 SHA=a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
