@@ -177,7 +177,7 @@ def load(target: str = "gemma3-270m", drafter: str | None = None, backend: str =
          max_draft: int = 16, **options: Any) -> Session:
     """Load target + drafter on a backend (runtime/__init__.py lists them). `options` are the backend's own
     (its `Options` dataclass): torch: device, dtype, threads, cuda_graphs, compile, random_drafter (an untrained
-    drafter for cost measurements, never used unless asked for); llamacpp: threads, head; mlx: device."""
+    drafter for cost measurements, never used unless asked for); llamacpp: threads, head; mlx: device; onnx: threads."""
     from mtpkit.runtime import backend_module, backend_options
     mod = backend_module(backend)
     opts = backend_options(mod, backend, options)

@@ -34,9 +34,9 @@ TARGET = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_l
               num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32.0, sliding_window=8,
               layer_types=[SLIDING, FULL, SLIDING, FULL], final_logit_softcapping=None)
 WINDOW = TARGET["sliding_window"]
-NEEDS = {"torch": "torch", "llamacpp": "llama_cpp", "mlx": "mlx_lm", "torch_cuda": "torch"}
+NEEDS = {"torch": "torch", "llamacpp": "llama_cpp", "mlx": "mlx_lm", "onnx": "onnxruntime", "torch_cuda": "torch"}
 # parity with the float32 reference: relative to the largest |value| (llama.cpp keeps K/V in q8_0)
-TOL = {"torch": 1e-5, "llamacpp": 0.03, "mlx": 1e-4, "torch_cuda": 1e-4}
+TOL = {"torch": 1e-5, "llamacpp": 0.03, "mlx": 1e-4, "onnx": 1e-5, "torch_cuda": 1e-4}
 # where a GPU is: the torch backend on CUDA too, through its CUDA graphs (the fused greedy and sampled drafts)
 RUNS = list(BACKENDS) + (["torch_cuda"] if torch.cuda.is_available() else [])
 
@@ -89,6 +89,16 @@ def _make_mlx(t, d, tmp, max_len, with_drafter):
         write_target(t, None, out / "target", dtype="float32")
         save_drafter(d, out / "drafter")
     return MLXBackend(out / "target", out / "drafter" if with_drafter else None, max_len=max_len)
+
+
+def _make_onnx(t, d, tmp, max_len, with_drafter):
+    from mtpkit.export.onnx import write_files
+    from mtpkit.runtime.onnx_backend import ONNXBackend
+    out = tmp / "onnx"
+    if not (out / "onnx.json").exists():
+        out.mkdir()
+        write_files(t, d, None, out, "none")
+    return ONNXBackend(out, out / "drafter.onnx" if with_drafter else None, max_len=max_len, threads=1)
 
 
 def test_every_registered_backend_has_a_maker():
@@ -307,7 +317,7 @@ sys.modules["torch"] = None  # `import torch` raises ImportError; find_spec("tor
 """
 
 
-@pytest.mark.parametrize("name", ["llamacpp", "mlx"])
+@pytest.mark.parametrize("name", ["llamacpp", "mlx", "onnx"])
 def test_exported_pairs_run_without_torch(name, tmp_path):
     """An app that runs an exported pair needs no torch: load, greedy speculative == plain, sampling, and the
     `mtpkit run` command, in a fresh process where importing torch fails."""
@@ -318,7 +328,7 @@ def test_exported_pairs_run_without_torch(name, tmp_path):
     t, d = _reference("centroid")
     be = globals()[f"_make_{name}"](t, d, tmp_path, 64, True)
     be.close()
-    target = tmp_path / ("gguf/target.gguf" if name == "llamacpp" else "mlx/target")
+    target = tmp_path / {"llamacpp": "gguf/target.gguf", "mlx": "mlx/target", "onnx": "onnx/target.onnx"}[name]
     code = BLOCK_TORCH + f"""
 import mtpkit
 s = mtpkit.load({str(target)!r}, backend={name!r}, max_len=128)

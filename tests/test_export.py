@@ -67,7 +67,7 @@ def test_every_format_has_one_shape_and_imports_without_torch():
             "print('ok')")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
-    assert set(FORMATS) == {"mlx", "gguf"} and COMMON_QUANTS == ("none", "int8", "int4")
+    assert set(FORMATS) == {"mlx", "gguf", "onnx"} and COMMON_QUANTS == ("none", "int8", "int4")
 
 
 def test_compare_logits_enforces_the_tolerance():
@@ -98,6 +98,9 @@ def test_compare_logits_enforces_the_tolerance():
     (["--format", "mlx", "--drafter-quant", "q8_0"], "--drafter-quant: not an option of --format mlx"),
     (["--format", "gguf", "--dtype", "float32"], "--dtype is for MLX"),
     (["--format", "gguf", "--drafter-quant", "q4_k_m"], "--drafter-quant must be one of"),
+    (["--format", "onnx", "--quant", "q4_0"], "'q4_0' is not accepted by --format onnx (accepted: none, int8, int4)"),
+    (["--format", "onnx", "--dtype", "bfloat16"], "--format onnx computes in float32"),
+    (["--format", "onnx", "--drafter-quant", "q8_0"], "--drafter-quant 'q8_0': --format onnx accepts none, int8, int4"),
 ])
 def test_bad_arguments_are_refused_before_the_target_loads(args, match, tmp_path, monkeypatch):
     import mtpkit.model.load

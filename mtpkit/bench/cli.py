@@ -44,7 +44,7 @@ def bench_command(
                                                   "off on GPU; 0 = off)."),
         repeats: int = typer.Option(3, help="Timed runs per prompt and method (median reported; a warm-up run is extra)."),
         threads: int = typer.Option(None, help="CPU threads for torch and llama.cpp (default: torch's)."),
-        baselines: str = typer.Option("auto", help="auto (every installed one that fits the backend) | none | comma list of hf, llamacpp, mlx_lm."),
+        baselines: str = typer.Option("auto", help="auto (every installed one that fits the backend) | none | comma list of hf, llamacpp, mlx_lm, torch."),
         lookup_tokens: int = typer.Option(10, "--lookup-tokens", help="Draft length of the prompt-lookup baselines."),
         seed: int = typer.Option(0),
         compile: str = typer.Option(None, "--compile", help="torch on CUDA: torch.compile the graph-captured draft "

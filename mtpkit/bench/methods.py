@@ -192,6 +192,17 @@ def our_methods(session, gen: dict[str, Any], info: dict[str, Any], gate: str = 
     return out
 
 
+def torch_methods(target: str, gen: dict[str, Any], threads: int | None) -> list[Method]:
+    """Plain decoding of the float32 reference (our loop on the torch backend, CPU) for a run on an exported pair:
+    the figure the export has to beat."""
+    import mtpkit
+    s = mtpkit.load(target, drafter="none", backend="torch", device="cpu", threads=threads)
+    info = s.backend.info()
+    return [OurLoop("torch_plain", "mtpkit loop on the torch backend (the reference), no drafter",
+                    f"mtpkit torch {info.dtype}", info.target_bytes / 2**20, reference="plain", session=s,
+                    use_drafter=False, gen=gen, device=info.device)]
+
+
 def hf_methods(session, sampling: Sampling, lookup_tokens: int) -> list[Method]:
     """transformers `generate` on the same weights (dtype and device as ours): plain and prompt lookup."""
     from mtpkit.hf import hf_model

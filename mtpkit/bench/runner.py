@@ -27,11 +27,12 @@ from mtpkit.bench.methods import (
     llamacpp_methods,
     mlx_lm_methods,
     our_methods,
+    torch_methods,
 )
 from mtpkit.bench.schema import SCHEMA, check_document
 from mtpkit.errors import MtpkitError
 
-BASELINES = ("hf", "llamacpp", "mlx_lm")
+BASELINES = ("hf", "llamacpp", "mlx_lm", "torch")
 GATE = ("on", "off", "both")
 
 
@@ -51,7 +52,7 @@ class BenchConfig:
     repeats: int = 3
     seed: int = 0
     threads: int | None = None  # CPU threads for torch and llama.cpp (None = torch's current setting)
-    baselines: str = "auto"  # auto (all installed) | none | comma list of hf, llamacpp
+    baselines: str = "auto"  # auto (all installed) | none | comma list of hf, llamacpp, mlx_lm, torch
     lookup_tokens: int = LOOKUP_TOKENS
     compile: str | None = None  # torch on CUDA: torch.compile "drafter" or "all" captured steps (TorchBackend)
     gate: str = "on"  # on | off (fixed k) | both (speculative with the gate + speculative_fixed_k)
@@ -221,19 +222,30 @@ def _build_methods(cfg: BenchConfig, session, prompts_len: int, note: Callable[[
             unavailable("hf", "transformers is not installed (pip install -e '.[bench]')")
         else:
             methods += hf_methods(session, sampling, cfg.lookup_tokens)
+    source = getattr(session, "source", {}) or {}
+    origin = source.get("origin") or source  # an exported pair's: what it was exported from
+    if "torch" in wanted and info.name != "torch":  # on the torch backend `plain` is that figure
+        if not source.get("target_name"):
+            unavailable("torch", "the reference of this target is not known (torch_plain runs with --backend onnx)")
+        else:
+            try:
+                import torch  # noqa: F401
+            except ImportError:
+                unavailable("torch", "torch is not installed (pip install -e '.[torch]')")
+            else:
+                methods += torch_methods(source["target_name"], gen, cfg.threads or info.threads)
     if "llamacpp" in wanted:
-        source = getattr(session, "source", {}) or {}
         try:
             import llama_cpp  # noqa: F401
         except ImportError:
             unavailable("llamacpp", "llama-cpp-python is not installed (pip install -e '.[bench]')")
         else:
-            if source.get("kind") != "gguf":
-                unavailable("llamacpp", "the target was not loaded from a GGUF file")
+            if origin.get("kind") != "gguf":
+                unavailable("llamacpp", "the target was not loaded from a GGUF file (nor exported from one)")
             else:
                 from mtpkit.runtime.llamacpp_backend import default_threads
                 n_ctx = prompts_len + cfg.max_new_tokens + cfg.lookup_tokens + 16
-                methods += llamacpp_methods(source["path"], cfg.threads or info.threads or default_threads(), n_ctx, sampling,
+                methods += llamacpp_methods(origin["path"], cfg.threads or info.threads or default_threads(), n_ctx, sampling,
                                             cfg.lookup_tokens,
                                             # on a Mac llama.cpp runs on Metal: the baseline a Mac user would pick
                                             gpu=not info.on_cpu or platform.system() == "Darwin")

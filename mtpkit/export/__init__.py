@@ -15,8 +15,8 @@ same shape:
                               its parity check: the format's runtime vs the float32 reference through
                               `mtpkit.export.parity.compare_logits`, which raises beyond the tolerance
 
-Heavy dependencies (torch, mlx, gguf, llama_cpp, coremltools, onnx) are imported inside the functions that need
-them: a format module imports without any of them.
+Heavy dependencies (torch, mlx, gguf, llama_cpp, coremltools, onnx, onnxruntime) are imported inside the functions
+that need them: a format module imports without any of them.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 
 from mtpkit.errors import MtpkitError
 
-FORMATS = {"mlx": "mtpkit.export.mlx", "gguf": "mtpkit.export.gguf"}  # coreml, onnx: a module each, added here
+FORMATS = {"mlx": "mtpkit.export.mlx", "gguf": "mtpkit.export.gguf", "onnx": "mtpkit.export.onnx"}  # coreml: to come
 
 # the --quant values every format accepts; `none` = no quantization added by the export (each format says what
 # it writes then), int8 / int4 = the format's usual 8- and 4-bit weights
@@ -38,7 +38,7 @@ COMMON_QUANTS = ("none", "int8", "int4")
 def export_module(name: str) -> ModuleType:
     """The module of export format `name` (see FORMATS)."""
     if name not in FORMATS:
-        raise MtpkitError(f"export format {name!r} is not available (have: {', '.join(FORMATS)}; coreml, onnx: "
+        raise MtpkitError(f"export format {name!r} is not available (have: {', '.join(FORMATS)}; coreml: "
                           "not built yet)")
     return importlib.import_module(FORMATS[name])
 

@@ -11,19 +11,22 @@ from mtpkit.errors import MtpkitError
 
 
 def export_command(
-        format: str = typer.Option(..., "--format", help="mlx | gguf (coreml, onnx: not built yet)."),
+        format: str = typer.Option(..., "--format", help="mlx | gguf | onnx (coreml: not built yet)."),
         target: str = typer.Option("gemma3-270m", help="Target name, .gguf file or HF directory."),
         drafter: str = typer.Option(None, help="Drafter directory (default: the shipped one); 'none' = target only."),
         out: str = typer.Option(..., help="Output directory: OUT/target and OUT/drafter (MLX), OUT/target.gguf and "
-                                          "OUT/drafter.gguf (GGUF)."),
+                                          "OUT/drafter.gguf (GGUF), OUT/target.onnx and OUT/drafter.onnx (ONNX)."),
         quant: str = typer.Option(None, help="Every format: none (default) | int8 | int4. MLX: int8/int4 = 8/4-bit "
                                              "weights in groups of 64, none = unquantized in --dtype. GGUF: int8 = "
                                              "q8_0, int4 = q4_k_m, none = a GGUF target's own tensors byte for byte "
                                              "(source), any other target f32; or a GGUF type: source f32 f16 bf16 "
-                                             "q8_0 q5_0 q5_1 q4_0 q4_1 q4_k_m (and llama.cpp's other K-quants)."),
+                                             "q8_0 q5_0 q5_1 q4_0 q4_1 q4_k_m (and llama.cpp's other K-quants). "
+                                             "ONNX: none = float32, int8 / int4 = ONNX Runtime's MatMulNBits "
+                                             "(int4: the embedding too, GatherBlockQuantized)."),
         drafter_quant: str = typer.Option(None, "--drafter-quant",
                                           help="GGUF: the drafter's type (default q8_0: keeps the centroid head's rows "
-                                               "exact enough and readable by mtpkit's llama.cpp backend)."),
+                                               "exact enough and readable by mtpkit's llama.cpp backend). ONNX: none | "
+                                               "int8 | int4 (default: --quant)."),
         dtype: str = typer.Option(None, help="MLX: float32 | bfloat16 (default) | float16 for unquantized tensors."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
