@@ -122,9 +122,15 @@ class ONNXBackend(Backend):
         self.has_drafter = self.drafter is not None
         self.draft_temperature = self.dc.draft_temperature if self.dc is not None else 1.0
 
-    def _session(self, path: Path):
+    def _session(self, path: Path, spin: bool = True):
+        so = self._so
+        if not spin:
+            # the drafter's pool must not spin after its step: the target's pool runs next on the same cores
+            so = self._ort.SessionOptions()
+            so.intra_op_num_threads, so.inter_op_num_threads = self.threads, 1
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
-            return self._ort.InferenceSession(str(path), self._so, providers=["CPUExecutionProvider"])
+            return self._ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types for missing or damaged files
             raise MtpkitError(f"onnxruntime cannot load {path}: {str(e).splitlines()[0]}") from None
 
@@ -140,7 +146,7 @@ class ONNXBackend(Backend):
         self.dc.check_target(self.config)
         self.drafter_manifest = dm["drafter"]
         self.drafter_path = path
-        self.drafter = self._session(path)
+        self.drafter = self._session(path, spin=False)
 
     def close(self) -> None:
         self.target = self.drafter = None
