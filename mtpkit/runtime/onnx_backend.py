@@ -101,10 +101,7 @@ class ONNXBackend(Backend):
         self.config = c = GemmaConfig.from_dict(m["target_config"])
         self.vocab_size, self.max_len = c.vocab_size, max_len
         self.threads = threads or _default_threads()
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = self.threads
-        so.inter_op_num_threads = 1
-        self._so, self._ort = so, ort
+        self._ort = ort
         self.target = self._session(self.dir / m["target"]["file"])
         names = m["target"]["inputs"][3:], m["target"]["outputs"][2:]
         self.past = [names[0][2 * i:2 * i + 2] for i in range(c.num_hidden_layers)]  # [(key, value) input names]
@@ -123,11 +120,9 @@ class ONNXBackend(Backend):
         self.draft_temperature = self.dc.draft_temperature if self.dc is not None else 1.0
 
     def _session(self, path: Path, spin: bool = True):
-        so = self._so
-        if not spin:
-            # the drafter's pool must not spin after its step: the target's pool runs next on the same cores
-            so = self._ort.SessionOptions()
-            so.intra_op_num_threads, so.inter_op_num_threads = self.threads, 1
+        so = self._ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = self.threads, 1
+        if not spin:  # the drafter's pool must not spin after its step: the target's pool runs next on the same cores
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             return self._ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
