@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtpkit.model.config import FULL, SLIDING
-from mtpkit.model.drafter import DrafterModel
+from mtpkit.model.drafter import DrafterModel, draft_mask
 from mtpkit.model.gemma import GemmaModel
 from mtpkit.model.layers import apply_rope, rope_table, softcap
 
@@ -39,30 +39,27 @@ def present_name(i: int, kv: str) -> str:
     return f"present.{i}.{kv}"
 
 
-def _key_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, strict: bool) -> torch.Tensor:
-    """[T, S] additive mask (0 or -inf): causal (k <= q, or k < q if strict) and, if sliding, q - k < window."""
+def _key_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[T, S] additive mask (0 or -inf): causal (k <= q) and, if sliding, q - k < window."""
     q, k = q_pos[:, None], k_pos[None, :]
-    ok = (k < q) if strict else (k <= q)
+    ok = k <= q
     if window:
         ok = ok & ((q - k) < window)
     return torch.zeros(ok.shape, dtype=torch.float32).masked_fill(~ok, float("-inf"))
 
 
-def _attend(q, pk, pv, mask_past, k=None, v=None, mask_new=None, scale: float = 1.0):
-    """q [1, H, T, D]; past pk/pv [1, KV, S, D]; optional new k/v [1, KV, T, D]; masks [T, S] / [T, T] additive
+def _attend(q, pk, pv, mask_past, k, v, mask_new, scale: float):
+    """q [1, H, T, D]; past pk/pv [1, KV, S, D]; new k/v [1, KV, T, D]; masks [T, S] / [T, T] additive
     -> [1, T, H * D]. GQA folds the query heads of a KV head into rows; scores in float32."""
     _, H, T, D = q.shape
     KV = pk.shape[1]
     rep = H // KV
     qf = q.reshape(1, KV, rep * T, D).float() * scale
-    s = qf @ pk.float().transpose(-1, -2) + mask_past.repeat(rep, 1)
-    if k is not None:
-        s = torch.cat([s, qf @ k.float().transpose(-1, -2) + mask_new.repeat(rep, 1)], -1)
+    s = torch.cat([qf @ pk.float().transpose(-1, -2) + mask_past.repeat(rep, 1),
+                   qf @ k.float().transpose(-1, -2) + mask_new.repeat(rep, 1)], -1)
     p = s.softmax(-1)
     S = pk.shape[2]
-    out = p[..., :S] @ pv.float()
-    if k is not None:
-        out = out + p[..., S:] @ v.float()
+    out = p[..., :S] @ pv.float() + p[..., S:] @ v.float()
     return out.reshape(1, H, T, D).transpose(1, 2).reshape(1, T, H * D).to(q.dtype)
 
 
@@ -79,7 +76,7 @@ class TargetGraph(nn.Module):
         for kind in set(c.layer_types):
             sliding = kind == SLIDING
             ropes[kind] = rope_table(pos, m.inv_freq_sliding if sliding else m.inv_freq_full)
-            masks_new[kind] = _key_mask(pos, pos, c.sliding_window if sliding else None, strict=False)
+            masks_new[kind] = _key_mask(pos, pos, c.sliding_window if sliding else None)
         presents = []
         for i, (layer, kind) in enumerate(zip(m.layers, c.layer_types, strict=True)):
             a = layer.self_attn
@@ -92,7 +89,7 @@ class TargetGraph(nn.Module):
             pk, pv = past[2 * i], past[2 * i + 1]
             k_pos = pos[0] - pk.shape[2] + torch.arange(pk.shape[2])
             window = c.sliding_window if kind == SLIDING else None
-            out = _attend(q, pk, pv, _key_mask(pos, k_pos, window, strict=False), k, v, masks_new[kind], a.scale)
+            out = _attend(q, pk, pv, _key_mask(pos, k_pos, window), k, v, masks_new[kind], a.scale)
             x = x + layer.post_attention_layernorm(a.o_proj(out))
             x = x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
             presents += [k, v]
@@ -137,13 +134,7 @@ class DrafterGraph(nn.Module):
             pk, pv = pairs[kind]
             rope = rope_table(position, d.inv_freq_sliding if sliding else d.inv_freq_full)
             k_pos = position[0] - pk.shape[2] + torch.arange(pk.shape[2])
-            mask = _key_mask(position, k_pos, c.sliding_window if sliding else None, strict=True)
-            a = layer.self_attn
-            y = layer.input_layernorm(x)
-            q = apply_rope(a.q_norm(a.q_proj(y).view(1, 1, a.n_heads, a.hd).transpose(1, 2)), rope)
-            x = x + layer.post_attention_layernorm(a.o_proj(_attend(q, pk, pv, mask, scale=a.scale)))
-            x = x + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(x)))
-            x = x * layer.layer_scalar
+            x = layer(x, rope, pk, pv, draft_mask(position, k_pos, c.sliding_window if sliding else None))
         x = d.norm(x)[0]  # [1, d]
         h_next = d.post_projection(x)[0]
         if c.head == "dense":
