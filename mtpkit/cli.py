@@ -49,7 +49,7 @@ def one_line_errors(fn: Callable) -> Callable:
             if e.name != "torch":
                 raise
             typer.echo("error: this needs PyTorch (pip install 'mtpkit[torch]'); exported pairs run without it: "
-                       "--backend llamacpp|mlx|onnx", err=True)
+                       "--backend llamacpp|mlx|onnx|coreml", err=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
@@ -123,8 +123,10 @@ def run(prompt: str = typer.Argument(..., help="Text to continue."),
         target: str = typer.Option("gemma3-270m", help="Target name, .gguf file or HF directory."),
         drafter: str = typer.Option(None, help="Drafter directory, 'none' for plain decoding; default: the shipped one."),
         backend: str = typer.Option("torch", help="Runtime backend: torch | llamacpp (DIR/target.gguf from mtpkit "
-                                                  "export) | mlx (DIR/target) | onnx (DIR/target.onnx)."),
-        device: str = typer.Option(None, help="torch: cpu or cuda (default: cuda if available); mlx: cpu or gpu."),
+                                                  "export) | mlx (DIR/target) | onnx (DIR/target.onnx) | coreml (DIR, "
+                                                  "macOS 15+)."),
+        device: str = typer.Option(None, help="torch: cpu or cuda (default: cuda if available); mlx: cpu or gpu; "
+                                              "coreml: gpu | ane | cpu | all (default: what it was exported for)."),
         dtype: str = typer.Option(None, help="torch: float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)."),
         threads: int = typer.Option(None, help="CPU threads (torch, llamacpp, onnx; mlx on Linux: its OpenBLAS)."),
         max_new_tokens: int = typer.Option(128, "--max-new-tokens"),

@@ -56,11 +56,33 @@ def tiny_target(seed: int = 0, **overrides) -> GemmaModel:
     return randomize_(GemmaModel(tiny_config(seed, **overrides)), seed).eval()
 
 
+def export_target(seed: int = 5, **overrides) -> GemmaModel:
+    """The tiny target the exporters' tests use: one KV head, sliding + full layers, softcapping."""
+    cfg = dict(vocab_size=288, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=2,
+               num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32.0, sliding_window=6,
+               layer_types=[SLIDING, FULL, SLIDING, FULL], final_logit_softcapping=30.0)
+    return tiny_target(seed, **{**cfg, **overrides})
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """MTPKIT_CACHE in the test's tmp_path: imported targets do not touch the user's cache."""
+    monkeypatch.setenv("MTPKIT_CACHE", str(tmp_path / "cache"))
+
+
 def tiny_drafter(target: GemmaModel, seed: int = 0, **overrides) -> DrafterModel:
     c = target.config
     kw = dict(hidden_size=32, intermediate_size=64, layer_types=[SLIDING, FULL])
     kw.update(overrides)
     return randomize_(DrafterModel(DrafterConfig.for_target(c, **kw)), seed + 1000).eval()
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m 'not slow'` deselects
+def pytest_collection_modifyitems(config, items):
+    """A test module's SLOW_IDS (substrings of test ids) marks those parametrizations slow."""
+    for item in items:
+        if any(s in item.nodeid for s in getattr(item.module, "SLOW_IDS", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture

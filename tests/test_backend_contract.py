@@ -34,9 +34,11 @@ TARGET = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_l
               num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32.0, sliding_window=8,
               layer_types=[SLIDING, FULL, SLIDING, FULL], final_logit_softcapping=None)
 WINDOW = TARGET["sliding_window"]
-NEEDS = {"torch": "torch", "llamacpp": "llama_cpp", "mlx": "mlx_lm", "onnx": "onnxruntime", "torch_cuda": "torch"}
+NEEDS = {"torch": "torch", "llamacpp": "llama_cpp", "mlx": "mlx_lm", "onnx": "onnxruntime", "torch_cuda": "torch",
+         "coreml": "coremltools"}
 # parity with the float32 reference: relative to the largest |value| (llama.cpp keeps K/V in q8_0)
-TOL = {"torch": 1e-5, "llamacpp": 0.03, "mlx": 1e-4, "onnx": 1e-5, "torch_cuda": 1e-4}
+TOL = {"torch": 1e-5, "llamacpp": 0.03, "mlx": 1e-4, "onnx": 1e-5, "torch_cuda": 1e-4,
+       "coreml": 5e-3}  # Core ML: float32 compute over its float16 K/V states
 # where a GPU is: the torch backend on CUDA too, through its CUDA graphs (the fused greedy and sampled drafts)
 RUNS = list(BACKENDS) + (["torch_cuda"] if torch.cuda.is_available() else [])
 
@@ -101,6 +103,19 @@ def _make_onnx(t, d, tmp, max_len, with_drafter):
     return ONNXBackend(out, out / "drafter.onnx" if with_drafter else None, max_len=max_len, threads=1)
 
 
+def _make_coreml(t, d, tmp, max_len, with_drafter):
+    """Off macOS the backend runs its steps on the exported programs evaluated with numpy (mil_eval: the test harness
+    the exporter checks with); float32 compute here, the float16 programs are checked in tests/test_coreml.py."""
+    from mtpkit.export.coreml import write_files
+    from mtpkit.export.mil_eval import EvaluatedPrograms
+    from mtpkit.runtime.coreml_backend import CoreMLBackend
+    out = tmp / "coreml"
+    if not (out / "coreml.json").exists():
+        out.mkdir()
+        write_files(t, d, None, out, "none", context=144, k=5, precision="float32", prefill=16)  # PROMPT: 16 + 5
+    return CoreMLBackend(out, with_drafter, max_len=max_len, programs=EvaluatedPrograms(out))
+
+
 def test_every_registered_backend_has_a_maker():
     assert set(BACKENDS) == {name.removeprefix("_make_") for name in globals()
                              if name.startswith("_make_") and not name.endswith("_cuda")}
@@ -111,7 +126,14 @@ def _cache(tmp_path_factory):
     return {}
 
 
-@pytest.fixture(params=[(b, h) for b in RUNS for h in HEADS], ids=lambda p: f"{p[0]}-{p[1]}")
+# Core ML runs its programs op by op in numpy here (seconds per test, minutes for the chi-square): its dense-head
+# pair and its chi-square run with the slow tests (CI runs both)
+SLOW_PAIRS = {("coreml", "dense")}
+SLOW_IDS = ("test_sampled_loop_emits_the_backends_own_target_distribution[coreml-",)
+
+
+@pytest.fixture(params=[pytest.param((b, h), marks=[pytest.mark.slow] if (b, h) in SLOW_PAIRS else [])
+                        for b in RUNS for h in HEADS], ids=lambda p: f"{p[0]}-{p[1]}")
 def pair(request, _cache, tmp_path_factory):
     """(reference target, reference drafter, make(max_len=64, drafter=True) -> backend) for one backend and head."""
     name, head = request.param

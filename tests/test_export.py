@@ -67,7 +67,7 @@ def test_every_format_has_one_shape_and_imports_without_torch():
             "print('ok')")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
-    assert set(FORMATS) == {"mlx", "gguf", "onnx"} and COMMON_QUANTS == ("none", "int8", "int4")
+    assert set(FORMATS) == {"mlx", "gguf", "onnx", "coreml"} and COMMON_QUANTS == ("none", "int8", "int4")
 
 
 def test_compare_logits_enforces_the_tolerance():

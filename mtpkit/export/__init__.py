@@ -28,7 +28,8 @@ from typing import Any
 
 from mtpkit.errors import MtpkitError
 
-FORMATS = {"mlx": "mtpkit.export.mlx", "gguf": "mtpkit.export.gguf", "onnx": "mtpkit.export.onnx"}  # coreml: to come
+FORMATS = {"mlx": "mtpkit.export.mlx", "gguf": "mtpkit.export.gguf", "onnx": "mtpkit.export.onnx",
+           "coreml": "mtpkit.export.coreml"}
 
 # the --quant values every format accepts; `none` = no quantization added by the export (each format says what
 # it writes then), int8 / int4 = the format's usual 8- and 4-bit weights
@@ -38,8 +39,7 @@ COMMON_QUANTS = ("none", "int8", "int4")
 def export_module(name: str) -> ModuleType:
     """The module of export format `name` (see FORMATS)."""
     if name not in FORMATS:
-        raise MtpkitError(f"export format {name!r} is not available (have: {', '.join(FORMATS)}; coreml: "
-                          "not built yet)")
+        raise MtpkitError(f"export format {name!r} is not available (have: {', '.join(FORMATS)})")
     return importlib.import_module(FORMATS[name])
 
 

@@ -11,23 +11,31 @@ from mtpkit.errors import MtpkitError
 
 
 def export_command(
-        format: str = typer.Option(..., "--format", help="mlx | gguf | onnx (coreml: not built yet)."),
+        format: str = typer.Option(..., "--format", help="mlx | gguf | onnx | coreml."),
         target: str = typer.Option("gemma3-270m", help="Target name, .gguf file or HF directory."),
         drafter: str = typer.Option(None, help="Drafter directory (default: the shipped one); 'none' = target only."),
         out: str = typer.Option(..., help="Output directory: OUT/target and OUT/drafter (MLX), OUT/target.gguf and "
-                                          "OUT/drafter.gguf (GGUF), OUT/target.onnx and OUT/drafter.onnx (ONNX)."),
+                                          "OUT/drafter.gguf (GGUF), OUT/target.onnx and OUT/drafter.onnx (ONNX), "
+                                          "OUT/target.mlpackage (+ drafter.mlpackage with --compute ane) (Core ML)."),
         quant: str = typer.Option(None, help="Every format: none (default) | int8 | int4. MLX: int8/int4 = 8/4-bit "
                                              "weights in groups of 64, none = unquantized in --dtype. GGUF: int8 = "
                                              "q8_0, int4 = q4_k_m, none = a GGUF target's own tensors byte for byte "
                                              "(source), any other target f32; or a GGUF type: source f32 f16 bf16 "
                                              "q8_0 q5_0 q5_1 q4_0 q4_1 q4_k_m (and llama.cpp's other K-quants). "
                                              "ONNX: none = float32, int8 / int4 = ONNX Runtime's MatMulNBits "
-                                             "(int4: the embedding too, GatherBlockQuantized)."),
+                                             "(int4: the embedding too, GatherBlockQuantized). Core ML: none = "
+                                             "float16, int8 / int4 = per-block weights (int4 keeps the embedding at "
+                                             "8 bits)."),
         drafter_quant: str = typer.Option(None, "--drafter-quant",
                                           help="GGUF: the drafter's type (default q8_0: keeps the centroid head's rows "
                                                "exact enough and readable by mtpkit's llama.cpp backend). ONNX: none | "
                                                "int8 | int4 (default: --quant)."),
         dtype: str = typer.Option(None, help="MLX: float32 | bfloat16 (default) | float16 for unquantized tensors."),
+        compute: str = typer.Option(None, help="Core ML: gpu (default: the KV cache in Core ML states shared by "
+                                               "target and drafter) | ane (Neural Engine: explicit K/V inputs)."),
+        context: int = typer.Option(None, help="Core ML: positions the exported cache holds (default 2048)."),
+        max_draft: int = typer.Option(None, "--max-draft", help="Core ML: drafts the verify function takes in one "
+                                                               "call (K; default 5)."),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Export target and drafter, then load the target back and compare its logits with the reference."""
@@ -36,6 +44,7 @@ def export_command(
     o = Path(out)
     if o.exists() and not o.is_dir():
         raise MtpkitError(f"--out {out} exists and is not a directory")
-    options = {} if drafter_quant is None else {"drafter_quant": drafter_quant}
+    given = {"drafter_quant": drafter_quant, "compute": compute, "context": context, "max_draft": max_draft}
+    options = {k: v for k, v in given.items() if v is not None}
     res = fmt.export(target, drafter, o, quant=quant, dtype=dtype, **options)
     typer.echo(json.dumps(res) if as_json else summary_line(res))

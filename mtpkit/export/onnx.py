@@ -35,7 +35,7 @@ import numpy as np
 
 from mtpkit.errors import MtpkitError
 from mtpkit.export import COMMON_QUANTS, check_quant, no_options
-from mtpkit.export.parity import compare_logits, probe_tokens, reference_logits
+from mtpkit.export.parity import check_draft_steps, compare_logits, probe_tokens, reference_logits, walk
 from mtpkit.paths import atomic_entries
 
 QUANTS = COMMON_QUANTS  # none | int8 | int4 (module docstring)
@@ -227,20 +227,6 @@ def write_files(model, drafter, tokenizer, out: Path, quant: str, name: str | No
     return manifest
 
 
-def _walk(be, tokens: list[int], split: int, chunk: int = 4):
-    """Prefill tokens[:split], then verify the rest `chunk` at a time -> (logits [len - split + 1, V], the lengths
-    each chunk started at, the hidden row before each chunk)."""
-    logits, h = be.start(tokens[:split])
-    rows, starts, hs = [logits[None]], [], []
-    for i in range(split, len(tokens), chunk):
-        starts.append(be.length)
-        hs.append(h)
-        lg, hid = be.verify(be.ops.tokens(tokens[i:i + chunk]))
-        rows.append(lg)
-        h = hid[-1]
-    return np.concatenate(rows), starts, hs
-
-
 def check_target(ref, path: Path, tokens: list[int], tolerance: float, what: str = "exported ONNX target",
                  min_argmax: float = MIN_ARGMAX["none"]) -> dict[str, Any]:
     """The exported target in ONNX Runtime (a prefill of half the probe, then verifies of 4 tokens) vs the float32
@@ -248,7 +234,7 @@ def check_target(ref, path: Path, tokens: list[int], tolerance: float, what: str
     from mtpkit.runtime.onnx_backend import ONNXBackend
     split = max(1, len(tokens) // 2)
     be = ONNXBackend(path, None, max_len=len(tokens) + 8, threads=None)
-    got, _, _ = _walk(be, tokens, split)
+    got, _, _ = walk(be, tokens, split)
     return compare_logits(reference_logits(ref, tokens)[split - 1:], got, tolerance, min_argmax, what)
 
 
@@ -258,33 +244,9 @@ def check_drafter(ref, drafter, path: Path, tokens: list[int], tolerance: tuple[
     check_target's walk) vs the reference drafter on the reference target's cache: the candidates' logits against
     the reference's dense logits at the same ids (compare_logits, tolerance[0]), and the next h (tolerance[1],
     relative to the largest |h|)."""
-    import torch
-
-    from mtpkit.model.drafter import target_kv
     from mtpkit.runtime.onnx_backend import ONNXBackend
     be = ONNXBackend(path, path / "drafter.onnx", max_len=len(tokens) + 8, threads=None)
-    _, starts, hs = _walk(be, tokens, max(1, len(tokens) // 2))
-    steps = []
-    for q, h in reversed(list(zip(starts, hs, strict=True))):  # replay, latest first: roll back to q, draft there
-        be.rollback(q)
-        steps.insert(0, be.draft_step(be.ops.tokens([tokens[q]]), h))
-    got, got_h = [s.logits for s in steps], [s.h for s in steps]
-    ids = [s.ids if s.ids is not None else np.arange(len(s.logits)) for s in steps]
-    with torch.no_grad():
-        cache = ref.new_cache(len(tokens) + 8)
-        o = ref(torch.tensor([tokens]), cache)
-        q = torch.tensor(starts)
-        x, h_next = drafter.body(ref.embed(torch.tensor([[tokens[i] for i in starts]])), o.hidden[:, q - 1], q,
-                                 target_kv(cache, ref.config))
-        dense = drafter.dense_logits(x)[0].numpy()
-    want = np.stack([dense[r, i] for r, i in enumerate(ids)])
-    res = compare_logits(want, np.stack(got), tolerance[0], min_argmax, "exported ONNX drafter step")
-    h_diff = float(np.abs(np.stack(got_h) - h_next[0].numpy()).max())
-    h_scale = float(h_next.abs().max())
-    if not h_diff <= tolerance[1] * h_scale:
-        raise MtpkitError(f"exported ONNX drafter step differs from the reference beyond tolerance: max |next h diff| "
-                          f"{h_diff:.3g} (tolerance {tolerance[1]} x {h_scale:.3g}); nothing written")
-    return {**res, "steps": len(starts), "max_abs_h_diff": h_diff, "h_scale": h_scale}
+    return check_draft_steps(ref, drafter, be, tokens, tolerance, min_argmax, "exported ONNX drafter step")
 
 
 def export(target: str, drafter: str | None, out: Path, *, quant: str | None = None, dtype: str | None = None,

@@ -53,7 +53,7 @@ def draft_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> 
     k, q = k_pos[None, :], q_pos[:, None]
     m = (k >= 0) & (k < q)
     if window:
-        m &= (q - k) < window
+        m = m & ((q - k) < window)  # not &=: traced to an in-place op the Core ML converter lacks
     return m
 
 

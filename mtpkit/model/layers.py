@@ -59,7 +59,7 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, length: int, window
     q = q_pos[:, None]
     m = (k >= 0) & (k < length) & (k <= q)
     if window:
-        m &= (q - k) < window
+        m = m & ((q - k) < window)  # not &=: traced to an in-place op the Core ML converter lacks
     return m
 
 

@@ -12,8 +12,9 @@ from typing import Any
 from mtpkit.errors import MtpkitError
 
 BACKENDS = {"torch": "mtpkit.runtime.torch_backend", "llamacpp": "mtpkit.runtime.llamacpp_backend",
-            "mlx": "mtpkit.runtime.mlx_backend", "onnx": "mtpkit.runtime.onnx_backend"}
-EXTRAS = {"torch": "torch", "llamacpp": "gguf", "mlx": "mlx", "onnx": "onnx"}  # pip extra that installs each backend's library
+            "mlx": "mtpkit.runtime.mlx_backend", "onnx": "mtpkit.runtime.onnx_backend",
+            "coreml": "mtpkit.runtime.coreml_backend"}
+EXTRAS = {"torch": "torch", "llamacpp": "gguf", "mlx": "mlx", "onnx": "onnx", "coreml": "coreml"}  # pip extra that installs each backend's library
 
 
 def backend_module(name: str) -> ModuleType:

@@ -18,11 +18,25 @@ Backends register in runtime/__init__.py and expose `Options` (a dataclass of th
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
+from mtpkit.errors import MtpkitError
 from mtpkit.runtime.ops import NumpyOps
+
+
+def read_manifest(path: Path, fmt: str, what: str) -> dict:
+    """An export's JSON manifest whose "format" must be `mtpkit-{fmt}` (written by `mtpkit export --format fmt`)."""
+    try:
+        m = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise MtpkitError(f"{path}: cannot read the {what} export's manifest ({e})") from None
+    if m.get("format") != f"mtpkit-{fmt}":
+        raise MtpkitError(f"{path} was not written by `mtpkit export --format {fmt}`")
+    return m
 
 
 @dataclass(frozen=True)

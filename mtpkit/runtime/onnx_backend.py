@@ -13,7 +13,6 @@ A draft step binds the same buffers: the drafter's K/V inputs carry the target's
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 
 from mtpkit.errors import MtpkitError
 from mtpkit.model.config import SLIDING, DrafterConfig, GemmaConfig
-from mtpkit.runtime.backend import Backend, BackendInfo, DraftStep, Loaded
+from mtpkit.runtime.backend import Backend, BackendInfo, DraftStep, Loaded, read_manifest
 
 MANIFEST = "onnx.json"  # = mtpkit.export.onnx.MANIFEST (that module is not imported here: it is the exporter)
 SIBLING_DRAFTER = "drafter.onnx"  # `mtpkit export --format onnx` writes it beside target.onnx
@@ -60,13 +59,7 @@ def _ort():
 
 
 def _manifest(d: Path) -> dict:
-    try:
-        m = json.loads((d / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise MtpkitError(f"{d / MANIFEST}: cannot read the ONNX export's manifest ({e})") from None
-    if m.get("format") != "mtpkit-onnx":
-        raise MtpkitError(f"{d / MANIFEST} was not written by `mtpkit export --format onnx`")
-    return m
+    return read_manifest(d / MANIFEST, "onnx", "ONNX")
 
 
 def _bind_in(io, name: str, a: np.ndarray, keep: list) -> None:
