@@ -246,11 +246,6 @@ def _no_int16(mlmodel, what: str) -> None:
                           "32,767 would wrap; nothing written")
 
 
-def weights_sha256(model) -> str:
-    from mtpkit.export.onnx import weights_sha256 as sha
-    return sha(model)
-
-
 def write_files(model, drafter, tokenizer, out: Path, quant: str, *, compute: str = "gpu",
                 context: int = DEFAULT_CONTEXT, k: int = DEFAULT_K, precision: str = "float16", prefill: int = PREFILL,
                 name: str | None = None, source: dict[str, Any] | None = None, progress=None) -> dict[str, Any]:
@@ -262,6 +257,7 @@ def write_files(model, drafter, tokenizer, out: Path, quant: str, *, compute: st
     import torch
     ct = _ct()
     from mtpkit.export.coreml_graphs import DraftStep, TargetStep, cache_shape, kinds
+    from mtpkit.export.onnx import weights_sha256  # the same fingerprint as the ONNX export's
     c = model.config
     dc = drafter.config if drafter is not None else None
     stateful = compute == "gpu"

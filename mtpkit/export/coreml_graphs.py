@@ -36,15 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtpkit.model.config import FULL, SLIDING
+from mtpkit.model.config import SLIDING
+from mtpkit.model.config import layer_kinds as kinds
 from mtpkit.model.drafter import DrafterModel, draft_mask
 from mtpkit.model.gemma import GemmaModel
 from mtpkit.model.layers import apply_rope, attend, attention_mask, rope_table, softcap
-
-
-def kinds(c) -> list[str]:
-    """The attention kinds a config uses, in graph input order (sliding first)."""
-    return [k for k in (SLIDING, FULL) if k in c.layer_types]
 
 
 def cache_shape(c, context: int) -> tuple[int, int, int, int]:

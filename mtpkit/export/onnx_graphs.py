@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtpkit.model.config import FULL, SLIDING
+from mtpkit.model.config import SLIDING
+from mtpkit.model.config import layer_kinds as kinds
 from mtpkit.model.drafter import DrafterModel, draft_mask
 from mtpkit.model.gemma import GemmaModel
 from mtpkit.model.layers import apply_rope, rope_table, softcap
@@ -146,7 +147,3 @@ class DrafterGraph(nn.Module):
         logits = softcap((blocks @ x[0]).reshape(-1), c.final_logit_softcapping)
         return ids, logits, h_next
 
-
-def kinds(c) -> list[str]:
-    """The attention kinds a drafter reads, in its graph's input order (sliding first)."""
-    return [k for k in (SLIDING, FULL) if k in c.layer_types]

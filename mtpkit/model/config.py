@@ -18,6 +18,11 @@ SLIDING = "sliding_attention"
 FULL = "full_attention"
 
 
+def layer_kinds(c) -> list[str]:
+    """The attention kinds a config's layers use, sliding first (the exported graphs' K/V input order)."""
+    return [k for k in (SLIDING, FULL) if k in c.layer_types]
+
+
 def _check_positive(obj: Any, names: list[str]) -> None:
     for n in names:
         v = getattr(obj, n)

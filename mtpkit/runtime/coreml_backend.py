@@ -81,9 +81,6 @@ class CoreMLPrograms:
         self.models: dict[tuple[str, str], Any] = {}
         self.states: dict[str, Any] = {}
 
-    def reset(self) -> None:
-        self.states.clear()  # fresh zeroed states (rows are masked by position anyway)
-
     def run(self, package: str, function: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         key = (package, function)
         if key not in self.models:
