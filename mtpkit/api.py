@@ -25,6 +25,17 @@ DEFAULT_DRAFTERS = Path(__file__).parent / "drafters"  # shipped drafters: <targ
 # adaptive drafting threshold used by default on CPU: with the default drafter on this repo's 2-core CPU it
 # raised the speedup from 1.37x to 1.58x on HumanEval and from 0.68x to 1.02x on MT-Bench (bench/results/v0_loop_speed/loop_cpu_*)
 AUTO_MIN_CONFIDENCE = 0.3
+DEFAULT_CONTEXT = 4096  # positions a session's cache holds unless max_len says (at most the target's)
+
+
+def check_text(text: str, what: str = "the prompt") -> None:
+    """Text must be valid Unicode: a command-line argument that was not UTF-8 arrives with lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start]
+        byte = f" (byte 0x{ord(bad) - 0xDC00:02x})" if 0xDC80 <= ord(bad) <= 0xDCFF else ""
+        raise MtpkitError(f"{what} is not valid UTF-8 text{byte} at character {e.start}") from None
 
 
 @dataclass
@@ -80,6 +91,22 @@ class Stats:
         return d
 
 
+# a drafter whose drafts are (almost) never accepted only costs time: NaN weights measured 0.27x plain decoding,
+# random weights 0.82x; a trained one accepts tens of percent. Below this, after enough drafts, say so.
+LOW_ACCEPTANCE = 0.02
+LOW_ACCEPTANCE_MIN_DRAFTED = 20
+
+
+def acceptance_warning(stats: Stats) -> str | None:
+    """A one-line warning when at least 20 tokens were drafted and under 2 % accepted (a broken drafter, or one
+    trained for another target); None otherwise."""
+    if stats.drafted < LOW_ACCEPTANCE_MIN_DRAFTED or stats.accepted >= LOW_ACCEPTANCE * stats.drafted:
+        return None
+    return (f"warning: the target accepted {stats.accepted} of {stats.drafted} drafted tokens "
+            f"({100 * stats.accepted / stats.drafted:.1f}%): the drafter is broken or was trained for another target; "
+            "plain decoding (drafter 'none') would be faster")
+
+
 @dataclass
 class Result:
     text: str
@@ -109,6 +136,7 @@ class Session:
         if isinstance(prompt, str):
             if not prompt:
                 raise MtpkitError("empty prompt")
+            check_text(prompt)
             if self.tokenizer is None:
                 raise MtpkitError("this target has no tokenizer: pass token ids")
             return self.tokenizer.encode(prompt)
@@ -169,18 +197,56 @@ def resolve_drafter(target: str, drafter: str | None, sibling: str | None = None
     if sibling is not None:
         p = Path(target).parent / sibling
         return str(p) if p.is_file() or (p / "config.json").is_file() else None
+    if Path(str(target)).name != str(target) or str(target) in ("", ".", ".."):
+        return None  # a path, not a target's name: only names have shipped drafters
     d = DEFAULT_DRAFTERS / str(target)
     return str(d) if (d / "config.json").exists() else None
 
 
-def load(target: str = "gemma3-270m", drafter: str | None = None, backend: str = "torch", *, max_len: int = 4096,
-         max_draft: int = 16, **options: Any) -> Session:
+def check_drafter_path(path: str) -> None:
+    """Cheap checks of a drafter the user named, run before anything slow: it exists; a drafter directory has a
+    readable config.json that parses as a drafter config (whether it fits the target is checked once it is loaded)."""
+    import json
+
+    from mtpkit.model.config import DrafterConfig
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise MtpkitError(f"drafter {path!r} not found ('none' = plain decoding)")
+    if p.is_dir():
+        try:
+            cfg = json.loads((p / "config.json").read_text())
+        except FileNotFoundError:
+            raise MtpkitError(f"drafter {path!r} has no config.json (a drafter directory holds config.json + "
+                              "*.safetensors)") from None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise MtpkitError(f"drafter {path}/config.json is not valid JSON ({e})") from None
+        if not isinstance(cfg, dict):
+            raise MtpkitError(f"drafter {path}/config.json is not a JSON object")
+        DrafterConfig.from_dict(cfg)
+
+
+def load(target: str = "gemma3-270m", drafter: str | None = None, backend: str = "torch", *,
+         max_len: int | None = None, max_draft: int = 16, **options: Any) -> Session:
     """Load target + drafter on a backend (runtime/__init__.py lists them). `options` are the backend's own
     (its `Options` dataclass): torch: device, dtype, threads, cuda_graphs, compile, random_drafter (an untrained
-    drafter for cost measurements, never used unless asked for); llamacpp: threads, head; mlx: device; onnx: threads."""
+    drafter for cost measurements, never used unless asked for); llamacpp: threads, head; mlx: device; onnx: threads.
+    max_len: positions the cache holds (prompt + new tokens); default DEFAULT_CONTEXT, or the target's maximum if
+    that is smaller (a larger max_len than the target's is an error)."""
     from mtpkit.runtime import backend_module, backend_options
     mod = backend_module(backend)
     opts = backend_options(mod, backend, options)
-    loaded = mod.load(target, resolve_drafter(target, drafter, mod.SIBLING_DRAFTER), opts, max_len=max_len,
-                      max_draft=max_draft)
+    explicit = max_len is not None
+    max_len = DEFAULT_CONTEXT if max_len is None else max_len
+    if max_len < 2:
+        raise MtpkitError(f"the context (max_len) must be at least 2 positions, got {max_len}")
+    dpath = resolve_drafter(target, drafter, mod.SIBLING_DRAFTER)
+    if dpath is not None:
+        check_drafter_path(dpath)  # before the target's load, which can take a while
+    loaded = mod.load(target, dpath, opts, max_len=max_len, max_draft=max_draft)
+    limit = loaded.config.max_position_embeddings
+    if max_len > limit:
+        if explicit:
+            raise MtpkitError(f"a context of {max_len} positions is more than the target's {limit} "
+                              "(--context / max_len)")
+        loaded.backend.max_len = limit  # the default context, on a target that holds fewer positions
     return Session(loaded.backend, loaded.tokenizer, loaded.config, loaded.drafter_path, loaded.source)

@@ -13,10 +13,39 @@ from collections.abc import Callable
 from typing import Any
 
 import typer
+import typer.core
 
 from mtpkit.errors import MtpkitError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+class _OneLineUsageErrors(typer.core.TyperGroup):
+    """Usage errors (a missing option, `--steps abc`, an unknown command) as one `error:` line, exit 2, like every
+    other refusal (click draws them as a multi-line box)."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        try:  # recent typer vendors click as typer._click
+            from typer._click.exceptions import ClickException, NoArgsIsHelpError
+            from typer.exceptions import Abort
+        except ImportError:  # pragma: no cover - typer on click
+            from click.exceptions import Abort, ClickException, NoArgsIsHelpError
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except NoArgsIsHelpError as e:  # `mtpkit` or `mtpkit export` alone: the help, as click shows it
+            typer.echo(e.ctx.get_help())
+            sys.exit(e.exit_code)
+        except ClickException as e:
+            where = f" (see {e.ctx.command_path} --help)" if getattr(e, "ctx", None) is not None else ""
+            typer.echo(f"error: {e.format_message()}{where}", err=True)
+            sys.exit(e.exit_code)
+        except Abort:
+            typer.echo("interrupted", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)  # typer.Exit(n) comes back as n in this mode
+
+
+app = typer.Typer(cls=_OneLineUsageErrors, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distill, export and run Gemma-style multi-token-prediction drafters.")
 
 
@@ -34,7 +63,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
 
 
 def one_line_errors(fn: Callable) -> Callable:
-    """Turn MtpkitError (and a few OS errors users cause) into `error: ...` + exit 2."""
+    """Turn MtpkitError and OS errors (missing/unwritable paths, a full disk) into `error: ...` + exit 2."""
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -42,8 +71,11 @@ def one_line_errors(fn: Callable) -> Callable:
         except MtpkitError as e:
             typer.echo(f"error: {e}", err=True)
             raise typer.Exit(2) from None
-        except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
-            typer.echo(f"error: {e.strerror or e}: {e.filename}", err=True)
+        except OSError as e:  # a missing or unwritable path, a full disk, ...: the system's own words + the path
+            if e.errno is None or not e.strerror:
+                raise
+            where = f": {e.filename}" if e.filename else ""
+            typer.echo(f"error: {e.strerror}{where}", err=True)
             raise typer.Exit(2) from None
         except ModuleNotFoundError as e:
             if e.name != "torch":
@@ -119,7 +151,11 @@ def _stats_line(st) -> str:
 
 @app.command()
 @one_line_errors
-def run(prompt: str = typer.Argument(..., help="Text to continue."),
+def run(prompt: str = typer.Argument(None, help="Text to continue (or --prompt-file)."),
+        prompt_file: str = typer.Option(None, "--prompt-file", "-f",
+                                        help="Read the prompt from this UTF-8 file ('-' = standard input)."),
+        context: int = typer.Option(None, "--context", help="Positions the cache holds: prompt + new tokens "
+                                                            "(default 4096, or the target's maximum if smaller)."),
         target: str = typer.Option("gemma3-270m", help="Target name, .gguf file or HF directory."),
         drafter: str = typer.Option(None, help="Drafter directory, 'none' for plain decoding; default: the shipped one."),
         backend: str = typer.Option("torch", help="Runtime backend: torch | llamacpp (DIR/target.gguf from mtpkit "
@@ -148,15 +184,15 @@ def run(prompt: str = typer.Argument(..., help="Text to continue."),
         compare: bool = typer.Option(False, help="Also run plain decoding and print the speedup.")) -> None:
     """Generate with the shared-cache speculative loop (streams text; stats on stderr)."""
     import mtpkit
+    from mtpkit.api import acceptance_warning
     from mtpkit.runtime.loop import GenerationParams
     from mtpkit.runtime.sampling import SamplingParams
     # validate before the slow load (the loop builds the same objects again)
     GenerationParams(max_new_tokens, SamplingParams(temperature, top_p, top_k), num_draft_tokens,
                      draft_temperature=1.0 if draft_temperature is None else draft_temperature)
-    if not prompt:
-        raise MtpkitError("empty prompt")
+    prompt = _prompt(prompt, prompt_file)
     s = mtpkit.load(target=target, drafter=drafter, backend=backend, max_draft=max(16, num_draft_tokens),
-                    device=device, dtype=dtype, threads=threads)
+                    max_len=context, device=device, dtype=dtype, threads=threads)
     if compare and s.drafter_path is None:
         raise MtpkitError("--compare needs a drafter (there is nothing to compare plain decoding with)")
     if s.drafter_path is None and drafter != "none":
@@ -166,19 +202,28 @@ def run(prompt: str = typer.Argument(..., help="Text to continue."),
               draft_temperature=draft_temperature, gate=gate)
     if as_json:
         r = s.generate(prompt, **kw)
-        out = {"tokens": r.tokens, "text": r.text, "stats": r.stats.to_dict(), "drafter": s.drafter_path}
+        st = r.stats
+        out = {"tokens": r.tokens, "text": r.text, "stats": st.to_dict(), "drafter": s.drafter_path}
     else:
         from mtpkit.api import Stats
-        st, toks = Stats(), []
+        st, toks, echoed = Stats(), [], False
         dec = s.tokenizer.stream()
-        typer.echo(prompt, nl=False)
         for rnd in s.stream(prompt, stats=st, **kw):
+            if not echoed:  # the prompt is echoed once it has been accepted (a refused one leaves only the error)
+                typer.echo(prompt, nl=False)
+                echoed = True
             toks += rnd.tokens
             typer.echo(dec.push(rnd.tokens), nl=False)
         typer.echo(dec.flush())
         typer.echo(_stats_line(st), err=True)
         out = {"tokens": toks, "stats": st.to_dict()}
+    warning = acceptance_warning(st)
+    if warning:
+        out["warning"] = warning
+        typer.echo(warning, err=True)
     if compare:
+        from mtpkit.progress import note
+        note(f"plain decoding of the same {out['stats']['new_tokens']} tokens for --compare ...")
         base = s.generate(prompt, use_drafter=False, **kw)
         speedup = out["stats"]["tok_per_s"] / base.stats.tok_per_s if base.stats.tok_per_s else 0.0
         out["plain"] = {"stats": base.stats.to_dict(), "identical": base.tokens == out["tokens"]}
@@ -188,6 +233,27 @@ def run(prompt: str = typer.Argument(..., help="Text to continue."),
             typer.echo(f"plain: {_stats_line(base.stats)}\nspeedup {speedup:.2f}x ({same})", err=True)
     if as_json:
         typer.echo(json.dumps(out))
+
+
+def _prompt(prompt: str | None, prompt_file: str | None) -> str:
+    """The prompt from the argument or from --prompt-file (a path, or '-' for standard input), checked as text."""
+    from mtpkit.api import check_text
+    if (prompt is None) == (prompt_file is None):
+        raise MtpkitError("give the prompt as an argument or with --prompt-file FILE ('-' = stdin), not both"
+                          if prompt is not None else "no prompt: give it as an argument or with --prompt-file FILE "
+                          "('-' = stdin)")
+    if prompt is None:
+        what = "standard input" if prompt_file == "-" else prompt_file
+        data = sys.stdin.buffer.read() if prompt_file == "-" else open(prompt_file, "rb").read()
+        try:
+            prompt = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise MtpkitError(f"the prompt in {what} is not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})"
+                              ) from None
+    if not prompt:
+        raise MtpkitError("empty prompt")
+    check_text(prompt)
+    return prompt
 
 
 def _register_distill() -> None:
@@ -209,7 +275,8 @@ def _register_bench() -> None:
     app.command("profile-device", help="Measure this machine into a device profile JSON.")(
         one_line_errors(profile_device_command))
     from mtpkit.export.cli import export_command
-    app.command("export", help="Export target + drafter (mlx, gguf) and check the target against the reference.")(
+    app.command("export", help="Export target + drafter (mlx, gguf, onnx, coreml) and check them against the "
+                               "reference.")(
         one_line_errors(export_command))
 
 

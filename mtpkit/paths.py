@@ -1,12 +1,15 @@
 """Where mtpkit caches things ($MTPKIT_CACHE, else $XDG_CACHE_HOME/mtpkit, else ~/.cache/mtpkit), and the one
 way it writes anything so that a reader never sees half of it: a file (`atomic_file`, `atomic_write`), a directory
 (`atomic_dir`), or a set of entries of an output directory (`atomic_entries`). Each fills a temporary beside its
-destination and renames it into place only on success; on any error the temporary is removed."""
+destination and renames it into place only on success; on any error the temporary is removed. A process killed
+outright (kill -9, power loss) cannot remove its temporary: each temporary's name carries its process id, and the
+next writer of the same destination removes those whose process is gone."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -18,6 +21,50 @@ def cache_dir() -> Path:
     if base:
         return Path(base)
     return Path(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")) / "mtpkit"
+
+
+def check_writable(d: Path, what: str) -> None:
+    """Fail now, in one line, if files cannot be created in directory `d` (or, where it does not exist yet, in its
+    nearest existing ancestor): before the long work whose result would be written there. Creates nothing."""
+    from mtpkit.errors import MtpkitError
+    p = Path(d).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        raise MtpkitError(f"{what}: {p} is not a directory")
+    try:
+        fd, name = tempfile.mkstemp(dir=p, prefix=f".mtpkit-probe.{os.getpid()}.")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise MtpkitError(f"{what}: cannot write in {p} ({e.strerror or e})") from None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def sweep(parent: Path, prefix: str) -> None:
+    """Remove temporaries `{prefix}{pid}-*` / `{prefix}{pid}.*` in `parent` left by processes that are gone."""
+    pat = re.compile(re.escape(prefix) + r"(\d+)[-.]")
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return
+    for p in entries:
+        m = pat.match(p.name)
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    p.unlink()
 
 
 def swap_dir(tmp: Path, dest: Path) -> None:
@@ -37,7 +84,8 @@ def atomic_dir(dest: Path, keep_existing: bool = False) -> Iterator[Path]:
     keep_existing: a cache entry that another process may have published meanwhile: theirs is kept, ours dropped
     (replacing it would pull a directory from under its readers)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    sweep(dest.parent, f".{dest.name}-")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}-{os.getpid()}-", dir=dest.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; the result is an ordinary directory
     try:
         yield tmp
@@ -67,7 +115,11 @@ def atomic_file(dest: Path) -> Iterator[Path]:
     on any error it is removed. For writers that take a path (safetensors, a compiler, savefig)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    sweep(dest.parent, f".{dest.name}.")
+    try:
+        fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.{os.getpid()}.", suffix=".tmp")
+    except OSError as e:  # name the file the user asked for, not our temporary
+        raise OSError(e.errno, e.strerror, str(dest)) from None
     os.close(fd)
     tmp = Path(name)
     try:
@@ -96,7 +148,8 @@ def atomic_entries(dest: Path, names: Sequence[str]) -> Iterator[Path]:
     dest = Path(dest)
     created = not dest.exists()
     dest.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".staging-", dir=dest))
+    sweep(dest, ".staging-")
+    stage = Path(tempfile.mkdtemp(prefix=f".staging-{os.getpid()}-", dir=dest))
     try:
         yield stage
         extra = sorted(p.name for p in stage.iterdir() if p.name not in names)

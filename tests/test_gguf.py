@@ -43,7 +43,7 @@ def _export(tmp_path, t, drafter_kw: dict | None = None, quant: str = "f32", nam
         args += ["--drafter", "none"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
-    return json.loads(res.output.strip().splitlines()[-1]), tmp_path / name
+    return json.loads(res.stdout.strip().splitlines()[-1]), tmp_path / name
 
 
 CENTROID = dict(head="centroid", num_centroids=30, centroid_top_k=3)

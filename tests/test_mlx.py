@@ -69,7 +69,7 @@ def test_export_and_run_cli(tmp_path):
     res = r.invoke(app, ["export", "--format", "mlx", "--target", str(gguf), "--drafter", str(tmp_path / "d"),
                          "--out", str(tmp_path / "x"), "--dtype", "float32", "--json"])
     assert res.exit_code == 0, res.output
-    info = json.loads(res.output.strip().splitlines()[-1])
+    info = json.loads(res.stdout.strip().splitlines()[-1])
     assert info["vs_reference"]["max_abs_logit_diff"] < 1e-3 and info["vs_reference"]["argmax_agreement"] == 1.0
     assert (tmp_path / "x" / "target" / "tokenizer.model").is_file()
     import mlx_lm
@@ -94,7 +94,7 @@ def test_export_and_run_cli(tmp_path):
                          "--drafter", "none", "--out", str(tmp_path / "q"), "--quant", "int8", "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "q" / "target" / "config.json").read_text())["quantization"]["bits"] == 8
-    assert json.loads(res.output.strip().splitlines()[-1])["vs_reference"]["argmax_agreement"] >= 0.5
+    assert json.loads(res.stdout.strip().splitlines()[-1])["vs_reference"]["argmax_agreement"] >= 0.5
     mlx_lm.load(str(tmp_path / "q" / "target"))
 
 
@@ -111,6 +111,23 @@ def test_export_bad_input(tmp_path):
                     "--drafter", "none", "--out", str(tmp_path / "o")], "every 1-th layer full")
     assert not (tmp_path / "o").exists()
     fails_cleanly(["run", "x", "--backend", "mlx", "--target", str(gguf)], "exported target directory")
+
+
+def test_export_write_error_is_one_line(tmp_path, monkeypatch):
+    """MLX reports a file it cannot write (a full disk, a vanished directory) as a RuntimeError: one line naming the
+    entry of OUT, nothing written."""
+    from tests.tiny_gguf import write_gguf
+    t, _ = _pair(0, "dense")
+    gguf = write_gguf(t, tmp_path / "t.gguf")
+
+    def fails(path, *a, **k):
+        raise RuntimeError(f"[save_safetensors] Failed to open file {path}")
+    monkeypatch.setattr(mx, "save_safetensors", fails)
+    out = tmp_path / "o"
+    fails_cleanly(["export", "--format", "mlx", "--target", str(gguf), "--drafter", "none", "--out", str(out)],
+                  f"cannot write {out}/target/model.safetensors: [save_safetensors] Failed to open file; nothing "
+                  f"written to {out}")
+    assert not out.exists()
 
 
 def test_linux_mlx_matmuls_go_through_openblas(tmp_path):

@@ -62,7 +62,7 @@ def test_export_run_and_bad_input(tmp_path):
     assert run["plain"]["identical"] and run["drafter"].endswith("drafter.onnx") and len(run["tokens"]) == 24
 
     before = _tree(out)
-    base = ["export", "--format", "onnx", "--target", str(src), "--out", str(out)]
+    base = ["export", "--format", "onnx", "--target", str(src), "--out", str(out), "--force"]
     fails_cleanly(base + ["--quant", "q4_0"], "'q4_0' is not accepted by --format onnx (accepted: none, int8, int4)")
     fails_cleanly(base + ["--dtype", "bfloat16"], "--format onnx computes in float32")
     other = tiny_target(1, vocab_size=96, hidden_size=64, num_hidden_layers=2, layer_types=[SLIDING, FULL])
@@ -70,7 +70,7 @@ def test_export_run_and_bad_input(tmp_path):
     fails_cleanly(base + ["--drafter", str(tmp_path / "d-other")], "drafter does not match the target")
     odd = write_gguf(_target(hidden_size=48), tmp_path / "odd.gguf")  # 4-bit embedding rows come in blocks of 32
     fails_cleanly(["export", "--format", "onnx", "--target", str(odd), "--drafter", "none", "--quant", "int4",
-                   "--out", str(out)], "blocks of 32")
+                   "--out", str(out), "--force"], "blocks of 32")
     assert _tree(out) == before
     fails_cleanly(["run", "x", "--backend", "onnx", "--target", str(src)], "needs DIR/target.onnx")
 

@@ -82,3 +82,23 @@ def test_atomic_dir_keep_existing_keeps_the_first_writer(tmp_path):
     with atomic_dir(d) as t:
         (t / "x").write_text("third")
     assert (d / "x").read_text() == "third" and _names(tmp_path) == ["cache"]
+
+
+def test_temporaries_of_dead_processes_are_swept_by_the_next_writer(tmp_path):
+    import subprocess
+    import sys
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has exited (pids are not reused this fast)
+    (tmp_path / f".a.json.{pid}.x1.tmp").write_text("half")  # what kill -9 leaves: atomic_file's temporary
+    (tmp_path / f".d-{pid}-x2").mkdir()  # atomic_dir's
+    (tmp_path / f".a.json.{os.getppid()}.x3.tmp").write_text("live")  # a live process's: kept
+    atomic_write(tmp_path / "a.json", "{}")
+    with atomic_dir(tmp_path / "d") as d:
+        (d / "f").write_text("1")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / f".staging-{pid}-x4").mkdir()
+    with atomic_entries(out, ["f"]) as stage:
+        (stage / "f").write_text("1")
+    assert _names(tmp_path) == [f".a.json.{os.getppid()}.x3.tmp", "a.json", "d", "out"]
+    assert _names(out) == ["f"]

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from mtpkit.errors import MtpkitError
+from mtpkit.paths import check_writable
 
 
 def _out_path(path: str | None, suffix: str, flag: str) -> Path | None:
@@ -20,8 +21,7 @@ def _out_path(path: str | None, suffix: str, flag: str) -> Path | None:
     if p.is_dir():
         raise MtpkitError(f"{flag} {path} is a directory")
     parent = p.parent if str(p.parent) else Path(".")
-    if parent.exists() and not parent.is_dir():
-        raise MtpkitError(f"{flag} {path}: {parent} is not a directory")
+    check_writable(parent, f"{flag} {path}")
     return p
 
 

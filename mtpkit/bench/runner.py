@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from mtpkit.api import Stats, acceptance_warning
 from mtpkit.bench.methods import (
     LOOKUP_TOKENS,
     Method,
@@ -325,6 +326,7 @@ def _aggregate(rows: list[dict[str, Any]], name: str) -> dict[str, Any]:
         **{k: max((r[k] for r in rs if r[k] is not None), default=None)
            for k in ("peak_rss_mb", "rss_growth_mb", "peak_cuda_mb", "cuda_growth_mb")},
         "greedy_identical": {"identical": sum(ident), "prompts": len(ident)} if ident else None,
+        "acceptance_warning": acceptance_warning(Stats(drafted=sum(drafted), accepted=sum(accepted))),
         "prompts": len(rs),
     }
 

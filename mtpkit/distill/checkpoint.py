@@ -10,12 +10,14 @@ Layout of a run directory:
   log.jsonl           one JSON object per training step and per evaluation
 
 `last/` is built in a temp dir and swapped in with renames; a crash between the two renames leaves
-`.last.old`, which `read_last` falls back to.
+`.last.old`, which `read_last` falls back to. Every other temporary is a hidden name carrying its process id
+(mtpkit.paths); `sweep_run` removes those of a killed process when the next run writes the directory.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from mtpkit.distill.data import atomic_save_tensors
 from mtpkit.errors import MtpkitError
 from mtpkit.model.drafter import DrafterModel
 from mtpkit.model.load import load_state, read_safetensors, save_drafter
-from mtpkit.paths import atomic_dir, atomic_write
+from mtpkit.paths import atomic_dir, atomic_write, sweep
 
 _FIELDS = ("step", "exp_avg", "exp_avg_sq")
 
@@ -115,4 +117,39 @@ def read_log(out: Path, kind: str = "train") -> list[dict[str, Any]]:
     path = out / "log.jsonl"
     if not path.exists():
         return []
-    return [r for r in map(json.loads, path.read_text().splitlines()) if r.get("kind") == kind]
+    recs = []
+    for line in path.read_text().splitlines():
+        try:
+            recs.append(json.loads(line))
+        except json.JSONDecodeError:  # the line a killed process did not finish
+            continue
+    return [r for r in recs if isinstance(r, dict) and r.get("kind") == kind]
+
+
+def drafter_dir(path: str, what: str) -> Path:
+    """`path` if it is a drafter directory (config.json + *.safetensors), else a one-line MtpkitError: checked
+    before a run loads its target."""
+    d = Path(path).expanduser()
+    if not d.is_dir():
+        raise MtpkitError(f"{what} {path!r} is not a directory (a drafter: config.json + model.safetensors)")
+    if not (d / "config.json").is_file():
+        raise MtpkitError(f"{what} {path!r} has no config.json: not a drafter directory")
+    if not any(d.glob("*.safetensors")):
+        raise MtpkitError(f"{what} {path!r} has no *.safetensors weights")
+    return d
+
+
+# temporaries of mtpkit.paths: `.{dest}-{pid}-{random}` (directories) and `.{dest}.{pid}.{random}.tmp` (files);
+# {random}: tempfile's 8 characters
+_TEMP = re.compile(r"\.(.+)([.-])(\d+)\2[a-z0-9_]{8}(\.tmp)?")
+
+
+def sweep_run(out: Path) -> None:
+    """Remove the temporaries that processes which are gone (kill -9) left in the run directory `out`."""
+    for d in (out, out / "data"):
+        try:
+            names = [p.name for p in d.iterdir() if p.name.startswith(".")]
+        except OSError:
+            continue
+        for prefix in {f".{m[1]}{m[2]}" for m in map(_TEMP.fullmatch, names) if m}:
+            sweep(d, prefix)

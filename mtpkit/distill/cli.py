@@ -1,5 +1,8 @@
 """Typer commands `distill` and `eval-drafter` (registered by mtpkit.cli; `python -m mtpkit.distill` and
-`torchrun -m mtpkit.distill` run `distill` alone). User errors: one `error: ...` line, exit code 2."""
+`torchrun -m mtpkit.distill` run `distill` alone). User errors: one `error: ...` line, exit code 2, and every
+option, path and suite is checked before the target loads. `distill --device cpu` sizes the run settings the user
+does not give for a CPU (config.device_defaults) and says so in one stderr line; `eval-drafter` without --drafter
+evaluates the drafter shipped for the target, as `mtpkit run` does."""
 
 from __future__ import annotations
 
@@ -17,8 +20,19 @@ from mtpkit.errors import MtpkitError
 
 def _hp(field: str, text: str = "") -> str:
     """Help for an option that sets DistillConfig.`field`."""
-    from mtpkit.distill.config import DistillConfig
-    return f"{text} (run setting, default {getattr(DistillConfig, field)})".strip()
+    from mtpkit.distill.config import CPU_DEFAULTS, DistillConfig
+    cpu = {**CPU_DEFAULTS, "warmup_steps": "steps // 5", "eval_every": "steps, at most 200"}.get(field)
+    cpu = "" if cpu is None else f"; --device cpu: {cpu}"
+    return f"{text} (run setting, default {getattr(DistillConfig, field)}{cpu})".strip()
+
+
+def _check_device(device: str) -> None:
+    if device not in ("cpu", "cuda"):
+        raise MtpkitError(f"--device must be cpu or cuda, got {device!r}")
+    if device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise MtpkitError("--device cuda, but torch sees no CUDA device")
 
 
 
@@ -50,9 +64,10 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def resolve_config(out: Path, overrides: dict[str, Any], resume: bool, force: bool):
-    """DistillConfig from defaults (or the saved run when resuming) plus explicitly given options."""
-    from mtpkit.distill.config import DistillConfig
+def resolve_config(out: Path, overrides: dict[str, Any], resume: bool, force: bool, device: str = "cuda"):
+    """(DistillConfig, the device defaults it took) from the defaults of `device` (config.device_defaults) plus
+    the explicitly given options; when resuming, (the saved run's, None)."""
+    from mtpkit.distill.config import DistillConfig, device_defaults
     saved_path = out / "hparams.json"
     if resume and not force and saved_path.is_file():
         saved = DistillConfig.load(saved_path)
@@ -61,8 +76,24 @@ def resolve_config(out: Path, overrides: dict[str, Any], resume: bool, force: bo
                 if getattr(merged, k) != getattr(saved, k)]
         if diff:
             raise MtpkitError(f"--resume keeps the saved settings; these differ: {', '.join(diff)} (use --force to restart)")
-        return saved
-    return DistillConfig.from_dict({**DistillConfig().to_dict(), **overrides})
+        return saved, None
+    picked = device_defaults(device, overrides, int(os.environ.get("WORLD_SIZE", "1")))
+    return DistillConfig.from_dict({**DistillConfig().to_dict(), **picked, **overrides}), picked
+
+
+def _defaults_line(device: str, cfg, overrides: dict[str, Any]) -> str | None:
+    """The one stderr line that says which size of run the defaults picked (None if every such option was given)."""
+    from mtpkit.distill.config import CPU_DEFAULTS, DistillConfig
+    names = [n for n in (*CPU_DEFAULTS, "warmup_steps", "eval_every") if n not in overrides]
+    if not names:
+        return None
+    vals = " ".join(f"{n}={getattr(cfg, n)}" for n in names)
+    if device == "cpu":
+        gpu = DistillConfig()
+        return (f"distill: --device cpu defaults, sized to finish in minutes: {vals} (an option or --set changes any "
+                f"of them; a useful drafter needs a GPU: --device cuda defaults to {gpu.num_sequences} sequences x "
+                f"{gpu.gen_len} tokens, {gpu.steps} steps)")
+    return f"distill: --device {device} defaults: {vals} (an option or --set changes any of them)"
 
 
 @_errors
@@ -80,12 +111,14 @@ def distill_command(
     loss: str | None = typer.Option(None, help=_hp("loss", "kl | tv | mix.")),
     eval_every: int | None = typer.Option(None, "--eval-every", help=_hp("eval_every", "Steps between held-out evaluations.")),
     settings: list[str] = typer.Option([], "--set", help="Any DistillConfig field as KEY=VALUE (JSON value); repeatable."),  # noqa: B008
-    device: str = typer.Option("cpu", help="cpu | cuda (bf16 autocast; torchrun: one GPU per process)."),
+    device: str = typer.Option("cpu", help="cpu | cuda (bf16 autocast; torchrun: one GPU per process). cpu picks "
+                                           "small defaults for the run settings you do not give (a run of minutes)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out (a missing --out starts one)."),
     force: bool = typer.Option(False, "--force", help="Delete --out and start over."),
     time_budget_min: float | None = typer.Option(None, "--time-budget-min", help="Stop cleanly with a checkpoint in time."),
     stop_at: int | None = typer.Option(None, "--stop-at", help="Stop after this step (same schedule; --resume continues)."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Progress bar on stderr."),
+    progress: bool = typer.Option(True, "--progress/--no-progress",
+                                  help="Progress on stderr: a bar on a terminal, else a line per ~10 %."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object at the end."),
 ) -> None:
     """Distill a drafter against a frozen target on target-regenerated text.
@@ -93,12 +126,22 @@ def distill_command(
     Options marked (run setting), and any DistillConfig field via --set, are saved in OUT/hparams.json;
     --resume reuses the saved values and refuses a different one.
     """
-    from mtpkit.distill.train import RunOptions, run_distill
+    from mtpkit.progress import note
+    _check_device(device)  # every option is checked before the slow work (run_distill checks the run directory)
+    if time_budget_min is not None and not time_budget_min > 0:
+        raise MtpkitError(f"--time-budget-min must be positive, got {time_budget_min}")
+    if stop_at is not None and stop_at < 0:
+        raise MtpkitError(f"--stop-at must be a step >= 0, got {stop_at}")
     given = dict(target=target, corpus=corpus, steps=steps, num_draft_tokens=num_draft_tokens, batch_size=batch_size,
                  lr=lr, num_sequences=num_sequences, gen_len=gen_len, head=head, loss=loss, eval_every=eval_every)
     overrides = {**_parse_set(settings), **{k: v for k, v in given.items() if v is not None}}
-    cfg = resolve_config(Path(out), overrides, resume, force)
-    log = lambda msg: typer.echo(msg, err=True)  # noqa: E731
+    cfg, picked = resolve_config(Path(out), overrides, resume, force, device)
+    main = os.environ.get("RANK", "0") == "0"
+    log = note if main else (lambda _msg: None)
+    line = None if picked is None else _defaults_line(device, cfg, overrides)
+    if line:
+        log(line)
+    from mtpkit.distill.train import RunOptions, run_distill
     summary = run_distill(cfg, out, RunOptions(device=device, resume=resume, force=force, time_budget_min=time_budget_min,
                                                stop_at=stop_at, progress=progress, log=log))
     if os.environ.get("RANK", "0") != "0":
@@ -115,9 +158,39 @@ def distill_command(
         typer.echo(f"best: step {best['step']} tau0 {best['tau0']} tau1 {best['tau1']} -> {summary['checkpoint']}")
 
 
+def _eval_drafter_dir(target: str, drafter: str | None, centroid_top_k: int | None) -> tuple[str, int]:
+    """(the drafter directory to evaluate, its training k (else 4)): --drafter, else the one shipped for `target`;
+    refused here, before any loading, if it is no drafter or cannot take --centroid-top-k."""
+    import dataclasses
+
+    from mtpkit.api import resolve_drafter
+    from mtpkit.distill.checkpoint import drafter_dir
+    from mtpkit.model.config import DrafterConfig
+    if drafter is None:
+        shipped = resolve_drafter(target, None)
+        if shipped is None:
+            raise MtpkitError(f"no drafter ships for target {target!r}: pass --drafter DIR (e.g. a distill run's best/)")
+        drafter = shipped
+    d = drafter_dir(drafter, "drafter")
+    try:
+        config = DrafterConfig.from_dict(json.loads((d / "config.json").read_text()))
+    except (OSError, ValueError) as e:
+        raise MtpkitError(f"cannot read {d / 'config.json'}: {e}") from None
+    if centroid_top_k is not None:
+        if config.head != "centroid":
+            raise MtpkitError("--centroid-top-k needs a drafter with the centroid head")
+        dataclasses.replace(config, centroid_top_k=centroid_top_k)  # validates it against num_centroids
+    try:
+        k = json.loads((d / "meta.json").read_text()).get("num_draft_tokens", 4)
+    except (OSError, ValueError, AttributeError):
+        k = 4
+    return drafter, k if isinstance(k, int) and not isinstance(k, bool) and k > 0 else 4
+
+
 @_errors
 def eval_drafter_command(
-    drafter: str = typer.Option(..., help="Drafter directory (e.g. a run's best/)."),
+    drafter: str | None = typer.Option(None, help="Drafter directory (e.g. a run's best/); default: the one shipped "
+                                                  "for --target, as `mtpkit run` uses."),
     suite: list[str] = typer.Option(..., help="humaneval | mtbench | everyday | a .jsonl file (prompt or turns, optional category); "  # noqa: B008
                                     "repeat it or separate with commas for several suites."),
     target: str = typer.Option("gemma3-270m", help="Target name, .gguf file or HF directory."),
@@ -137,31 +210,31 @@ def eval_drafter_command(
     on one or more prompt suites. One suite: a flat report; several: {"suites": {name: report}, "overall": worst}."""
     import torch
 
-    from mtpkit.distill.evaluate import eval_suites
+    from mtpkit.distill.evaluate import CONTEXT, eval_suites
     from mtpkit.model.load import load_drafter, load_target
+    from mtpkit.progress import note
     from mtpkit.suites import load_suite
-    if device == "cuda" and not torch.cuda.is_available():
-        raise MtpkitError("--device cuda, but torch sees no CUDA device")
-    if batch <= 0:
-        raise MtpkitError("--batch must be positive")
-    if centroid_top_k is not None and centroid_top_k <= 0:
-        raise MtpkitError("--centroid-top-k must be positive")
+    # every option, the drafter and the suites are checked before the target loads
+    _check_device(device)
+    for name, v, least in (("--batch", batch, 1), ("--gen-len", gen_len, 2), ("--limit", limit, 1),
+                           ("--num-draft-tokens", num_draft_tokens, 1), ("--centroid-top-k", centroid_top_k, 1),
+                           ("--max-prompt-tokens", max_prompt_tokens, 1)):
+        if v is not None and v < least:
+            raise MtpkitError(f"{name} must be at least {least}, got {v}")
+    if max_prompt_tokens is None and gen_len >= CONTEXT:
+        raise MtpkitError(f"--gen-len {gen_len} leaves no room for the prompt in {CONTEXT} tokens: "
+                          "give --max-prompt-tokens")
+    drafter, k = _eval_drafter_dir(target, drafter, centroid_top_k)
+    k = num_draft_tokens or k
     names = list(dict.fromkeys(n.strip() for item in suite for n in item.split(",") if n.strip()))
     if not names:
         raise MtpkitError("--suite names no suite")
     suites = {name: load_suite(name, limit) for name in names}
+    note(f"eval-drafter: loading the target {target} and the drafter {drafter}")
     t = load_target(target, dtype=torch.bfloat16 if device == "cuda" else torch.float32, device=device)
     d = load_drafter(drafter, t.model, device=device)
-    k = num_draft_tokens
-    if k is None:
-        try:
-            k = int(json.loads((Path(drafter) / "meta.json").read_text()).get("num_draft_tokens", 4))
-        except (OSError, ValueError):
-            k = 4
-    if k <= 0:
-        raise MtpkitError("--num-draft-tokens must be positive")
     kw = dict(k=k, gen_len=gen_len, batch=batch, device=device, seed=seed, max_prompt_tokens=max_prompt_tokens,
-              centroid_top_k=centroid_top_k)
+              centroid_top_k=centroid_top_k, progress=True)
     nested = eval_suites(t, d, suites, **kw)
     reports, head = nested["suites"], {"target": target, "drafter": str(drafter)}
     first = next(iter(reports.values()))

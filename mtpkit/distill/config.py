@@ -2,13 +2,15 @@
 
 It is saved as `<out>/hparams.json`; `--resume` reads it back, so a run continues with exactly the
 settings it started with. Runtime choices that do not change the result (device, time budget, progress
-output) are not in it.
+output) are not in it. The defaults are sized for a GPU; `device_defaults` gives the small ones that
+`distill --device cpu` uses for the options the user does not pass (they are saved like any other value).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,7 @@ from mtpkit.model.config import FULL, SLIDING, DrafterConfig, GemmaConfig
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig:  # the defaults are sized for a GPU; CPU_DEFAULTS (below) for --device cpu
     target: str = "gemma3-270m"  # name, .gguf file or HF directory
     corpus: str | None = None  # None: the Python standard library's sources; else .jsonl (prompt/text) or .txt
 
@@ -69,15 +71,35 @@ class DistillConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.betas, (list, tuple)) or len(self.betas) != 2 or not all(
+                _number(b) and 0.0 <= b < 1.0 for b in self.betas):
+            raise MtpkitError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
         self.betas = tuple(self.betas)
         self.validate()
 
     def validate(self) -> None:
+        # --set takes any JSON value: check types here, not by a TypeError later
+        for n in ("sampled_fraction", "max_param_ratio", "tv_weight", "step_decay", "router_weight", "lr",
+                  "min_lr_ratio", "weight_decay", "grad_clip"):
+            if not _number(getattr(self, n)):
+                raise MtpkitError(f"{n} must be a number, got {getattr(self, n)!r}")
+        for n in ("warmup_steps", "seed", "hidden_size", "intermediate_size", "num_centroids"):
+            v = getattr(self, n)
+            if (v is not None or n in ("warmup_steps", "seed")) and (isinstance(v, bool) or not isinstance(v, int)):
+                raise MtpkitError(f"{n} must be an integer, got {v!r}")
+        for n in ("target", "corpus"):
+            if (getattr(self, n) is not None or n == "target") and not isinstance(getattr(self, n), str):
+                raise MtpkitError(f"{n} must be a string, got {getattr(self, n)!r}")
+        if not isinstance(self.share_target_embedding, bool):
+            raise MtpkitError(f"share_target_embedding must be true or false, got {self.share_target_embedding!r}")
+        if not isinstance(self.layer_types, list) or not self.layer_types:
+            raise MtpkitError(f"layer_types must be a non-empty list, got {self.layer_types!r}")
         positive = ["num_sequences", "heldout_sequences", "prompt_len", "gen_len", "gen_batch", "shard_size",
                     "num_draft_tokens", "centroid_top_k", "steps", "batch_size", "loss_chunk", "eval_every",
                     "eval_sequences"]
         for n in positive:
-            if not isinstance(getattr(self, n), int) or getattr(self, n) <= 0:
+            v = getattr(self, n)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise MtpkitError(f"{n} must be a positive integer, got {getattr(self, n)!r}")
         if self.loss not in ("kl", "tv", "mix"):
             raise MtpkitError(f"loss must be 'kl', 'tv' or 'mix', got {self.loss!r}")
@@ -101,6 +123,8 @@ class DistillConfig:
             raise MtpkitError(f"init_from must be a drafter directory or null, got {self.init_from!r}")
         if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip <= 0:
             raise MtpkitError("lr and grad_clip must be positive and warmup_steps non-negative")
+        if not 0.0 <= self.min_lr_ratio <= 1.0 or not 0.0 <= self.tv_weight <= 1.0:
+            raise MtpkitError("min_lr_ratio and tv_weight must be in [0, 1]")
 
     def drafter_config(self, target: GemmaConfig) -> DrafterConfig:
         """The drafter this run trains on `target`."""
@@ -141,3 +165,32 @@ class DistillConfig:
             return cls.from_dict(json.loads(path.read_text()))
         except (OSError, json.JSONDecodeError) as e:
             raise MtpkitError(f"cannot read {path}: {e}") from None
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# `distill --device cpu` without these options: a run of minutes (a smoke run: a useful drafter needs a GPU). The
+# class defaults take hours there: on 2 cores Gemma 3 270M generates 12-40 tokens/s, and one training step of
+# 2 sequences x 32 tokens takes 15-35 s (the losses span its 262144-token vocabulary). Measured on 2 cores that
+# other jobs shared (load ~5): 11 min in all, 5.3 of them generating data. warmup_steps and eval_every follow
+# steps (device_defaults).
+CPU_DEFAULTS: dict[str, Any] = dict(num_sequences=32, heldout_sequences=8, gen_len=32, gen_batch=32, steps=8,
+                                    batch_size=2, eval_sequences=8)
+
+
+def device_defaults(device: str, given: dict[str, Any], world: int = 1) -> dict[str, Any]:
+    """The defaults `device` picks for the settings not in `given` ({} off the CPU: the class defaults)."""
+    if device != "cpu":
+        return {}
+    out = {k: v for k, v in CPU_DEFAULTS.items() if k not in given}
+    if "batch_size" in out:
+        out["batch_size"] = max(out["batch_size"], world)  # one sequence per process at least
+    steps = given.get("steps", out.get("steps"))
+    if isinstance(steps, int) and steps > 0:  # else validate() names the bad steps
+        if "warmup_steps" not in given:
+            out["warmup_steps"] = min(DistillConfig.warmup_steps, max(1, steps // 5))
+        if "eval_every" not in given:
+            out["eval_every"] = min(DistillConfig.eval_every, steps)
+    return out

@@ -75,11 +75,13 @@ class Rows:
 
 @torch.no_grad()
 def generate(model, prompts: torch.Tensor, sampled: torch.Tensor, gen_len: int, *, eos_id: int, pad_id: int,
-             generator: torch.Generator | None = None, pad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             generator: torch.Generator | None = None, pad: torch.Tensor | None = None,
+             progress: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """prompts [B, L], sampled [B] bool -> (tokens [B, L + gen_len], length [B]).
 
     Row b continues greedily or by sampling at T=1; after its EOS it holds pad_id and length stops.
     `pad` [B]: row b is left-padded with pad[b] filler tokens that it never attends to (GemmaModel.step).
+    `progress(n)`: n more of the B * gen_len token slots are done (B per step; the rest at an early stop).
     """
     B, L = prompts.shape
     cache = model.new_cache(L + gen_len, batch=B)
@@ -100,7 +102,11 @@ def generate(model, prompts: torch.Tensor, sampled: torch.Tensor, gen_len: int, 
         length = torch.where(hit, L + t + 1, length)
         done |= hit
         if t == gen_len - 1 or bool(done.all()):
+            if progress is not None:
+                progress(B * (gen_len - t))
             break
+        if progress is not None:
+            progress(B)
         logits = model(nxt[:, None], cache, pad=pad).logits[:, -1]
     tokens = torch.cat(out, 1)
     return torch.nn.functional.pad(tokens, (0, L + gen_len - tokens.shape[1]), value=pad_id), length
@@ -124,13 +130,15 @@ def _groups(lengths: list[int], order: list[int], batch: int, gen_len: int, trun
 
 
 def generate_rows(model, items: list[tuple[list[int], bool]], gen_len: int, *, batch: int, bos_id: int,
-                  eos_id: int, pad_id: int, seed: int, truncate: bool = True, max_tokens: int | None = None) -> Rows:
+                  eos_id: int, pad_id: int, seed: int, truncate: bool = True, max_tokens: int | None = None,
+                  progress: Callable[[int], None] | None = None) -> Rows:
     """(prompt ids without BOS, sampled) per sequence -> Rows in the same order (see the module doc).
 
     Batches of at most `batch` rows, formed in order of prompt length. With `max_tokens`, every prompt is
     kept whole: a batch is left-padded to its longest prompt (`generate(pad=...)`) and holds at most
     max_tokens prompt + continuation tokens. Without it (drafter v1/v2 data), a batch is cut to its shortest
     prompt (`truncate`; the tail is kept) or holds prompts of one length only (`truncate=False`).
+    `progress(n)`: n more of the len(items) * gen_len continuation tokens are done (`generate`).
     """
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -155,7 +163,7 @@ def generate_rows(model, items: list[tuple[list[int], bool]], gen_len: int, *, b
             p = torch.tensor([prefix + (items[i][0][lengths[i] - n:]) for i in g], device=device)
             pad = None
         toks, lens = generate(model, p, sampled[g].to(device), gen_len, eos_id=eos_id, pad_id=pad_id, generator=gen,
-                              pad=pad)
+                              pad=pad, progress=progress)
         toks, lens = toks.int().cpu(), lens.int().cpu()
         for r, (i, k) in enumerate(zip(g, pads, strict=True)):
             tokens[i, :toks.shape[1] - k] = toks[r, k:]
@@ -195,13 +203,15 @@ def _read_shard(path: Path, key: str, tensors: bool = True) -> Rows | bool | Non
 
 def ensure_data(data_dir: Path, settings: dict, *, model, tokenizer, sources: Callable[[str], Callable],
                 n_train: int, n_heldout: int, shard_size: int, gen_len: int, gen_batch: int, seed: int,
-                gen_tokens: int | None = None,
-                dist, deadline: float | None = None, log: Callable[[str], None] = print) -> Dataset | None:
+                gen_tokens: int | None = None, dist, deadline: float | None = None,
+                log: Callable[[str], None] = print, progress: bool = False) -> Dataset | None:
     """Load `<data_dir>` if its key matches `settings`, else generate the missing shards (this rank's share).
 
     `sources(split)` returns the PromptSource of "train" or "heldout". Returns None when `deadline`
-    (time.monotonic()) passed before every shard exists: rerun (--resume) to finish.
+    (time.monotonic()) passed before every shard exists: rerun (--resume) to finish. `progress`: count the
+    generated tokens on stderr (`Counter`).
     """
+    from mtpkit.distill.progress import Counter
     key = data_key(settings)
     index_path = data_dir / "index.json"
     if index_path.exists():
@@ -212,21 +222,30 @@ def ensure_data(data_dir: Path, settings: dict, *, model, tokenizer, sources: Ca
     plan = _shard_plan(n_train, n_heldout, shard_size)
     stats = {"excluded": 0}
     built = {}
-    for j, (split, s, e) in enumerate(plan):
-        path = data_dir / f"shard-{j:05d}.safetensors"
-        if j % dist.world != dist.rank or _read_shard(path, key, tensors=False) is not None:
-            continue
-        if deadline is not None and time.monotonic() > deadline:
-            break
-        t0 = time.monotonic()
-        src = built.setdefault(split, sources(split))
-        items = [src(i) for i in range(s, e)]
-        rows = generate_rows(model, items, gen_len, batch=gen_batch, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
-                             pad_id=max(tokenizer.pad_id, 0), seed=seed * 1_000_003 + j, max_tokens=gen_tokens)
-        atomic_save_tensors(path, rows.tensors(), {"key": key, "split": split})
-        dt = time.monotonic() - t0
-        log(f"data: shard {j + 1}/{len(plan)} ({split}, {e - s} sequences, {int(rows.length.sum() - rows.prompt_len.sum())} "
-            f"generated tokens) in {dt:.1f} s")
+    todo = [j for j in range(len(plan)) if j % dist.world == dist.rank
+            and _read_shard(data_dir / f"shard-{j:05d}.safetensors", key, tensors=False) is None]
+    if todo:
+        n = sum(plan[j][2] - plan[j][1] for j in todo)
+        mine = "" if dist.world == 1 else f" (process {dist.rank}'s share)"
+        log(f"distill: the target generates {n} continuations of {gen_len} tokens{mine}"
+            + (f"; {len(plan) - len(todo)} of {len(plan)} shards were already there" if dist.world == 1 and len(todo) < len(plan) else ""))
+    with Counter("distill: generating data", sum((plan[j][2] - plan[j][1]) * gen_len for j in todo), "tokens",
+                 enabled=progress) as bar:
+        for j in todo:
+            split, s, e = plan[j]
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            t0 = time.monotonic()
+            src = built.setdefault(split, sources(split))
+            items = [src(i) for i in range(s, e)]
+            rows = generate_rows(model, items, gen_len, batch=gen_batch, bos_id=tokenizer.bos_id,
+                                 eos_id=tokenizer.eos_id, pad_id=max(tokenizer.pad_id, 0), seed=seed * 1_000_003 + j,
+                                 max_tokens=gen_tokens, progress=bar.advance)
+            atomic_save_tensors(data_dir / f"shard-{j:05d}.safetensors", rows.tensors(), {"key": key, "split": split})
+            if len(plan) > 1:
+                msg = (f"data: shard {j + 1}/{len(plan)} ({split}, {e - s} sequences, "
+                       f"{int(rows.length.sum() - rows.prompt_len.sum())} generated tokens) in {time.monotonic() - t0:.1f} s")
+                (bar.log if bar.on else log)(msg)
     stats["excluded"] = sum(src.excluded for src in built.values())
     dist.barrier()
     complete = all(_read_shard(data_dir / f"shard-{j:05d}.safetensors", key, tensors=False) is not None

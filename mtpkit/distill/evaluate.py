@@ -85,12 +85,12 @@ def _argmin(vals: dict[Any, float | None]) -> tuple[float | None, Any]:
 @torch.no_grad()
 def eval_drafter(target, drafter, prompts: list[SuitePrompt], *, k: int, gen_len: int = 128, batch: int = 8,
                  device: str = "cpu", seed: int = 0, loss_chunk: int = 512, max_prompt_tokens: int | None = None,
-                 centroid_top_k: int | None = None, name: str = "") -> dict[str, Any]:
+                 centroid_top_k: int | None = None, name: str = "", progress: bool = False) -> dict[str, Any]:
     """target: mtpkit.model.load.Target; drafter: DrafterModel bound to it -> the report dict.
 
     max_prompt_tokens: keep each prompt's last N tokens (default CONTEXT - gen_len); centroid_top_k: the
     centroid head's clusters kept per step for this evaluation (default the drafter's own); name: the suite
-    (the category of uncategorized prompts).
+    (the category of uncategorized prompts); progress: count the generated tokens and scored rows on stderr.
     """
     tok = target.tokenizer
     if tok is None:
@@ -110,13 +110,14 @@ def eval_drafter(target, drafter, prompts: list[SuitePrompt], *, k: int, gen_len
         drafter.config = dataclasses.replace(saved, centroid_top_k=centroid_top_k)  # validates it
     try:
         return _eval(target, drafter, prompts, k=k, gen_len=gen_len, batch=batch, device=device, seed=seed,
-                     loss_chunk=loss_chunk, max_prompt_tokens=max_prompt_tokens, name=name)
+                     loss_chunk=loss_chunk, max_prompt_tokens=max_prompt_tokens, name=name, progress=progress)
     finally:
         drafter.config = saved
 
 
 def _eval(target, drafter, prompts: list[SuitePrompt], *, k: int, gen_len: int, batch: int, device: str, seed: int,
-          loss_chunk: int, max_prompt_tokens: int, name: str) -> dict[str, Any]:
+          loss_chunk: int, max_prompt_tokens: int, name: str, progress: bool) -> dict[str, Any]:
+    from mtpkit.distill.progress import Counter
     t0 = time.monotonic()
     tok, model, dev, c = target.tokenizer, target.model, torch.device(device), drafter.config
     full = [tok.encode(p.text, add_bos=False) for p in prompts]
@@ -124,8 +125,10 @@ def _eval(target, drafter, prompts: list[SuitePrompt], *, k: int, gen_len: int, 
     n = len(prompts)
     items = [(x, False) for x in ids] + [(x, True) for x in ids]  # row i: prompt i % n, sampled iff i >= n
     # prompts whole, batched by length and left-padded (the pad keys are masked: same continuations as alone)
-    rows = generate_rows(model, items, gen_len, batch=batch, bos_id=tok.bos_id, eos_id=tok.eos_id,
-                         pad_id=max(tok.pad_id, 0), seed=seed, max_tokens=batch * (max(map(len, ids)) + 1 + gen_len))
+    with Counter(f"eval-drafter {name}: generating continuations", len(items) * gen_len, "tokens", progress) as bar:
+        rows = generate_rows(model, items, gen_len, batch=batch, bos_id=tok.bos_id, eos_id=tok.eos_id,
+                             pad_id=max(tok.pad_id, 0), seed=seed, max_tokens=batch * (max(map(len, ids)) + 1 + gen_len),
+                             progress=bar.advance)
     t_gen = time.monotonic() - t0
     obj = Objective(k=k, chunk=loss_chunk)
     sums = torch.zeros(len(rows), 4 + 2 * k)  # per row acceptance_sums
@@ -133,20 +136,22 @@ def _eval(target, drafter, prompts: list[SuitePrompt], *, k: int, gen_len: int, 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
     # similar lengths together: a batch is padded to its longest row, and its rounds start at its shortest prompt
     order = sorted(range(len(rows)), key=lambda i: (int(rows.prompt_len[i]), int(rows.length[i]), i))
-    for s in range(0, len(rows), batch):
-        idx = torch.tensor(order[s:s + batch])
-        b = rows.batch(idx, dev, extra=k + 1, pad=max(tok.pad_id, 0))  # every position can start a round
-        with autocast:
-            res = distill_step(model, drafter, b, obj, backward=False)
-        greedy, tv = res.accept.greedy.cpu(), res.accept.tv.cpu()
-        for j, i in enumerate(idx.tolist()):
-            sums[i] = acceptance_sums(_row(res, j), b.sampled[j:j + 1]).cpu()
-            pl, ln = int(b.prompt_len[j]) - res.first, int(b.length[j]) - res.first
-            if bool(b.sampled[j]):  # uniforms from the row's own generator: independent of the batching
-                gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
-                walk[i, 2:] = torch.tensor(loop_tau_sampled(tv[j], pl, ln, gen))
-            else:
-                walk[i, :2] = torch.tensor(loop_tau(greedy[j], pl, ln))
+    with Counter(f"eval-drafter {name}: scoring the drafter", len(rows), "sequences", progress) as bar:
+        for s in range(0, len(rows), batch):
+            idx = torch.tensor(order[s:s + batch])
+            b = rows.batch(idx, dev, extra=k + 1, pad=max(tok.pad_id, 0))  # every position can start a round
+            with autocast:
+                res = distill_step(model, drafter, b, obj, backward=False)
+            greedy, tv = res.accept.greedy.cpu(), res.accept.tv.cpu()
+            for j, i in enumerate(idx.tolist()):
+                sums[i] = acceptance_sums(_row(res, j), b.sampled[j:j + 1]).cpu()
+                pl, ln = int(b.prompt_len[j]) - res.first, int(b.length[j]) - res.first
+                if bool(b.sampled[j]):  # uniforms from the row's own generator: independent of the batching
+                    gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
+                    walk[i, 2:] = torch.tensor(loop_tau_sampled(tv[j], pl, ln, gen))
+                else:
+                    walk[i, :2] = torch.tensor(loop_tau(greedy[j], pl, ln))
+            bar.advance(len(idx))
     head = _report(sums.sum(0), walk.sum(0), k)
     s = head.pop("summary")
     cats: dict[str, list[int]] = {}

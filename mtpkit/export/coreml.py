@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -43,9 +42,9 @@ from typing import Any
 import numpy as np
 
 from mtpkit.errors import MtpkitError
-from mtpkit.export import COMMON_QUANTS, check_quant
+from mtpkit.export import COMMON_QUANTS, check_quant, staged, stale_entries
 from mtpkit.export.parity import check_draft_steps, compare_logits, probe_tokens, reference_logits, walk
-from mtpkit.paths import atomic_entries
+from mtpkit.progress import steps as progress_steps
 
 QUANTS = COMMON_QUANTS
 COMPUTES = ("gpu", "ane")
@@ -372,53 +371,38 @@ def export(target: str, drafter: str | None, out: Path, *, quant: str | None = N
     from mtpkit.api import resolve_drafter
     from mtpkit.model.load import load_drafter, load_target
     t0 = time.perf_counter()
-    t = load_target(target)
     dpath = resolve_drafter(target, drafter)
-    d = load_drafter(dpath, t.model) if dpath is not None else None
-    if d is not None:
-        d.config.check_target(t.config)
-    out = Path(out)
-    probe = probe_tokens(t.tokenizer)
-    # long enough that its first half runs through the prefill function (and fits a small --context)
-    probe = (probe * (2 * PREFILL // len(probe) + 2))[:min(context - k - 1, 2 * PREFILL + 8)]
-    steps = len(target_functions(context, k)) + 2 + (d is not None) * (2 if compute == "ane" else 1)
-    with atomic_entries(out, OUTPUTS) as tmp, _progress(steps) as say:
-        write_files(t.model, d, t.tokenizer, tmp, quant, compute=compute, context=context, k=k, name=str(target),
-                    source=t.source, progress=lambda s: say(f"converting {s}"))
-        say("checking against the reference (numpy evaluation)")
-        check = check_target(t.model, tmp, probe, TOLERANCE[quant], f"exported Core ML target (--quant {quant})",
-                             MIN_ARGMAX[quant])
-        res: dict[str, Any] = {"format": "coreml", "out": str(out), "quant": quant, "compute": compute,
-                               "context": context, "k": k, "vs_reference": check, "probe_tokens": len(probe),
-                               "drafter_source": dpath, "target_mb": _mb(tmp / "target.mlpackage")}
-        res["wrote"] = [f"{out}/target.mlpackage ({quant}, {compute}, {res['target_mb']} MB)"]
+    steps = len(target_functions(context, k)) + 3 + (dpath is not None) * (2 if compute == "ane" else 1)
+    with progress_steps("export coreml", steps) as say:
+        say(f"loading the target {target}" + (f" and the drafter {dpath}" if dpath is not None else ""))
+        t = load_target(target)
+        d = load_drafter(dpath, t.model) if dpath is not None else None
         if d is not None:
-            res["drafter_check"] = check_drafter(t.model, d, tmp, probe, DRAFTER_TOLERANCE[quant],
-                                                 DRAFTER_MIN_ARGMAX[quant])
-            if compute == "ane":
-                res["drafter_mb"] = _mb(tmp / "drafter.mlpackage")
-                res["wrote"].append(f"{out}/drafter.mlpackage ({quant}, {res['drafter_mb']} MB)")
-        res["seconds"] = round(time.perf_counter() - t0, 1)
-        (tmp / "export.json").write_text(json.dumps(res, indent=2))
+            d.config.check_target(t.config)
+        out = Path(out)
+        probe = probe_tokens(t.tokenizer)
+        # long enough that its first half runs through the prefill function (and fits a small --context)
+        probe = (probe * (2 * PREFILL // len(probe) + 2))[:min(context - k - 1, 2 * PREFILL + 8)]
+        with staged(out, OUTPUTS) as tmp:
+            write_files(t.model, d, t.tokenizer, tmp, quant, compute=compute, context=context, k=k, name=str(target),
+                        source=t.source, progress=lambda s: say(f"converting {s}"))
+            say("checking against the reference (numpy evaluation)")
+            check = check_target(t.model, tmp, probe, TOLERANCE[quant], f"exported Core ML target (--quant {quant})",
+                                 MIN_ARGMAX[quant])
+            res: dict[str, Any] = {"format": "coreml", "out": str(out), "quant": quant, "compute": compute,
+                                   "context": context, "k": k, "vs_reference": check, "probe_tokens": len(probe),
+                                   "drafter_source": dpath, "target_mb": _mb(tmp / "target.mlpackage")}
+            res["wrote"] = [f"{out}/target.mlpackage ({quant}, {compute}, {res['target_mb']} MB)"]
+            if d is not None:
+                res["drafter_check"] = check_drafter(t.model, d, tmp, probe, DRAFTER_TOLERANCE[quant],
+                                                     DRAFTER_MIN_ARGMAX[quant])
+                if compute == "ane":
+                    res["drafter_mb"] = _mb(tmp / "drafter.mlpackage")
+                    res["wrote"].append(f"{out}/drafter.mlpackage ({quant}, {res['drafter_mb']} MB)")
+            res["removed"] = stale_entries(out, tmp, OUTPUTS)
+            res["seconds"] = round(time.perf_counter() - t0, 1)
+            (tmp / "export.json").write_text(json.dumps(res, indent=2))
     return res
-
-
-@contextlib.contextmanager
-def _progress(total: int):
-    """A progress bar on stderr (when it is a terminal) advanced by say(description)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    bar = Progress(TextColumn("[bold]export coreml[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), console=Console(stderr=True), transient=True,
-                   disable=not sys.stderr.isatty())
-    task = bar.add_task("", total=total)
-    first = [True]
-
-    def say(what: str) -> None:
-        bar.update(task, description=what, advance=0 if first[0] else 1)
-        first[0] = False
-    with bar:
-        yield say
 
 
 def _mb(p: Path) -> float:

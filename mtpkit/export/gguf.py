@@ -7,7 +7,8 @@
                       (see `drafter_tensors`)
 
 --quant: the common values `none` (default: a GGUF target's own tensors byte for byte, i.e. `source`; any other
-target in f32), `int8` (= q8_0) and `int4` (= q4_k_m), or a GGUF type by name (`QUANTS`).
+target in f32), `int8` (= q8_0) and `int4` (= q4_k_m), or a GGUF type by name (`QUANTS`). --drafter-quant: the
+same common values (`none` = f32, `int8` = q8_0, the default, `int4` = q4_0) or a numpy type (`DRAFTER_QUANTS`).
 Quantization: `f32 f16 bf16 q8_0 q5_0 q5_1 q4_0 q4_1` are written by the `gguf` package's numpy quantizers;
 the K-quants (`q4_k_m q5_k_m q6_k ...`) are made by llama.cpp's own quantizer (llama-cpp-python's
 `llama_model_quantize`) from an F32 file, which, like llama.cpp's tool, picks the per-tensor mix and falls back
@@ -27,10 +28,10 @@ from typing import Any
 import numpy as np
 
 from mtpkit.errors import MtpkitError
-from mtpkit.export import COMMON_QUANTS, check_quant, no_options
+from mtpkit.export import COMMON_QUANTS, check_quant, no_options, staged, stale_entries
 from mtpkit.export.parity import compare_logits, probe_tokens, reference_logits
 from mtpkit.model.config import FULL, SLIDING, GemmaConfig
-from mtpkit.paths import atomic_entries
+from mtpkit.progress import steps as progress_steps
 
 NUMPY_QUANTS = ("source", "f32", "f16", "bf16", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1")
 # llama.cpp's ftype names (llama_ftype) for the quantizer it ships; values from llama.h
@@ -38,6 +39,9 @@ LLAMA_QUANTS = {"q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 
 TYPES = NUMPY_QUANTS + tuple(LLAMA_QUANTS)
 QUANTS = COMMON_QUANTS + TYPES
 COMMON_TYPES = {"int8": "q8_0", "int4": "q4_k_m"}  # none: gguf_type
+# --drafter-quant: the drafter is written by the numpy quantizers (no K-quants, no source tensors to copy)
+DRAFTER_QUANTS = COMMON_QUANTS + NUMPY_QUANTS[1:]
+DRAFTER_TYPES = {"none": "f32", "int8": "q8_0", "int4": "q4_0"}
 OUTPUTS = ("target.gguf", "drafter.gguf", "tokenizer.model", "target.json", "export.json")  # what OUT gets, in order
 
 
@@ -54,6 +58,18 @@ def gguf_type(quant: str, source: dict[str, Any]) -> str:
     if quant == "none":
         return "source" if source.get("kind") == "gguf" else "f32"
     return COMMON_TYPES.get(quant, quant)
+
+
+def drafter_type(drafter_quant: str | None) -> str:
+    """--drafter-quant (DRAFTER_QUANTS, None = int8) -> the GGUF type the drafter is written in; called before the
+    target loads."""
+    dq = "int8" if drafter_quant is None else drafter_quant
+    if dq in DRAFTER_QUANTS:
+        return DRAFTER_TYPES.get(dq, dq)
+    why = {"source": " (source copies a GGUF target's own tensors; a drafter has none)"}.get(dq, "")
+    if dq in LLAMA_QUANTS:
+        why = " (K-quants come from llama.cpp's quantizer, which mtpkit runs on the target only)"
+    raise MtpkitError(f"--drafter-quant {dq!r}: --format gguf accepts {', '.join(DRAFTER_QUANTS)}{why}")
 
 
 def check_llama_quantizer(quant: str) -> None:
@@ -404,8 +420,8 @@ def export(target: str, drafter: str | None, out: Path, *, quant: str | None = N
            drafter_quant: str | None = None, **format_options) -> dict[str, Any]:
     """Write OUT/target.gguf (+ tokenizer.model, target.json), OUT/drafter.gguf and OUT/export.json, load both in
     llama.cpp and compare with the reference; nothing lands in OUT unless every check passed. Without a drafter a
-    stale OUT/drafter.gguf is removed (it would be picked up as the sibling). drafter_quant: NUMPY_QUANTS but
-    source (default q8_0)."""
+    stale OUT/drafter.gguf is removed (it would be picked up as the sibling; the result's `removed` says so).
+    drafter_quant: DRAFTER_QUANTS (default int8 = q8_0)."""
     from mtpkit.api import resolve_drafter
     from mtpkit.model.load import load_drafter, load_target
     no_options("gguf", format_options)
@@ -413,62 +429,71 @@ def export(target: str, drafter: str | None, out: Path, *, quant: str | None = N
         raise MtpkitError("--dtype is for MLX; GGUF types are chosen with --quant / --drafter-quant")
     quant = check_quant("gguf", quant, QUANTS)
     check_llama_quantizer(quant)
-    drafter_quant = drafter_quant or "q8_0"
-    if drafter_quant not in NUMPY_QUANTS or drafter_quant == "source":
-        raise MtpkitError(f"--drafter-quant must be one of {', '.join(NUMPY_QUANTS[1:])} (got {drafter_quant!r})")
+    drafter_quant = drafter_type(drafter_quant)
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
         raise MtpkitError("--format gguf checks the files in llama.cpp: pip install -e '.[gguf]' (llama-cpp-python)") from None
     t0 = time.perf_counter()
-    t = load_target(target)
-    c = t.config
-    gtype = gguf_type(quant, t.source)
-    if gtype == "source" and t.source.get("kind") != "gguf":
-        raise MtpkitError("--quant source copies the tensors of a GGUF target; this target is not one (pick a type)")
     dpath = resolve_drafter(target, drafter)
-    d = load_drafter(dpath, t.model) if dpath is not None else None
-    # every refusal before anything is written
-    tk = target_kv(c)
-    tt = target_tensors(t.model)
-    ttypes = plan_types(tt, gtype)
-    if d is not None:
-        width = drafter_width(d.config.hidden_size, d.config.target_hidden_size)
-        dt = drafter_tensors(d, c)
-        dtypes = plan_types(dt, drafter_quant)
-    reader = source_reader(t.source)  # parsed once: its tokenizer fields and (--quant source) its tensors
-    tok_kv = tokenizer_kv(reader, t.tokenizer)
-    out = Path(out)
-    with atomic_entries(out, OUTPUTS) as tmp:
-        tgt = tmp / "target.gguf"
-        if gtype == "source":
-            copy_source_gguf(reader, tgt, tk + tok_kv)
-        elif gtype in LLAMA_QUANTS:
-            write_gguf(tmp / "target-f32.gguf", "gemma3", tk + tok_kv, tt, ttypes, "mtpkit target (f32)")
-            from mtpkit.runtime.llamacpp_backend import quiet_llama_logs
-            quiet_llama_logs()
-            llama_quantize(tmp / "target-f32.gguf", tgt, gtype)
-            (tmp / "target-f32.gguf").unlink()
-        else:
-            write_gguf(tgt, "gemma3", tk + tok_kv, tt, ttypes, f"mtpkit target ({gtype})")
-        if t.tokenizer is not None and getattr(t.tokenizer, "model_path", None):
-            shutil.copyfile(t.tokenizer.model_path, tmp / "tokenizer.model")
-        (tmp / "target.json").write_text(json.dumps({"quant": gtype, "target_config": c.to_dict()}, indent=2))
-        probe = probe_tokens(t.tokenizer)
-        check = check_target(t.model, tgt, probe, tolerance(gtype), what=f"exported target ({gtype})")
-        res: dict[str, Any] = {"format": "gguf", "out": str(out), "quant": gtype, "quant_requested": quant,
-                               "drafter_quant": drafter_quant, "vs_reference": check, "probe_tokens": len(probe),
-                               "target": describe(tgt), "drafter": None, "drafter_source": dpath}
-        res["wrote"] = [f"{out}/target.gguf ({gtype}, {res['target']['mb']} MB)"]
+    kquant = COMMON_TYPES.get(quant, quant) in LLAMA_QUANTS
+    with progress_steps("export gguf", 3 + kquant + 2 * (dpath is not None)) as say:
+        say(f"loading the target {target}" + (f" and the drafter {dpath}" if dpath is not None else ""))
+        t = load_target(target)
+        c = t.config
+        gtype = gguf_type(quant, t.source)
+        if gtype == "source" and t.source.get("kind") != "gguf":
+            raise MtpkitError("--quant source copies the tensors of a GGUF target; this target is not one (pick a type)")
+        d = load_drafter(dpath, t.model) if dpath is not None else None
+        # every refusal before anything is written
+        tk = target_kv(c)
+        tt = target_tensors(t.model)
+        ttypes = plan_types(tt, gtype)
         if d is not None:
-            kv = drafter_kv(d.config, c, width) + centroid_kv(d) + tok_kv
-            write_gguf(tmp / "drafter.gguf", DRAFTER_ARCH, kv, dt, dtypes, "mtpkit assistant drafter")
-            res["drafter"] = {**describe(tmp / "drafter.gguf"), "embedding_length": width,
-                              "padded_from": d.config.hidden_size if width != d.config.hidden_size else None}
-            res["wrote"].append(f"{out}/drafter.gguf ({drafter_quant}, {res['drafter']['mb']} MB)")
-            res["drafter_check"] = check_drafter(t.model, d, tgt, tmp / "drafter.gguf", probe)
-        res["seconds"] = round(time.perf_counter() - t0, 1)
-        (tmp / "export.json").write_text(json.dumps(res, indent=2))
+            width = drafter_width(d.config.hidden_size, d.config.target_hidden_size)
+            dt = drafter_tensors(d, c)
+            dtypes = plan_types(dt, drafter_quant)
+        reader = source_reader(t.source)  # parsed once: its tokenizer fields and (--quant source) its tensors
+        tok_kv = tokenizer_kv(reader, t.tokenizer)
+        out = Path(out)
+        with staged(out, OUTPUTS) as tmp:
+            tgt = tmp / "target.gguf"
+            if gtype == "source":
+                say("writing target.gguf (the source GGUF's tensors)")
+                copy_source_gguf(reader, tgt, tk + tok_kv)
+            elif gtype in LLAMA_QUANTS:
+                say("writing target.gguf in f32 for llama.cpp's quantizer")
+                write_gguf(tmp / "target-f32.gguf", "gemma3", tk + tok_kv, tt, ttypes, "mtpkit target (f32)")
+                from mtpkit.runtime.llamacpp_backend import quiet_llama_logs
+                quiet_llama_logs()
+                say(f"quantizing target.gguf to {gtype} with llama.cpp")
+                llama_quantize(tmp / "target-f32.gguf", tgt, gtype)
+                (tmp / "target-f32.gguf").unlink()
+            else:
+                say(f"writing target.gguf ({gtype})")
+                write_gguf(tgt, "gemma3", tk + tok_kv, tt, ttypes, f"mtpkit target ({gtype})")
+            if t.tokenizer is not None and getattr(t.tokenizer, "model_path", None):
+                shutil.copyfile(t.tokenizer.model_path, tmp / "tokenizer.model")
+            (tmp / "target.json").write_text(json.dumps({"quant": gtype, "target_config": c.to_dict()}, indent=2))
+            probe = probe_tokens(t.tokenizer)
+            say("checking target.gguf in llama.cpp against the reference")
+            check = check_target(t.model, tgt, probe, tolerance(gtype), what=f"exported target ({gtype})")
+            res: dict[str, Any] = {"format": "gguf", "out": str(out), "quant": gtype, "quant_requested": quant,
+                                   "drafter_quant": drafter_quant, "vs_reference": check, "probe_tokens": len(probe),
+                                   "target": describe(tgt), "drafter": None, "drafter_source": dpath}
+            res["wrote"] = [f"{out}/target.gguf ({gtype}, {res['target']['mb']} MB)"]
+            if d is not None:
+                say(f"writing drafter.gguf ({drafter_quant})")
+                kv = drafter_kv(d.config, c, width) + centroid_kv(d) + tok_kv
+                write_gguf(tmp / "drafter.gguf", DRAFTER_ARCH, kv, dt, dtypes, "mtpkit assistant drafter")
+                res["drafter"] = {**describe(tmp / "drafter.gguf"), "embedding_length": width,
+                                  "padded_from": d.config.hidden_size if width != d.config.hidden_size else None}
+                res["wrote"].append(f"{out}/drafter.gguf ({drafter_quant}, {res['drafter']['mb']} MB)")
+                say("checking a draft step in llama.cpp against the reference")
+                res["drafter_check"] = check_drafter(t.model, d, tgt, tmp / "drafter.gguf", probe)
+            res["removed"] = stale_entries(out, tmp, OUTPUTS)
+            res["seconds"] = round(time.perf_counter() - t0, 1)
+            (tmp / "export.json").write_text(json.dumps(res, indent=2))
     return res
 
 

@@ -24,10 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from mtpkit.errors import MtpkitError
-from mtpkit.export import COMMON_QUANTS, check_quant, no_options
+from mtpkit.export import COMMON_QUANTS, check_quant, no_options, staged, stale_entries
 from mtpkit.export.parity import compare_logits, probe_tokens, reference_logits
 from mtpkit.model.config import FULL, GemmaConfig
-from mtpkit.paths import atomic_dir, atomic_entries
+from mtpkit.paths import atomic_dir
+from mtpkit.progress import steps as progress_steps
 
 QUANTS = COMMON_QUANTS  # none | int8 | int4 (module docstring)
 QUANT_BITS = {"int8": 8, "int4": 4}
@@ -100,7 +101,10 @@ def write_target(model, tokenizer, out: Path, dtype: str = "bfloat16", quant: st
             nn.quantize(m, group_size=QUANT_GROUP, bits=bits)
             tensors = dict(tree_flatten(m.parameters()))
             cfg["quantization"] = {"group_size": QUANT_GROUP, "bits": bits}
-        mx.save_safetensors(str(tmp / "model.safetensors"), tensors, metadata={"format": "mlx"})
+        try:
+            mx.save_safetensors(str(tmp / "model.safetensors"), tensors, metadata={"format": "mlx"})
+        except RuntimeError as e:  # MLX's writer reports a file it cannot write so: an OSError for the export's line
+            raise OSError(None, str(e).split(" /")[0], str(out / "model.safetensors")) from None
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
         if tokenizer is not None:
             if getattr(tokenizer, "model_path", None) is None:
@@ -129,7 +133,7 @@ def load_target(path: str | os.PathLike):
 
 def check_dtype(dtype: str) -> None:
     if dtype not in DTYPES:
-        raise MtpkitError(f"unknown dtype {dtype!r} ({', '.join(DTYPES)})")
+        raise MtpkitError(f"--dtype {dtype!r}: --format mlx accepts {', '.join(DTYPES)}")
 
 
 def check_target(ref, path: Path, tokens: list[int], tolerance: float, what: str = "exported MLX target") -> dict[str, float]:
@@ -164,46 +168,54 @@ def export(target: str, drafter: str | None, out: Path, *, quant: str | None = N
            **format_options) -> dict[str, Any]:
     """Write OUT/target (mlx-lm's gemma3_text) and OUT/drafter (mtpkit's drafter format in --dtype), and
     OUT/export.json; nothing lands in OUT unless the target loaded back in mlx-lm is within tolerance of the
-    reference. Without a drafter a stale OUT/drafter is removed (the backend would pick it up as the sibling)."""
+    reference. Without a drafter a stale OUT/drafter is removed (the backend would pick it up as the sibling; the
+    result's `removed` says so)."""
     no_options("mlx", format_options)
     quant = check_quant("mlx", quant, QUANTS)  # every refusal of the arguments before the (slow) target load
     dtype = dtype or "bfloat16"
     check_dtype(dtype)
-    from mtpkit.runtime.mlx_blas import use_openblas
-    use_openblas()  # Linux: MLX's float32 matmuls through OpenBLAS (the check runs the model)
-    try:
-        import mlx.core  # noqa: F401
-        import mlx_lm  # noqa: F401
-    except ImportError:
-        raise MtpkitError("--format mlx needs mlx and mlx-lm (pip install -e '.[mlx]')") from None
-    import torch
-
     from mtpkit.api import resolve_drafter
-    from mtpkit.model.load import load_drafter, save_drafter
-    from mtpkit.model.load import load_target as load_reference
     t0 = time.perf_counter()
-    t = load_reference(target)
-    mlx_config(t.config, quant)  # refuse what mlx-lm cannot express before writing anything
     dpath = resolve_drafter(target, drafter)
-    d = load_drafter(dpath, t.config) if dpath is not None else None
-    out = Path(out)
-    probe = probe_tokens(t.tokenizer)
-    with atomic_entries(out, ("target", "drafter", "export.json")) as tmp:
-        write_target(t.model, t.tokenizer, tmp / "target", dtype=dtype, quant=quant)
+    with progress_steps("export mlx", 4 + (dpath is not None)) as say:
+        say("importing torch, mlx and mlx-lm")
+        from mtpkit.runtime.mlx_blas import use_openblas
+        use_openblas()  # Linux: MLX's float32 matmuls through OpenBLAS (the check runs the model)
         try:
-            check = check_target(t.model, tmp / "target", probe, tolerance(dtype, quant),
-                                 what=f"exported MLX target ({dtype}, --quant {quant})")
-        except MtpkitError as e:
-            if quant != "int8" or dtype == "float32":
-                raise
-            raise MtpkitError(f"{e} (MLX's CPU quantized matmul sums in {dtype}: try --dtype float32)") from None
-        if d is not None:
-            save_drafter(d, tmp / "drafter", dtype=getattr(torch, dtype))
-        q = "" if quant == "none" else f", {quant}"
-        res = {"format": "mlx", "out": str(out), "target": str(out / "target"),
-               "drafter": str(out / "drafter") if d is not None else None, "dtype": dtype, "quant": quant,
-               "vs_reference": check, "probe_tokens": len(probe),
-               "wrote": [f"{out}/target ({dtype}{q})"] + ([f"{out}/drafter ({dtype})"] if d is not None else []),
-               "seconds": round(time.perf_counter() - t0, 1)}
-        (tmp / "export.json").write_text(json.dumps(res, indent=2))
+            import mlx.core  # noqa: F401
+            import mlx_lm  # noqa: F401
+        except ImportError:
+            raise MtpkitError("--format mlx needs mlx and mlx-lm (pip install -e '.[mlx]')") from None
+        import torch
+
+        from mtpkit.model.load import load_drafter, save_drafter
+        from mtpkit.model.load import load_target as load_reference
+        say(f"loading the target {target}" + (f" and the drafter {dpath}" if dpath is not None else ""))
+        t = load_reference(target)
+        mlx_config(t.config, quant)  # refuse what mlx-lm cannot express before writing anything
+        d = load_drafter(dpath, t.config) if dpath is not None else None
+        out = Path(out)
+        probe = probe_tokens(t.tokenizer)
+        names = ("target", "drafter", "export.json")
+        with staged(out, names) as tmp:
+            q = "" if quant == "none" else f", {quant}"
+            say(f"writing target ({dtype}{q})")
+            write_target(t.model, t.tokenizer, tmp / "target", dtype=dtype, quant=quant)
+            say("checking target in mlx-lm against the reference")
+            try:
+                check = check_target(t.model, tmp / "target", probe, tolerance(dtype, quant),
+                                     what=f"exported MLX target ({dtype}, --quant {quant})")
+            except MtpkitError as e:
+                if quant != "int8" or dtype == "float32":
+                    raise
+                raise MtpkitError(f"{e} (MLX's CPU quantized matmul sums in {dtype}: try --dtype float32)") from None
+            if d is not None:
+                say(f"writing drafter ({dtype})")
+                save_drafter(d, tmp / "drafter", dtype=getattr(torch, dtype))
+            res = {"format": "mlx", "out": str(out), "target": str(out / "target"),
+                   "drafter": str(out / "drafter") if d is not None else None, "dtype": dtype, "quant": quant,
+                   "vs_reference": check, "probe_tokens": len(probe),
+                   "wrote": [f"{out}/target ({dtype}{q})"] + ([f"{out}/drafter ({dtype})"] if d is not None else []),
+                   "removed": stale_entries(out, tmp, names), "seconds": round(time.perf_counter() - t0, 1)}
+            (tmp / "export.json").write_text(json.dumps(res, indent=2))
     return res

@@ -28,15 +28,16 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mtpkit.errors import MtpkitError
-from mtpkit.export import COMMON_QUANTS, check_quant, no_options
+from mtpkit.export import COMMON_QUANTS, check_quant, no_options, staged, stale_entries
 from mtpkit.export.parity import check_draft_steps, compare_logits, probe_tokens, reference_logits, walk
-from mtpkit.paths import atomic_entries
+from mtpkit.progress import steps as progress_steps
 
 QUANTS = COMMON_QUANTS  # none | int8 | int4 (module docstring)
 QUANT_BITS = {"int8": 8, "int4": 4}
@@ -82,9 +83,14 @@ def drafter_io(c, dc) -> dict[str, Any]:
 
 def _trace(module, args: tuple, dynamic: tuple, io: dict[str, list[str]]):
     """torch.onnx.export (dynamo) -> onnx.ModelProto with our input/output names."""
+    import logging
     import warnings
 
     import torch
+    # the export's steps are its only lines on stderr: not torch's "torchvision is not installed", nor onnxscript's
+    # INFO lines (ONNX Runtime's quantizer, once imported, logs the root logger at INFO: logging.basicConfig)
+    for name in ("torch.onnx", "onnxscript", "onnx_ir"):
+        logging.getLogger(name).setLevel(logging.WARNING if name != "torch.onnx" else logging.ERROR)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         prog = torch.onnx.export(module.eval(), args, dynamo=True, dynamic_shapes=dynamic, opset_version=OPSET,
@@ -197,19 +203,30 @@ def weights_sha256(model) -> str:
     return h.hexdigest()
 
 
+def write_steps(quant: str, drafter_quant: str | None) -> int:
+    """How many times write_files calls `progress` (None drafter_quant: no drafter)."""
+    return 1 + (quant != "none") + (0 if drafter_quant is None else 1 + (drafter_quant != "none"))
+
+
 def write_files(model, drafter, tokenizer, out: Path, quant: str, name: str | None = None,
-                source: dict[str, Any] | None = None, drafter_quant: str | None = None) -> dict[str, Any]:
+                source: dict[str, Any] | None = None, drafter_quant: str | None = None,
+                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Write target.onnx, drafter.onnx (if a drafter; in `drafter_quant`, default `quant`), tokenizer.model (if any)
     and onnx.json into `out` (a directory that exists); no checks. `name` / `source`: the target as given to the
     export and where its weights came from (load_target's source), for benches that compare with the reference.
-    Returns the manifest."""
+    progress(step) names each slow step (write_steps counts them). Returns the manifest."""
     from mtpkit.export.onnx_graphs import kinds
+    say = progress or (lambda what: None)
     c = model.config
     dc = drafter.config if drafter is not None else None
     dq = drafter_quant or quant
     check_expressible(c, quant)
     check_expressible(c, dq)
-    save(quantize(export_target(model), quant, c.vocab_size), out / "target.onnx")
+    say("tracing target.onnx (torch.onnx, dynamo)")
+    graph = export_target(model)
+    if quant != "none":
+        say(f"quantizing target.onnx to {quant} (ONNX Runtime's MatMulNBits)")
+    save(quantize(graph, quant, c.vocab_size), out / "target.onnx")
     manifest: dict[str, Any] = {
         "format": "mtpkit-onnx", "version": 1, "opset": OPSET, "quant": quant, "drafter_quant": dq if dc else None,
         "quant_block": QUANT_BLOCK if quant != "none" else None, "target_name": name, "target_source": source,
@@ -218,7 +235,11 @@ def write_files(model, drafter, tokenizer, out: Path, quant: str, name: str | No
         "target": {"file": "target.onnx", **target_io(c), "params": sum(p.numel() for p in model.parameters())},
         "drafter": None}
     if drafter is not None:
-        save(quantize(export_drafter(drafter, model, dq), dq, c.vocab_size), out / "drafter.onnx")
+        say("tracing drafter.onnx (torch.onnx, dynamo)")
+        graph = export_drafter(drafter, model, dq)
+        if dq != "none":
+            say(f"quantizing drafter.onnx to {dq} (ONNX Runtime's MatMulNBits)")
+        save(quantize(graph, dq, c.vocab_size), out / "drafter.onnx")
         own = sum(p.numel() for p in drafter.parameters())
         manifest["drafter"] = {"file": "drafter.onnx", **drafter_io(c, dc), "kinds": kinds(dc), "params": own}
     if tokenizer is not None and getattr(tokenizer, "model_path", None):
@@ -262,36 +283,45 @@ def export(target: str, drafter: str | None, out: Path, *, quant: str | None = N
     dq = drafter_quant or quant
     if dtype not in (None, "float32"):
         raise MtpkitError("--format onnx computes in float32 (--dtype float32); smaller weights: --quant int8 | int4")
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-        import onnxscript  # noqa: F401
-    except ImportError as e:
-        raise MtpkitError(f"--format onnx needs {e.name} (pip install -e '.[onnx]')") from None
     from mtpkit.api import resolve_drafter
-    from mtpkit.model.load import load_drafter, load_target
     t0 = time.perf_counter()
-    t = load_target(target)
     dpath = resolve_drafter(target, drafter)
-    d = load_drafter(dpath, t.model) if dpath is not None else None
-    check_expressible(t.config, quant)
-    out = Path(out)
-    probe = probe_tokens(t.tokenizer)
-    with atomic_entries(out, OUTPUTS) as tmp:
-        write_files(t.model, d, t.tokenizer, tmp, quant, name=str(target), source=t.source, drafter_quant=dq)
-        check = check_target(t.model, tmp, probe, TOLERANCE[quant], f"exported ONNX target (--quant {quant})",
-                             MIN_ARGMAX[quant])
-        res: dict[str, Any] = {"format": "onnx", "out": str(out), "quant": quant, "drafter_quant": dq, "opset": OPSET,
-                               "vs_reference": check, "probe_tokens": len(probe), "drafter_source": dpath,
-                               "target_mb": _mb(tmp, "target.onnx")}
-        res["wrote"] = [f"{out}/target.onnx ({quant}, {res['target_mb']} MB)"]
-        if d is not None:
-            worst = max(quant, dq, key=QUANTS.index)  # QUANTS runs from the exact to the loosest
-            res["drafter_check"] = check_drafter(t.model, d, tmp, probe, DRAFTER_TOLERANCE[worst], MIN_ARGMAX[worst])
-            res["drafter_mb"] = _mb(tmp, "drafter.onnx")
-            res["wrote"].append(f"{out}/drafter.onnx ({dq}, {res['drafter_mb']} MB)")
-        res["seconds"] = round(time.perf_counter() - t0, 1)
-        (tmp / "export.json").write_text(json.dumps(res, indent=2))
+    total = 2 + write_steps(quant, dq if dpath is not None else None) + 1 + (dpath is not None)
+    with progress_steps("export onnx", total) as say:
+        say("importing torch, onnx and onnxruntime")
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+            import onnxscript  # noqa: F401
+        except ImportError as e:
+            raise MtpkitError(f"--format onnx needs {e.name} (pip install -e '.[onnx]')") from None
+        from mtpkit.model.load import load_drafter, load_target
+        say(f"loading the target {target}" + (f" and the drafter {dpath}" if dpath is not None else ""))
+        t = load_target(target)
+        d = load_drafter(dpath, t.model) if dpath is not None else None
+        check_expressible(t.config, quant)
+        out = Path(out)
+        probe = probe_tokens(t.tokenizer)
+        with staged(out, OUTPUTS) as tmp:
+            write_files(t.model, d, t.tokenizer, tmp, quant, name=str(target), source=t.source, drafter_quant=dq,
+                        progress=say)
+            say("checking target.onnx in ONNX Runtime against the reference")
+            check = check_target(t.model, tmp, probe, TOLERANCE[quant], f"exported ONNX target (--quant {quant})",
+                                 MIN_ARGMAX[quant])
+            res: dict[str, Any] = {"format": "onnx", "out": str(out), "quant": quant, "drafter_quant": dq,
+                                   "opset": OPSET, "vs_reference": check, "probe_tokens": len(probe),
+                                   "drafter_source": dpath, "target_mb": _mb(tmp, "target.onnx")}
+            res["wrote"] = [f"{out}/target.onnx ({quant}, {res['target_mb']} MB)"]
+            if d is not None:
+                say("checking draft steps in ONNX Runtime against the reference")
+                worst = max(quant, dq, key=QUANTS.index)  # QUANTS runs from the exact to the loosest
+                res["drafter_check"] = check_drafter(t.model, d, tmp, probe, DRAFTER_TOLERANCE[worst],
+                                                     MIN_ARGMAX[worst])
+                res["drafter_mb"] = _mb(tmp, "drafter.onnx")
+                res["wrote"].append(f"{out}/drafter.onnx ({dq}, {res['drafter_mb']} MB)")
+            res["removed"] = stale_entries(out, tmp, OUTPUTS)
+            res["seconds"] = round(time.perf_counter() - t0, 1)
+            (tmp / "export.json").write_text(json.dumps(res, indent=2))
     return res
 
 

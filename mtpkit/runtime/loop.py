@@ -91,7 +91,8 @@ def generate(backend: Backend, prompt: list[int], params: GenerationParams, eos:
     if not prompt:
         raise MtpkitError("empty prompt")
     if len(prompt) >= backend.max_len:
-        raise MtpkitError(f"prompt of {len(prompt)} tokens does not fit the context of {backend.max_len}")
+        raise MtpkitError(f"prompt of {len(prompt)} tokens does not fit the context of {backend.max_len} positions "
+                          "(mtpkit run --context N, mtpkit.load(max_len=N))")
     sp, dsp, ops = params.sampling, params.draft_sampling, backend.ops
     rng = None if sp.greedy else ops.generator(params.seed)
     t0 = backend.clock()

@@ -222,12 +222,13 @@ class MLXBackend(Backend):
         w: dict = {}
         for f in files:
             w.update(mx.load(str(f)))
+        if dc.head == "centroid" and "token_ordering" not in w:
+            raise MtpkitError(f"drafter {d}: its centroid head has no token_ordering")
+        # the stored values as numpy (bfloat16, which numpy lacks, through float32): finite, ordering a permutation
+        dc.check_tensors({k: np.asarray(a.astype(mx.float32) if a.dtype == mx.bfloat16 else a) for k, a in w.items()},
+                         f"drafter {d}")
         if any(k.endswith(INT8_SCALE) for k in w):  # int8-stored (e.g. the shipped drafter): dequantize as load_drafter does
             w = dequantize_int8(w, f"drafter {d}", lambda a: a.astype(mx.float32))
-        if dc.head == "centroid":
-            order = w.get("token_ordering")
-            if order is None or order.size != dc.vocab_size or not 0 <= order.min().item() <= order.max().item() < self.vocab_size:
-                raise MtpkitError(f"drafter {d}: its centroid head's token_ordering does not list the vocabulary's ids")
         return MLXDrafter(dc, w, self.model.model.embed_tokens)
 
     def info(self) -> BackendInfo:

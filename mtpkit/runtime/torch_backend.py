@@ -124,9 +124,16 @@ class TorchOps:
 
 def torch_device_dtype(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
     """--device / --dtype -> torch's: CUDA if available, bfloat16 on GPUs and float32 on CPUs by default."""
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise MtpkitError(f"unknown device {device!r} for the torch backend (cpu, cuda, cuda:N)")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MtpkitError("device cuda requested but torch sees no CUDA GPU")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise MtpkitError(f"device {device} requested but torch sees {torch.cuda.device_count()} CUDA GPU(s)")
     dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           None: torch.bfloat16 if dev.type == "cuda" else torch.float32}.get(dtype)
     if dt is None:
@@ -160,7 +167,7 @@ def load(target: str, drafter: str | None, opts: Options, *, max_len: int, max_d
         d = DrafterModel(DrafterConfig.for_target(t.config, **opts.random_drafter)).to(device=dev, dtype=dt).eval()
         drafter = "random"
     elif drafter is not None:
-        d = load_drafter(drafter, t.config, dtype=dt, device=dev)
+        d = load_drafter(drafter, t, dtype=dt, device=dev)  # the Target: its fingerprint is checked too
     be = TorchBackend(t.model, d, max_len=max_len, max_draft=max_draft, cuda_graphs=opts.cuda_graphs,
                       compile=opts.compile)
     return Loaded(be, t.tokenizer, t.config, drafter, t.source)
