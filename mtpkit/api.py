@@ -203,26 +203,35 @@ def resolve_drafter(target: str, drafter: str | None, sibling: str | None = None
     return str(d) if (d / "config.json").exists() else None
 
 
-def check_drafter_path(path: str) -> None:
-    """Cheap checks of a drafter the user named, run before anything slow: it exists; a drafter directory has a
-    readable config.json that parses as a drafter config (whether it fits the target is checked once it is loaded)."""
+def check_drafter_dir(path: str, what: str = "drafter"):
+    """A drafter directory, checked cheaply before anything slow: a config.json that parses as a drafter config,
+    and *.safetensors weights (whether it fits the target is checked once it is loaded). Returns its DrafterConfig."""
     import json
 
     from mtpkit.model.config import DrafterConfig
+    d = Path(path).expanduser()
+    if not d.is_dir():
+        raise MtpkitError(f"{what} {path!r} is not a directory (a drafter: config.json + *.safetensors)")
+    try:
+        config = DrafterConfig.from_dict(json.loads((d / "config.json").read_text()))
+    except FileNotFoundError:
+        raise MtpkitError(f"{what} {path!r} has no config.json (a drafter directory holds config.json + "
+                          "*.safetensors)") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise MtpkitError(f"{what} {path}/config.json is not valid JSON ({e})") from None
+    if not any(d.glob("*.safetensors")):
+        raise MtpkitError(f"{what} {path!r} has no *.safetensors weights")
+    return config
+
+
+def check_drafter_path(path: str) -> None:
+    """The drafter a user named exists (a file for the exported formats), and a drafter directory passes
+    `check_drafter_dir`: run before the target loads."""
     p = Path(path).expanduser()
     if not p.exists():
         raise MtpkitError(f"drafter {path!r} not found ('none' = plain decoding)")
     if p.is_dir():
-        try:
-            cfg = json.loads((p / "config.json").read_text())
-        except FileNotFoundError:
-            raise MtpkitError(f"drafter {path!r} has no config.json (a drafter directory holds config.json + "
-                              "*.safetensors)") from None
-        except (ValueError, UnicodeDecodeError) as e:
-            raise MtpkitError(f"drafter {path}/config.json is not valid JSON ({e})") from None
-        if not isinstance(cfg, dict):
-            raise MtpkitError(f"drafter {path}/config.json is not a JSON object")
-        DrafterConfig.from_dict(cfg)
+        check_drafter_dir(path)
 
 
 def load(target: str = "gemma3-270m", drafter: str | None = None, backend: str = "torch", *,

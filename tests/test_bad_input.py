@@ -61,7 +61,7 @@ def test_drafter_path_checked_before_the_target(tmp_path):
     (tmp_path / "d" / "config.json").write_text("{")
     fails_cleanly(["run", "x", "--drafter", str(tmp_path / "d"), *t], "is not valid JSON")
     (tmp_path / "d" / "config.json").write_text("[1, 2]")
-    fails_cleanly(["run", "x", "--drafter", str(tmp_path / "d"), *t], "is not a JSON object")
+    fails_cleanly(["run", "x", "--drafter", str(tmp_path / "d"), *t], "must be a JSON object")
 
 
 @pytest.mark.parametrize("args,match", [

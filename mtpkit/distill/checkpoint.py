@@ -126,19 +126,6 @@ def read_log(out: Path, kind: str = "train") -> list[dict[str, Any]]:
     return [r for r in recs if isinstance(r, dict) and r.get("kind") == kind]
 
 
-def drafter_dir(path: str, what: str) -> Path:
-    """`path` if it is a drafter directory (config.json + *.safetensors), else a one-line MtpkitError: checked
-    before a run loads its target."""
-    d = Path(path).expanduser()
-    if not d.is_dir():
-        raise MtpkitError(f"{what} {path!r} is not a directory (a drafter: config.json + model.safetensors)")
-    if not (d / "config.json").is_file():
-        raise MtpkitError(f"{what} {path!r} has no config.json: not a drafter directory")
-    if not any(d.glob("*.safetensors")):
-        raise MtpkitError(f"{what} {path!r} has no *.safetensors weights")
-    return d
-
-
 # temporaries of mtpkit.paths: `.{dest}-{pid}-{random}` (directories) and `.{dest}.{pid}.{random}.tmp` (files);
 # {random}: tempfile's 8 characters
 _TEMP = re.compile(r"\.(.+)([.-])(\d+)\2[a-z0-9_]{8}(\.tmp)?")

@@ -163,19 +163,14 @@ def _eval_drafter_dir(target: str, drafter: str | None, centroid_top_k: int | No
     refused here, before any loading, if it is no drafter or cannot take --centroid-top-k."""
     import dataclasses
 
-    from mtpkit.api import resolve_drafter
-    from mtpkit.distill.checkpoint import drafter_dir
-    from mtpkit.model.config import DrafterConfig
+    from mtpkit.api import check_drafter_dir, resolve_drafter
     if drafter is None:
         shipped = resolve_drafter(target, None)
         if shipped is None:
             raise MtpkitError(f"no drafter ships for target {target!r}: pass --drafter DIR (e.g. a distill run's best/)")
         drafter = shipped
-    d = drafter_dir(drafter, "drafter")
-    try:
-        config = DrafterConfig.from_dict(json.loads((d / "config.json").read_text()))
-    except (OSError, ValueError) as e:
-        raise MtpkitError(f"cannot read {d / 'config.json'}: {e}") from None
+    config = check_drafter_dir(drafter)
+    d = Path(drafter).expanduser()
     if centroid_top_k is not None:
         if config.head != "centroid":
             raise MtpkitError("--centroid-top-k needs a drafter with the centroid head")

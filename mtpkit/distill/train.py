@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from mtpkit.api import check_drafter_dir
 from mtpkit.distill import checkpoint as ckpt
 from mtpkit.distill.config import DistillConfig
 from mtpkit.distill.data import Dataset, Rows, data_key, ensure_data
@@ -242,7 +243,7 @@ def _run(cfg: DistillConfig, out: Path, opts: RunOptions, dist: Dist, t0: float,
         raise MtpkitError(f"batch_size {cfg.batch_size} is smaller than the number of processes ({dist.world})")
     exists = _check_out(out, cfg, opts)
     if cfg.init_from is not None:
-        ckpt.drafter_dir(cfg.init_from, "init_from")
+        check_drafter_dir(cfg.init_from, "init_from")
     # bad corpus or target -> error before anything is written; the cheap checks before the target loads
     log("distill: reading the corpus " + ("(the Python standard library)" if cfg.corpus is None else cfg.corpus))
     corpus = load_corpus(cfg.corpus)
