@@ -160,3 +160,15 @@ def test_shipped_profiles_predict():
         assert 0 < r["speedup"] < 10 and r["target_step_ms"] > 0, p["name"]
     with pytest.raises(MtpkitError, match="unknown profile"):
         pr.load_profiles(["no-such-device"])
+
+
+def test_llamacpp_prompt_lookup_baseline_takes_prompts_longer_than_a_batch(pair):
+    """llama-cpp-python sized its score buffer for one batch (512 rows) when given a draft model: every prompt of
+    more than 512 tokens (the everyday suite's documents) failed with a numpy broadcast error."""
+    pytest.importorskip("llama_cpp")
+    from mtpkit.bench.methods import Sampling, llamacpp_methods
+    gguf, _, _ = pair
+    ids = [2] + [260 + i % 20 for i in range(700)]
+    plain, lookup = llamacpp_methods(str(gguf), 2, 760, Sampling(0.0, 0, {1}), 4, False)
+    a, b = plain.run(ids, 8), lookup.run(ids, 8)
+    assert len(a.tokens) == 8 and a.tokens == b.tokens

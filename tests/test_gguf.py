@@ -59,6 +59,11 @@ def test_export_target_and_drafter_match_the_reference(tmp_path):
     assert res["drafter"]["embedding_length"] == 96 and res["drafter"]["padded_from"] == 64  # llama.cpp needs d != d_target
     dc = res["drafter_check"]  # llama.cpp's own dense head over the exported drafter vs the reference
     assert dc["argmax_equal"] and dc["max_abs_logit_diff"] < 0.05 and dc["max_abs_h_diff"] < 0.03 * dc["h_scale"]
+    # general.file_type: llama.cpp's tools label a file by it (llama-bench said "all F32" without it)
+    import gguf
+    for f, want in (("target.gguf", 0), ("drafter.gguf", 7)):  # f32 target, q8_0 drafter (the default)
+        fields = gguf.GGUFReader(str(out / f)).fields
+        assert fields["general.file_type"].contents() == want and fields["general.quantization_version"].contents() == 2
 
 
 @pytest.mark.parametrize("head", ["dense", "centroid"])

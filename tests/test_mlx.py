@@ -82,6 +82,19 @@ def test_export_and_run_cli(tmp_path):
     assert res.exit_code == 0, res.output
     out = json.loads(res.output.strip().splitlines()[-1])
     assert out["plain"]["identical"] and out["drafter"].endswith("drafter") and len(out["tokens"]) == 12
+    # mlx-lm's own CLI generates from the exported target (on the real target its greedy text equals our loop's, see
+    # README; this tiny vocabulary decodes to byte soup, so the tokens are counted here); it cannot load our drafter as
+    # its --draft-model (a whole causal LM there; ours reads the target's cache)
+    import subprocess
+    import sys
+    cli = [sys.executable, "-m", "mlx_lm", "generate", "--model", str(tmp_path / "x" / "target"), "--prompt", "abc",
+           "--max-tokens", "12", "--temp", "0", "--ignore-chat-template"]
+    p = subprocess.run(cli, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "Generation: 12 tokens" in p.stdout, p.stdout[-500:]
+    p = subprocess.run(cli + ["--draft-model", str(tmp_path / "x" / "drafter")], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode != 0 and "mtpkit_assistant not supported" in p.stderr
     if t.config.hidden_size % 64:
         fails_cleanly(["export", "--format", "mlx", "--target", str(gguf), "--drafter", "none",
                         "--out", str(tmp_path / "q"), "--quant", "int8"], "not a multiple")

@@ -44,7 +44,10 @@ def bench_command(
                                                   "off on GPU; 0 = off)."),
         repeats: int = typer.Option(3, help="Timed runs per prompt and method (median reported; a warm-up run is extra)."),
         threads: int = typer.Option(None, help="CPU threads for torch and llama.cpp (default: torch's)."),
-        baselines: str = typer.Option("auto", help="auto (every installed one that fits the backend) | none | comma list of hf, llamacpp, mlx_lm, torch."),
+        baselines: str = typer.Option("auto", help="auto (every installed one that fits the backend) | none | comma list of hf, llamacpp, llama_server, mlx_lm, torch."),
+        llamacpp_bin: str = typer.Option(None, "--llamacpp-bin", help="Directory of llama.cpp's programs for the "
+                                         "llama_server baseline (default: $MTPKIT_LLAMACPP_BIN, else the build of "
+                                         "devices/llamacpp/build.sh)."),
         lookup_tokens: int = typer.Option(10, "--lookup-tokens", help="Draft length of the prompt-lookup baselines."),
         seed: int = typer.Option(0),
         compile: str = typer.Option(None, "--compile", help="torch on CUDA: torch.compile the graph-captured draft "
@@ -67,7 +70,7 @@ def bench_command(
                       limit=limit, max_new_tokens=max_new_tokens, temperature=temperature,
                       num_draft_tokens=num_draft_tokens, min_confidence="auto" if min_confidence is None else min_confidence,
                       repeats=repeats, seed=seed, threads=threads, baselines=baselines, lookup_tokens=lookup_tokens,
-                      compile=compile, gate=gate)
+                      compile=compile, gate=gate, llamacpp_bin=llamacpp_bin)
     doc = run_bench(cfg, note=lambda s: typer.echo(f"note: {s}", err=True), progress=not quiet)
     table = markdown(doc)
     if jp:

@@ -29,6 +29,7 @@ class Run:
     draft_s: float | None = None  # time spent drafting (ours only)
     drafted: int = 0  # draft tokens proposed
     verify_s: float | None = None  # time in target decode forwards (ours only)
+    accepted: int = 0  # draft tokens accepted, for methods that report only totals (llama-server)
 
     @property
     def tok_per_s(self) -> float:
@@ -235,7 +236,9 @@ def llamacpp_methods(gguf: str, threads: int, n_ctx: int, sampling: Sampling, lo
     try:
         plain = Llama(**common)
         lookup = _lookup_class()(num_pred_tokens=lookup_tokens)
-        spec = Llama(**common, draft_model=lookup)
+        # logits_all=True by hand: llama-cpp-python 0.3.36 switches it on for a draft model only after sizing its
+        # score buffer for one batch, so any prompt longer than n_batch (512) failed with a numpy broadcast error
+        spec = Llama(**common, draft_model=lookup, logits_all=True)
     except (ValueError, RuntimeError) as e:
         raise MtpkitError(f"llama-cpp-python cannot load {gguf}: {e}") from None
     return [

@@ -16,7 +16,8 @@ def _f(x: float | None, fmt: str) -> str:
 def machine_line(doc: dict[str, Any]) -> str:
     m, s = doc["machine"], doc["settings"]
     where = m["gpu"] or f"{m['cpu']}, {s['threads']} threads"
-    return (f"{where} | {m['platform']} | torch {m['versions']['torch']} | {s['dtype']} | suite {s['suite']} "
+    torch = m["versions"].get("torch")
+    return (f"{where} | {m['platform']} | " + (f"torch {torch} | " if torch else "") + f"{s['dtype']} | suite {s['suite']} "
             f"(limit {s['limit']}), {s['max_new_tokens']} new tokens, T={s['temperature']:g}, k={s['num_draft_tokens']}, "
             f"repeats {s['repeats']} | {doc['created']}")
 
@@ -38,6 +39,9 @@ def markdown(doc: dict[str, Any]) -> str:
     if spec and spec["acceptance"]:
         out += ["", "Acceptance per draft position (speculative): "
                 + ", ".join(f"{i + 1}: {a:.2f}" for i, a in enumerate(spec["acceptance"]))]
+    totals = [f"{n} {s['draft_acceptance']:.2f}" for n, s in doc["summary"].items() if "draft_acceptance" in s]
+    if totals:
+        out += ["", "Draft acceptance, all positions pooled (llama-server reports totals only): " + ", ".join(totals)]
     cats = doc["by_category"]
     if len(cats) > 1:
         names = list(doc["summary"])
@@ -54,14 +58,17 @@ def markdown(doc: dict[str, Any]) -> str:
     out += ["", "tok/s: decode speed after the first token, median over repeats (warm-up excluded), median over "
                 "prompts; speedup: median over prompts of tok/s / plain tok/s on the same prompt; c: drafter "
                 "seconds per draft token / plain target step; working mem: peak rise of "
-                + ("GPU memory" if doc["machine"]["gpu"] else "process RSS") + " during a run, above the loaded weights. "
-                "Reproduce: `mtpkit bench"
+                + ("GPU memory" if doc["machine"]["gpu"] else "process RSS") + " during a run, above the loaded weights. "]
+    if s.get("command"):  # a document written by another driver (bench/stock_llamacpp.py)
+        out[-1] += f"Reproduce: `{s['command']}`"
+        return "\n".join(out) + "\n"
+    out[-1] += ("Reproduce: `mtpkit bench"
                 + (f" --backend {s['backend']} --target {s['target']}" if s.get("backend", "torch") != "torch" else "")
                 + f" --suite {s['suite']} --limit {s['limit']} --max-new-tokens {s['max_new_tokens']} "
                 f"--temperature {s['temperature']:g} -k {s['num_draft_tokens']} --repeats {s['repeats']}"
                 + (f" --device {s['device']}" if s["device"] else "") + (f" --threads {s['threads']}" if s["threads"] else "")
                 + (f" --compile {s['compile']}" if s.get("compile") else "")
-                + (f" --gate {s['gate']}" if s.get("gate", "on") != "on" else "") + "`"]
+                + (f" --gate {s['gate']}" if s.get("gate", "on") != "on" else "") + "`")
     return "\n".join(out) + "\n"
 
 

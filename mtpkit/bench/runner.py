@@ -33,7 +33,7 @@ from mtpkit.bench.methods import (
 from mtpkit.bench.schema import SCHEMA, check_document
 from mtpkit.errors import MtpkitError
 
-BASELINES = ("hf", "llamacpp", "mlx_lm", "torch")
+BASELINES = ("hf", "llamacpp", "llama_server", "mlx_lm", "torch")
 GATE = ("on", "off", "both")
 
 
@@ -57,6 +57,7 @@ class BenchConfig:
     lookup_tokens: int = LOOKUP_TOKENS
     compile: str | None = None  # torch on CUDA: torch.compile "drafter" or "all" captured steps (TorchBackend)
     gate: str = "on"  # on | off (fixed k) | both (speculative with the gate + speculative_fixed_k)
+    llamacpp_bin: str | None = None  # llama.cpp's programs (llama_server baseline); None = MTPKIT_LLAMACPP_BIN / build cache
 
     def check(self) -> None:
         if self.repeats < 1:
@@ -69,6 +70,9 @@ class BenchConfig:
             raise MtpkitError(f"--lookup-tokens must be >= 1, got {self.lookup_tokens}")
         if self.gate not in GATE:
             raise MtpkitError(f"--gate must be one of {', '.join(GATE)}, got {self.gate!r}")
+        if self.llamacpp_bin is not None:
+            from mtpkit.bench.llama_server import find_programs
+            find_programs(self.llamacpp_bin)
         self.baseline_set()
 
     def baseline_set(self) -> tuple[set[str], bool]:
@@ -88,16 +92,18 @@ class BenchConfig:
 class PeakRSS:
     """Samples this process's resident set size every `every` s while active (Linux /proc; else ru_maxrss)."""
 
-    def __init__(self, every: float = 0.005):
-        self.every, self.peak, self._stop = every, 0, threading.Event()
+    def __init__(self, every: float = 0.005, pid: int | None = None):
+        self.every, self.peak, self._stop, self.pid = every, 0, threading.Event(), pid
         self._thread: threading.Thread | None = None
 
-    @staticmethod
-    def now() -> int:
+    def now(self) -> int:
+        """Resident bytes of this process, or of `pid` (a server the bench drives)."""
         try:
-            with open("/proc/self/statm") as f:
+            with open(f"/proc/{self.pid or 'self'}/statm") as f:
                 return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         except (OSError, ValueError, IndexError):
+            if self.pid is not None:
+                return 0
             import resource
             r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
             return r if platform.system() == "Darwin" else r * 1024
@@ -250,6 +256,26 @@ def _build_methods(cfg: BenchConfig, session, prompts_len: int, note: Callable[[
                                             cfg.lookup_tokens,
                                             # on a Mac llama.cpp runs on Metal: the baseline a Mac user would pick
                                             gpu=not info.on_cpu or platform.system() == "Darwin")
+    if "llama_server" in wanted:
+        from mtpkit.bench.llama_server import find_programs, llama_server_methods
+        gpu = not info.on_cpu
+        bin_dir = find_programs(cfg.llamacpp_bin, gpu=gpu)
+        if bin_dir is None:
+            unavailable("llama_server", "llama.cpp's programs are not built (devices/llamacpp/build.sh, or set "
+                                        "MTPKIT_LLAMACPP_BIN / --llamacpp-bin)")
+        elif origin.get("kind") != "gguf":
+            unavailable("llama_server", "the target was not loaded from a GGUF file (nor exported from one)")
+        else:
+            dpath = Path(session.drafter_path) if session.drafter_path else None
+            if dpath is None or dpath.suffix != ".gguf":
+                dpath = None
+                note("llama_server_mtp needs an exported drafter.gguf (run with --backend llamacpp on an export)")
+            target_gguf = Path(source.get("path", "")) if str(source.get("path", "")).endswith(".gguf") \
+                else Path(origin["path"])
+            from mtpkit.runtime.llamacpp_backend import default_threads
+            methods += llama_server_methods(bin_dir, target_gguf, dpath, threads=cfg.threads or info.threads or
+                                            default_threads(), n_ctx=prompts_len + cfg.max_new_tokens + 64,
+                                            k=cfg.num_draft_tokens, sampling=sampling, gpu=gpu)
     if "mlx_lm" in wanted:
         if info.name != "mlx":
             unavailable("mlx_lm", "mlx-lm baselines run with --backend mlx (an exported MLX target)")
@@ -268,7 +294,7 @@ def _measure(m: Method, ids: list[int], n: int, cuda: bool) -> tuple[Run, dict[s
         import torch
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    with PeakRSS() as rss:
+    with PeakRSS(pid=getattr(m, "pid", None)) as rss:
         run = m.run(ids, n)
     mem = {"peak_rss_mb": rss.peak / 2**20, "rss_growth_mb": (rss.peak - rss.start) / 2**20}
     if cuda:
@@ -293,7 +319,7 @@ def _prompt_result(m: Method, runs: list[Run], mems: list[dict[str, float]], ref
         **{k: max(x[k] for x in mems) if k in mems[0] else None
            for k in ("peak_rss_mb", "rss_growth_mb", "peak_cuda_mb", "cuda_growth_mb")},
     }
-    if plain is not None and any(r.drafted for r in runs):
+    if plain is not None and any(r.drafted for r in runs) and all(r.draft_s is not None for r in runs):
         # c = seconds per drafted token / seconds per plain target decode step (both measured here)
         step = sum(r.decode_s for r in plain) / max(sum(len(r.tokens) - 1 for r in plain), 1)
         res["c"] = sum(r.draft_s for r in runs) / sum(r.drafted for r in runs) / step
@@ -301,6 +327,9 @@ def _prompt_result(m: Method, runs: list[Run], mems: list[dict[str, float]], ref
         plain_fwd = sum(r.verify_s for r in plain) / max(sum(r.forwards for r in plain), 1)
         res["verify_rel"] = sum(r.verify_s for r in runs) / max(sum(r.forwards for r in runs), 1) / plain_fwd
         res["draft_steps_per_forward"] = sum(r.drafted for r in runs) / max(sum(r.forwards for r in runs), 1)
+    if any(r.drafted for r in runs) and all(r.draft_s is None for r in runs):  # totals only (llama-server)
+        res["drafted"], res["accepted"] = sum(r.drafted for r in runs), sum(r.accepted for r in runs)
+        res["draft_acceptance"] = res["accepted"] / max(res["drafted"], 1)
     if greedy and ref is not None:
         res["identical_to_reference"] = all(r.tokens == ref[0].tokens for r in runs)
     return res
@@ -315,6 +344,9 @@ def _aggregate(rows: list[dict[str, Any]], name: str) -> dict[str, Any]:
     # pooled tau: tokens after the first / decode forwards, over every prompt and repeat
     fw = None if any(r["forwards"] is None for r in rs) else sum(r["forwards"] for r in rs)
     ident = [r["identical_to_reference"] for r in rs if r["identical_to_reference"] is not None]
+    totals = [r for r in rs if "draft_acceptance" in r]  # methods that report only totals (llama-server)
+    extra = {"draft_acceptance": sum(r["accepted"] for r in totals) / max(sum(r["drafted"] for r in totals), 1)
+             } if totals else {}
     return {
         "tok_per_s": _median([r["tok_per_s"] for r in rs]),
         "speedup": _median([r["speedup"] for r in rs]),
@@ -328,7 +360,77 @@ def _aggregate(rows: list[dict[str, Any]], name: str) -> dict[str, Any]:
         "greedy_identical": {"identical": sum(ident), "prompts": len(ident)} if ident else None,
         "acceptance_warning": acceptance_warning(Stats(drafted=sum(drafted), accepted=sum(accepted))),
         "prompts": len(rs),
+        **extra,
     }
+
+
+def measure(methods: list[Method], prompts: list, ids: list[list[int]], max_new_tokens: int, repeats: int,
+            greedy: bool, cuda: bool = False, progress: bool = True) -> list[dict[str, Any]]:
+    """Every method on every prompt, `repeats` times in rotating order after one warm-up run each; one row per
+    prompt with each method's result and its speedup over `plain`."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    total = len(methods) * (1 + len(prompts) * repeats)
+    bar = Progress(TextColumn("[bold]bench[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), disable=not progress, transient=True)
+    rows = []
+    with bar:
+        task = bar.add_task("warm-up", total=total)
+        for m in methods:  # warm-up (first calls, CUDA graph captures, allocator growth): not counted
+            bar.update(task, description=f"warm-up {m.name}")
+            m.run(ids[0], min(16, max_new_tokens))
+            bar.advance(task)
+        for p, x in zip(prompts, ids, strict=True):
+            runs: dict[str, list[Run]] = {m.name: [] for m in methods}
+            mems: dict[str, list[dict[str, float]]] = {m.name: [] for m in methods}
+            for rep in range(repeats):
+                order = methods[rep % len(methods):] + methods[:rep % len(methods)]
+                for m in order:
+                    bar.update(task, description=f"{p.id} {m.name}")
+                    run, mem = _measure(m, x, max_new_tokens, cuda)
+                    runs[m.name].append(run)
+                    mems[m.name].append(mem)
+                    bar.advance(task)
+            results = {m.name: _prompt_result(m, runs[m.name], mems[m.name], runs.get(m.reference) if m.reference
+                                              else None, runs["plain"], greedy) for m in methods}
+            base = results["plain"]["tok_per_s"]
+            for r in results.values():
+                r["speedup"] = r["tok_per_s"] / base if base else None
+            rows.append({"id": p.id, "category": p.category or "uncategorized", "prompt": p.text[:200],
+                         "prompt_tokens": len(x), "results": results})
+    return rows
+
+
+def document(methods: list[Method], rows: list[dict[str, Any]], greedy: bool, *, skipped: dict[str, str],
+             settings: dict[str, Any], machine: dict[str, Any], models: dict[str, Any], wall_s: float
+             ) -> dict[str, Any]:
+    """The result document (docs/bench.md) of `measure`'s rows: summaries overall and per category, and the
+    methods whose greedy output had to match their reference and did not."""
+    summary = {m.name: _aggregate(rows, m.name) for m in methods}
+    cats = sorted({r["category"] for r in rows})
+    by_cat = {c: {m.name: _aggregate([r for r in rows if r["category"] == c], m.name) for m in methods} for c in cats}
+    for c in by_cat.values():  # keep the per-category view small: speed, speedup, tau
+        for k, v in c.items():
+            c[k] = {f: v[f] for f in ("tok_per_s", "speedup", "tau", "acceptance", "draft_acceptance", "prompts")
+                    if f in v}
+    failed = [m.name for m in methods if m.must_match and greedy and summary[m.name]["greedy_identical"]
+              and summary[m.name]["greedy_identical"]["identical"] < summary[m.name]["greedy_identical"]["prompts"]]
+    doc = {
+        "schema": SCHEMA,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine,
+        "settings": settings,
+        "models": models,
+        "methods": {m.name: {"description": m.description, "weights": m.weights, "weights_mb": round(m.weights_mb, 1),
+                             "reference": m.reference, "must_match_reference": m.must_match} for m in methods},
+        "skipped": skipped,
+        "summary": summary,
+        "by_category": by_cat,
+        "greedy_mismatch": failed,
+        "prompts": rows,
+        "wall_s": round(wall_s, 1),
+    }
+    check_document(doc)
+    return doc
 
 
 def run_bench(cfg: BenchConfig, note: Callable[[str], None] = lambda s: None, progress: bool = True) -> dict[str, Any]:
@@ -352,65 +454,19 @@ def run_bench(cfg: BenchConfig, note: Callable[[str], None] = lambda s: None, pr
         raise MtpkitError(f"a prompt of {longest} tokens + {cfg.max_new_tokens} new does not fit the context "
                           f"of {session.backend.max_len}")
     methods, skipped = _build_methods(cfg, session, longest, note)
-    info = session.backend.info()
-    cuda = info.device.startswith("cuda")
-    greedy = cfg.temperature <= 0
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    total = len(methods) * (1 + len(prompts) * cfg.repeats)
-    bar = Progress(TextColumn("[bold]bench[/] {task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), disable=not progress, transient=True)
-    rows = []
-    t_start = time.perf_counter()
-    with bar:
-        task = bar.add_task("warm-up", total=total)
-        for m in methods:  # warm-up (first calls, CUDA graph captures, allocator growth): not counted
-            bar.update(task, description=f"warm-up {m.name}")
-            m.run(ids[0], min(16, cfg.max_new_tokens))
-            bar.advance(task)
-        for p, x in zip(prompts, ids, strict=True):
-            runs: dict[str, list[Run]] = {m.name: [] for m in methods}
-            mems: dict[str, list[dict[str, float]]] = {m.name: [] for m in methods}
-            for rep in range(cfg.repeats):
-                order = methods[rep % len(methods):] + methods[:rep % len(methods)]
-                for m in order:
-                    bar.update(task, description=f"{p.id} {m.name}")
-                    run, mem = _measure(m, x, cfg.max_new_tokens, cuda)
-                    runs[m.name].append(run)
-                    mems[m.name].append(mem)
-                    bar.advance(task)
-            results = {m.name: _prompt_result(m, runs[m.name], mems[m.name], runs.get(m.reference) if m.reference
-                                              else None, runs["plain"], greedy) for m in methods}
-            base = results["plain"]["tok_per_s"]
-            for r in results.values():
-                r["speedup"] = r["tok_per_s"] / base if base else None
-            rows.append({"id": p.id, "category": p.category or "uncategorized", "prompt": p.text[:200],
-                         "prompt_tokens": len(x), "results": results})
-    summary = {m.name: _aggregate(rows, m.name) for m in methods}
-    cats = sorted({r["category"] for r in rows})
-    by_cat = {c: {m.name: _aggregate([r for r in rows if r["category"] == c], m.name) for m in methods} for c in cats}
-    for c in by_cat.values():  # keep the per-category view small: speed, speedup, tau
-        for k, v in c.items():
-            c[k] = {f: v[f] for f in ("tok_per_s", "speedup", "tau", "acceptance", "prompts")}
-    failed = [m.name for m in methods if m.must_match and greedy and summary[m.name]["greedy_identical"]
-              and summary[m.name]["greedy_identical"]["identical"] < summary[m.name]["greedy_identical"]["prompts"]]
+    try:
+        info = session.backend.info()
+        greedy = cfg.temperature <= 0
+        t_start = time.perf_counter()
+        rows = measure(methods, prompts, ids, cfg.max_new_tokens, cfg.repeats, greedy,
+                       cuda=info.device.startswith("cuda"), progress=progress)
+    finally:
+        for m in methods:  # servers the bench started (llama_server)
+            if hasattr(m, "close"):
+                m.close()
     settings = asdict(cfg)
     settings.update(threads=info.threads, resolved_drafter=session.drafter_path, device=info.device, dtype=info.dtype,
                     cuda_graphs=info.graphs, draft_temperature=session.draft_temperature)
-    doc = {
-        "schema": SCHEMA,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine_info(info.device),
-        "settings": settings,
-        "models": model_info(info),
-        "methods": {m.name: {"description": m.description, "weights": m.weights, "weights_mb": round(m.weights_mb, 1),
-                             "reference": m.reference, "must_match_reference": m.must_match} for m in methods},
-        "skipped": skipped,
-        "summary": summary,
-        "by_category": by_cat,
-        "greedy_mismatch": failed,
-        "prompts": rows,
-        "wall_s": round(time.perf_counter() - t_start, 1),
-    }
-    check_document(doc)
+    doc = document(methods, rows, greedy, skipped=skipped, settings=settings, machine=machine_info(info.device),
+                   models=model_info(info), wall_s=time.perf_counter() - t_start)
     return doc

@@ -112,6 +112,25 @@ def plan_types(tensors: list[Tensor], quant: str) -> dict[str, str]:
     return out
 
 
+# general.file_type (llama.cpp's llama_ftype) of a file whose quantized tensors are all of one numpy type; tools
+# such as llama-bench label a model by it (without it: "all F32"). K-quant files get theirs from llama.cpp's
+# quantizer, a `source` copy the source file's.
+FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "bf16": 32}
+QUANTIZATION_VERSION = 2  # ggml's GGML_QNT_VERSION, written beside file_type as llama.cpp's tools do
+
+
+def file_type_kv(gtype: str, reader=None) -> list[tuple[str, Any, Any]]:
+    """general.file_type + general.quantization_version for a file written in `gtype` (a `source` copy: the
+    source file's own values, when it has them)."""
+    import gguf
+    T = gguf.GGUFValueType
+    if gtype == "source":
+        return [(k, reader.fields[k].contents(), T.UINT32) for k in ("general.file_type", "general.quantization_version")
+                if reader is not None and k in reader.fields]
+    return [("general.file_type", FILE_TYPES[gtype], T.UINT32),
+            ("general.quantization_version", QUANTIZATION_VERSION, T.UINT32)]
+
+
 def _write(path: Path, arch: str, name: str, kv: list[tuple[str, Any, Any]], tensors) -> None:
     """One GGUF file: metadata kv (key, value, gguf.GGUFValueType or (ARRAY, sub_type)), then tensors =
     (name, array, gguf type) in order (quantized arrays are [rows, bytes])."""
@@ -460,10 +479,11 @@ def export(target: str, drafter: str | None, out: Path, *, quant: str | None = N
             tgt = tmp / "target.gguf"
             if gtype == "source":
                 say("writing target.gguf (the source GGUF's tensors)")
-                copy_source_gguf(reader, tgt, tk + tok_kv)
+                copy_source_gguf(reader, tgt, tk + file_type_kv("source", reader) + tok_kv)
             elif gtype in LLAMA_QUANTS:
                 say("writing target.gguf in f32 for llama.cpp's quantizer")
-                write_gguf(tmp / "target-f32.gguf", "gemma3", tk + tok_kv, tt, ttypes, "mtpkit target (f32)")
+                write_gguf(tmp / "target-f32.gguf", "gemma3", tk + file_type_kv("f32") + tok_kv, tt, ttypes,
+                           "mtpkit target (f32)")
                 from mtpkit.runtime.llamacpp_backend import quiet_llama_logs
                 quiet_llama_logs()
                 say(f"quantizing target.gguf to {gtype} with llama.cpp")
@@ -471,7 +491,7 @@ def export(target: str, drafter: str | None, out: Path, *, quant: str | None = N
                 (tmp / "target-f32.gguf").unlink()
             else:
                 say(f"writing target.gguf ({gtype})")
-                write_gguf(tgt, "gemma3", tk + tok_kv, tt, ttypes, f"mtpkit target ({gtype})")
+                write_gguf(tgt, "gemma3", tk + file_type_kv(gtype) + tok_kv, tt, ttypes, f"mtpkit target ({gtype})")
             if t.tokenizer is not None and getattr(t.tokenizer, "model_path", None):
                 shutil.copyfile(t.tokenizer.model_path, tmp / "tokenizer.model")
             (tmp / "target.json").write_text(json.dumps({"quant": gtype, "target_config": c.to_dict()}, indent=2))
@@ -484,7 +504,7 @@ def export(target: str, drafter: str | None, out: Path, *, quant: str | None = N
             res["wrote"] = [f"{out}/target.gguf ({gtype}, {res['target']['mb']} MB)"]
             if d is not None:
                 say(f"writing drafter.gguf ({drafter_quant})")
-                kv = drafter_kv(d.config, c, width) + centroid_kv(d) + tok_kv
+                kv = drafter_kv(d.config, c, width) + file_type_kv(drafter_quant) + centroid_kv(d) + tok_kv
                 write_gguf(tmp / "drafter.gguf", DRAFTER_ARCH, kv, dt, dtypes, "mtpkit assistant drafter")
                 res["drafter"] = {**describe(tmp / "drafter.gguf"), "embedding_length": width,
                                   "padded_from": d.config.hidden_size if width != d.config.hidden_size else None}
