@@ -113,6 +113,11 @@ def test_server_command_and_programs(tmp_path, monkeypatch):
     assert " ".join(EXACT_FLAGS) in s and "--spec-type draft-mtp --spec-draft-n-max 4" in s and "-t 3 -tb 3" in s
     assert "--spec-type" not in " ".join(server_command(tmp_path, tmp_path / "t.gguf", None, threads=1, n_ctx=64,
                                                         k=4, gpu=False))
+    # on a GPU llama-server's defaults (the flags neither give identity there nor come free), unless asked for
+    g = " ".join(server_command(tmp_path, tmp_path / "t.gguf", None, threads=1, n_ctx=64, k=4, gpu=True))
+    assert "-ngl all" in g and "-ctk" not in g
+    assert " ".join(EXACT_FLAGS) in " ".join(server_command(tmp_path, tmp_path / "t.gguf", None, threads=1, n_ctx=64,
+                                                            k=4, gpu=True, exact=True))
     monkeypatch.setenv("MTPKIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("MTPKIT_LLAMACPP_BIN", raising=False)
     assert find_programs() is None

@@ -30,8 +30,10 @@ from mtpkit.errors import MtpkitError
 LLAMACPP_VERSION = "0.3.36"  # llama-cpp-python whose vendored llama.cpp devices/llamacpp/build.sh builds
 SERVER = "llama-server"
 # The settings of mtpkit's llama.cpp backend (docs/gguf.md): flash attention, q8_0 K/V, every sliding position
-# kept, no weight repacking. With them a verify batch computes what one-token steps compute and draft-mtp's
-# greedy output equals plain decoding; with llama-server's defaults it did not on 6 of 6 prompts here (x86).
+# kept, no weight repacking. On this x86 CPU a verify batch then computes what one-token steps compute and
+# draft-mtp's greedy output equals plain decoding (24/24 prompts; with llama-server's defaults 0/6), at no cost in
+# plain speed. On CUDA (H200) they neither make it identical (8/24) nor come free (q8_0 K/V: llama-bench tg128
+# 764 vs 983 tok/s), so GPU runs use llama-server's defaults (bench/results/h200_stock).
 EXACT_FLAGS = ("-fa", "on", "-ctk", "q8_0", "-ctv", "q8_0", "--swa-full", "-nr")
 
 
@@ -179,12 +181,12 @@ class LlamaServerMethod(Method):
 
 
 def server_command(bin_dir: Path, target: Path, drafter: Path | None, *, threads: int, n_ctx: int, k: int,
-                   gpu: bool) -> list[str]:
-    """llama-server as docs/gguf.md runs it: EXACT_FLAGS, one slot, our context size, threads and draft length
-    (plain decoding with these flags measured as fast as with the defaults here: llama-bench tg128 60-61 vs
-    60-66 tok/s)."""
+                   gpu: bool, exact: bool | None = None) -> list[str]:
+    """llama-server as docs/gguf.md runs it: one slot, our context size, threads and draft length, and EXACT_FLAGS
+    when `exact` (default: on the CPU, where they give greedy identity at no cost; not on a GPU, see EXACT_FLAGS)."""
+    exact = not gpu if exact is None else exact
     cmd = [str(bin_dir / SERVER), "-m", str(target), "-c", str(n_ctx), "-np", "1", "-t", str(threads),
-           "-tb", str(threads), "--no-webui", "-ngl", "all" if gpu else "0", *EXACT_FLAGS]
+           "-tb", str(threads), "--no-webui", "-ngl", "all" if gpu else "0", *(EXACT_FLAGS if exact else ())]
     if drafter is not None:
         cmd += ["-md", str(drafter), "--spec-type", "draft-mtp", "--spec-draft-n-max", str(k),
                 "-ngld", "all" if gpu else "0"]
