@@ -203,8 +203,11 @@ def test_kill_9_during_the_first_import_then_mtpkit_info_works(tmp_path):
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["config"]["num_hidden_layers"] == 18
     assert len(os.listdir(tdir)) == 1 and _visible(tdir) == os.listdir(tdir)  # one import, no leftovers
+    # SIGINT's default disposition in the child: a test run started in the background (`cmd &` in a script) inherits
+    # SIGINT ignored, and a Python started so never turns Ctrl-C into KeyboardInterrupt
     sigint = subprocess.Popen(cmd, env={**env, "MTPKIT_CACHE": str(tmp_path / "c2")}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+                              stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     c2 = tmp_path / "c2" / "targets"
     t0 = time.time()
     while not (c2.exists() and any(p.name.startswith(".") for p in c2.iterdir())):
