@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     from mtpkit.bench.llama_server import EXACT_FLAGS, LlamaServer, find_programs, server_command, stock_bench
     from mtpkit.bench.report import markdown
+    from mtpkit.bench.runner import machine_info
     from mtpkit.bench.schema import write_json
     from mtpkit.errors import MtpkitError
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -55,9 +55,10 @@ def main(argv: list[str] | None = None) -> int:
             raise MtpkitError("--plain-url and --mtp-url go together")
         if a.machine_json:
             machine = json.loads(Path(a.machine_json).read_text())
-        else:
-            machine = {"cpu": platform.processor() or platform.machine(), "gpu": None,
-                       "platform": platform.platform(), "versions": {}}
+        else:  # the servers run here
+            machine = machine_info("cpu")
+            if a.gpu:
+                machine["gpu"] = "llama.cpp GPU build, every layer offloaded (-ngl all)"
         servers = []
         try:
             if a.plain_url:

@@ -20,7 +20,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,6 @@ class LlamaServer:
     def __init__(self, args: list[str] | None = None, url: str | None = None, log: Path | None = None,
                  timeout: float = 300.0):
         self.proc: subprocess.Popen | None = None
-        self.args = args
         if url is None:
             assert args is not None
             port = _free_port()
@@ -166,7 +165,6 @@ def run_of(resp: dict[str, Any]) -> Run:
 class LlamaServerMethod(Method):
     server: LlamaServer | None = None
     sampling: Sampling | None = None
-    command: list[str] = field(default_factory=list)
 
     @property
     def pid(self) -> int | None:
@@ -213,16 +211,15 @@ def llama_server_methods(bin_dir: Path, target: Path, drafter: Path | None, *, t
         shown = " ".join([SERVER, *cmd[1:]])
         if dft is None:
             out.append(LlamaServerMethod(name, f"stock llama.cpp: {shown}", w, mb, reference="plain", server=srv,
-                                         sampling=sampling, command=cmd))
+                                         sampling=sampling))
         else:
             out.append(LlamaServerMethod(name, f"stock llama.cpp draft-mtp with our drafter.gguf: {shown}",
                                          w + " + drafter.gguf", mb + dft.stat().st_size / 2**20,
-                                         reference="llama_server", must_match=True, server=srv, sampling=sampling,
-                                         command=cmd))
+                                         reference="llama_server", must_match=True, server=srv, sampling=sampling))
     return out
 
 
-def stock_bench(plain: LlamaServer, mtp: LlamaServer | None, *, suite: str, limit: int, max_new_tokens: int,
+def stock_bench(plain: LlamaServer, mtp: LlamaServer, *, suite: str, limit: int, max_new_tokens: int,
                 temperature: float, seed: int, repeats: int, machine: dict[str, Any], settings: dict[str, Any],
                 models: dict[str, Any], progress: bool = True) -> dict[str, Any]:
     """A bench document (docs/bench.md schema) of stock llama.cpp alone: `plain` = llama-server's plain decoding,
@@ -234,15 +231,12 @@ def stock_bench(plain: LlamaServer, mtp: LlamaServer | None, *, suite: str, limi
     prompts = spread(load_suite(suite), limit)
     ids = [plain.post("/tokenize", {"content": p.text, "add_special": True})["tokens"] for p in prompts]
     sp = Sampling(temperature, seed, set())
-    methods: list[Method] = [LlamaServerMethod("plain", "stock llama-server, plain decoding", "target.gguf", 0.0,
-                                               server=plain, sampling=sp)]
-    if mtp is not None:
-        methods.append(LlamaServerMethod("speculative", "stock llama-server --spec-type draft-mtp with our drafter.gguf",
-                                         "target.gguf + drafter.gguf", 0.0, reference="plain", must_match=True,
-                                         server=mtp, sampling=sp))
-    for m in methods:
-        m.weights_mb = models.get("target", {}).get("mb", 0.0) + (models.get("drafter", {}).get("mb", 0.0)
-                                                                   if m.name == "speculative" else 0.0)
+    tmb, dmb = models["target"]["mb"], models["drafter"]["mb"]
+    methods: list[Method] = [
+        LlamaServerMethod("plain", "stock llama-server, plain decoding", "target.gguf", tmb, server=plain, sampling=sp),
+        LlamaServerMethod("speculative", "stock llama-server --spec-type draft-mtp with our drafter.gguf",
+                          "target.gguf + drafter.gguf", tmb + dmb, reference="plain", must_match=True, server=mtp,
+                          sampling=sp)]
     t0 = time.perf_counter()
     rows = measure(methods, prompts, ids, max_new_tokens, repeats, temperature <= 0, progress=progress)
     cfg = dict(settings, suite=suite, limit=limit, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,

@@ -270,10 +270,8 @@ def _build_methods(cfg: BenchConfig, session, prompts_len: int, note: Callable[[
             if dpath is None or dpath.suffix != ".gguf":
                 dpath = None
                 note("llama_server_mtp needs an exported drafter.gguf (run with --backend llamacpp on an export)")
-            target_gguf = Path(source.get("path", "")) if str(source.get("path", "")).endswith(".gguf") \
-                else Path(origin["path"])
             from mtpkit.runtime.llamacpp_backend import default_threads
-            methods += llama_server_methods(bin_dir, target_gguf, dpath, threads=cfg.threads or info.threads or
+            methods += llama_server_methods(bin_dir, Path(origin["path"]), dpath, threads=cfg.threads or info.threads or
                                             default_threads(), n_ctx=prompts_len + cfg.max_new_tokens + 64,
                                             k=cfg.num_draft_tokens, sampling=sampling, gpu=gpu)
     if "mlx_lm" in wanted:

@@ -115,20 +115,20 @@ def plan_types(tensors: list[Tensor], quant: str) -> dict[str, str]:
 # general.file_type (llama.cpp's llama_ftype) of a file whose quantized tensors are all of one numpy type; tools
 # such as llama-bench label a model by it (without it: "all F32"). K-quant files get theirs from llama.cpp's
 # quantizer, a `source` copy the source file's.
-FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "bf16": 32}
-QUANTIZATION_VERSION = 2  # ggml's GGML_QNT_VERSION, written beside file_type as llama.cpp's tools do
+FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
+              "q5_0": "MOSTLY_Q5_0", "q5_1": "MOSTLY_Q5_1", "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1"}
 
 
 def file_type_kv(gtype: str, reader=None) -> list[tuple[str, Any, Any]]:
-    """general.file_type + general.quantization_version for a file written in `gtype` (a `source` copy: the
-    source file's own values, when it has them)."""
+    """general.file_type (the gguf package's LlamaFileType) + general.quantization_version for a file written in
+    `gtype`, as llama.cpp's tools write them (a `source` copy: the source file's own values, when it has them)."""
     import gguf
     T = gguf.GGUFValueType
     if gtype == "source":
         return [(k, reader.fields[k].contents(), T.UINT32) for k in ("general.file_type", "general.quantization_version")
                 if reader is not None and k in reader.fields]
-    return [("general.file_type", FILE_TYPES[gtype], T.UINT32),
-            ("general.quantization_version", QUANTIZATION_VERSION, T.UINT32)]
+    return [("general.file_type", int(gguf.LlamaFileType[FILE_TYPES[gtype]]), T.UINT32),
+            ("general.quantization_version", gguf.GGML_QUANT_VERSION, T.UINT32)]
 
 
 def _write(path: Path, arch: str, name: str, kv: list[tuple[str, Any, Any]], tensors) -> None:
