@@ -2,10 +2,12 @@
 
 Timing does not depend on weight values, so this needs no target download. It reports, for CUDA-graph
 replays timed with CUDA events: one plain step, one verify of k + 1 tokens and one k-step greedy draft
-(GPU ms and kernels per replay), then the decode loop itself (plain ms/token, the bench's c and
-verify_rel) and whether speculative greedy output equals plain greedy on a few random prompts.
+(GPU ms and kernels per replay), then the decode loop itself (plain ms/token with and without the fused
+plain chunks, the bench's c and verify_rel) and whether speculative greedy output equals plain greedy on a
+few random prompts.
 
-    python bench/gpu_step_profile.py [--compile drafter|all] [-k 5] [--drafter DIR] [--json OUT]
+    python bench/gpu_step_profile.py [--compile drafter|all] [--max-draft 16] [--no-fuse] [-k 5] [--drafter DIR]
+                                     [--json OUT]
 """
 
 from __future__ import annotations
@@ -24,14 +26,13 @@ from mtpkit.runtime.loop import GenerationParams, generate
 from mtpkit.runtime.torch_backend import TorchBackend
 
 
-def build(drafter: str, compile: str | None, max_len: int) -> TorchBackend:
+def build(drafter: str, compile: str | None, max_len: int, max_draft: int, fuse: bool) -> TorchBackend:
     torch.manual_seed(0)
     with torch.device("cuda"):
         t = GemmaModel(GemmaConfig())
     t.to(dtype=torch.bfloat16).eval().requires_grad_(False)  # as load_target does
     d = load_drafter(drafter, t, dtype=torch.bfloat16, device="cuda")
-    kw = {"compile": compile} if compile else {}  # no keyword: also runs against older checkouts
-    return TorchBackend(t, d, max_len=max_len, cuda_graphs=True, **kw)
+    return TorchBackend(t, d, max_len=max_len, max_draft=max_draft, cuda_graphs=True, compile=compile, fuse=fuse)
 
 
 def gpu_ms(fn, n: int = 100) -> float:
@@ -85,12 +86,20 @@ def steps(be: TorchBackend, k: int) -> dict:
         gr.draft_prep[0].replay()
         for g, _ in gr.draft_steps[:k]:
             g.replay()
-    for name, replay in [("plain", gr.verify_graphs[1][0].replay), (f"verify{k + 1}", gr.verify_graphs[k + 1][0].replay),
-                         (f"draft{k}", draft)]:
+    for name, replay in [("plain", gr.verify_graphs[gr.width or 1][0].replay),
+                         (f"verify{k + 1}", gr.verify_graphs[gr.width or k + 1][0].replay), (f"draft{k}", draft)]:
         n, busy, top = kernels(replay)
         res[name] = {"ms": gpu_ms(replay), "kernels": n, "kernel_ms": busy, "top": top,
                      # each replay after a host sync, as in the decode loop: the launch is no longer hidden
                      "ms_synced": gpu_ms(lambda r=replay: (r(), torch.cuda.synchronize()))}
+    sp = GenerationParams().sampling
+
+    def chunk():  # 16 fused plain steps (graph + feed replays), then back to p0
+        be.fused_plain(tok.view(1), 16, sp, None)
+        be.rollback(p0)
+    chunk()
+    res["plain_chunk16_ms_per_token"] = gpu_ms(chunk, 20) / 16
+    res["plain_chunk16_synced_ms_per_token"] = gpu_ms(lambda: (chunk(), torch.cuda.synchronize()), 20) / 16
     res["c_graph"] = res[f"draft{k}"]["ms"] / k / res["plain"]["ms"]
     res["verify_rel_graph"] = res[f"verify{k + 1}"]["ms"] / res["plain"]["ms"]
     return res
@@ -123,7 +132,8 @@ def timeline(be: TorchBackend, k: int, drafter: bool, rounds: int = 10) -> dict:
     from torch.profiler import ProfilerActivity, profile
     torch.manual_seed(4)
     prompt = torch.randint(0, 200_000, (100,)).tolist()
-    gen = generate(be, prompt, GenerationParams(max_new_tokens=rounds + 20, num_draft_tokens=k), set(), drafter)
+    # (plain decoding: a round is a fused chunk of loop.PLAIN_CHUNK tokens)
+    gen = generate(be, prompt, GenerationParams(max_new_tokens=(rounds + 20) * 16, num_draft_tokens=k), set(), drafter)
     for _ in range(5):
         next(gen)
     torch.cuda.synchronize()
@@ -152,7 +162,7 @@ def decode(be: TorchBackend, prompt: list[int], k: int, drafter: bool, new: int)
     wall = time.perf_counter() - t0 - rounds[0].verify_s
     dec = rounds[1:]
     toks = [t for r in rounds for t in r.tokens]
-    return {"tokens": toks, "decode_s": wall, "forwards": len(dec), "drafted": sum(r.drafted for r in dec),
+    return {"tokens": toks, "decode_s": wall, "forwards": sum(r.forwards for r in dec), "drafted": sum(r.drafted for r in dec),
             "accepted": sum(r.accepted for r in dec), "draft_s": sum(r.draft_s for r in dec),
             "verify_s": sum(r.verify_s for r in dec)}
 
@@ -164,10 +174,16 @@ def loop(be: TorchBackend, k: int, prompts: int, new: int) -> dict:
     decode(be, ps[0], k, True, 16)
     plain = [decode(be, p, k, False, new) for p in ps]
     spec = [decode(be, p, k, True, new) for p in ps]
+    fused, be.fused_plain = be.fused_plain, None  # plain decoding one host-synced step at a time, as before
+    decode(be, ps[0], k, False, 16)
+    single = [decode(be, p, k, False, new) for p in ps]
+    be.fused_plain = fused
     ntok = sum(len(r["tokens"]) - 1 for r in plain)
     step = sum(r["decode_s"] for r in plain) / ntok
     fwd = sum(r["verify_s"] for r in plain) / sum(r["forwards"] for r in plain)
     return {"plain_ms_per_token": step * 1e3,
+            "plain_single_steps_ms_per_token": sum(r["decode_s"] for r in single) / ntok * 1e3,
+            "plain_single_equal": sum(a["tokens"] == b["tokens"] for a, b in zip(plain, single, strict=True)),
             "plain_gpu_ms_per_forward": fwd * 1e3,
             "spec_ms_per_token": sum(r["decode_s"] for r in spec) / sum(len(r["tokens"]) - 1 for r in spec) * 1e3,
             "tau": sum(len(r["tokens"]) - 1 for r in spec) / sum(r["forwards"] for r in spec),
@@ -179,35 +195,45 @@ def loop(be: TorchBackend, k: int, prompts: int, new: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--compile", choices=["drafter", "all"])
+    ap.add_argument("--max-draft", type=int, default=16, help="the backend's max_draft (compile all: steps of "
+                    "max_draft + 1 rows)")
+    ap.add_argument("--no-fuse", action="store_true", help="q/k/v and gate/up as separate GEMMs")
     ap.add_argument("-k", type=int, default=5)
     ap.add_argument("--drafter", default="mtpkit/drafters/gemma3-270m")
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--rows", type=int, help="override mtpkit.model.layers.SMALL_QUERY_ROWS")
     ap.add_argument("--json")
+    ap.add_argument("--quick", action="store_true", help="steps and the loop on 2 prompts only (no invariance check, "
+                    "no timeline)")
     a = ap.parse_args()
+    if a.quick:
+        a.prompts = 2
     if a.rows:
         import mtpkit.model.layers
         mtpkit.model.layers.SMALL_QUERY_ROWS = a.rows
     t0 = time.perf_counter()
-    be = build(a.drafter, a.compile, 4096)
-    res = {"compile": a.compile, "k": a.k, "rows": a.rows, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+    be = build(a.drafter, a.compile, 4096, a.max_draft, not a.no_fuse)
+    res = {"compile": a.compile, "k": a.k, "rows": a.rows, "max_draft": a.max_draft, "fuse": not a.no_fuse, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "steps": steps(be, a.k)}
-    res["invariance"] = invariance(be, a.k)
+    res["invariance"] = None if a.quick else invariance(be, a.k)
     res["loop"] = loop(be, a.k, a.prompts, a.new)
-    res["timeline"] = {"plain": timeline(be, a.k, False), "spec": timeline(be, a.k, True)}
+    res["timeline"] = {} if a.quick else {"plain": timeline(be, a.k, False), "spec": timeline(be, a.k, True)}
     res["wall_s"] = time.perf_counter() - t0
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)
     s, lp = res["steps"], res["loop"]
-    print(f"compile={a.compile} capture {s['capture_s']:.1f}s | " + " | ".join(
+    print(f"compile={a.compile} max_draft={a.max_draft} fuse={not a.no_fuse} capture {s['capture_s']:.1f}s | " + " | ".join(
         f"{n} {s[n]['ms']:.3f} ms, synced {s[n]['ms_synced']:.3f} ({s[n]['kernels']} kernels, {s[n]['kernel_ms']:.3f} busy)"
         for n in ("plain", f"verify{a.k + 1}", f"draft{a.k}")))
     print(f"  graphs: c {s['c_graph']:.3f} verify_rel {s['verify_rel_graph']:.2f} | loop: plain "
           f"{lp['plain_ms_per_token']:.3f} ms/token (GPU per forward {lp['plain_gpu_ms_per_forward']:.3f}), "
           f"c {lp['c']:.3f}, verify_rel {lp['verify_rel']:.2f}, tau {lp['tau']:.2f}, "
           f"greedy identical {lp['greedy_identical']}/{lp['prompts']} | {res['wall_s']:.0f}s")
+    print(f"  plain chunks of 16: {s['plain_chunk16_ms_per_token']:.3f} ms/token GPU, "
+          f"{s['plain_chunk16_synced_ms_per_token']:.3f} synced | loop single steps "
+          f"{lp['plain_single_steps_ms_per_token']:.3f} ms/token, same tokens {lp['plain_single_equal']}/{lp['prompts']}")
     print(f"  verify vs single steps: {res['invariance']} | " + " | ".join(
         f"{n} round {t['wall_ms_per_round']:.3f} ms, GPU busy {t['gpu_busy_ms_per_round']:.3f} ms"
         for n, t in res["timeline"].items()))

@@ -72,7 +72,7 @@ class Stats:
         if r.prefill:
             self.prefill_s += r.verify_s
         elif r.drafted or r.tokens:
-            self.target_forwards += 1
+            self.target_forwards += r.forwards
             self.drafted += r.drafted
             self.accepted += r.accepted
             self.draft_s += r.draft_s

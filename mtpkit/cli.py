@@ -165,6 +165,8 @@ def run(prompt: str = typer.Argument(None, help="Text to continue (or --prompt-f
                                               "coreml: gpu | ane | cpu | all (default: what it was exported for)."),
         dtype: str = typer.Option(None, help="torch: float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)."),
         threads: int = typer.Option(None, help="CPU threads (torch, llamacpp, onnx; mlx on Linux: its OpenBLAS)."),
+        compile: str = typer.Option(None, "--compile", help="torch on CUDA: torch.compile the graph-captured steps: "
+                                                            "all (default; ~1 min the first time, cached), drafter, none."),
         max_new_tokens: int = typer.Option(128, "--max-new-tokens"),
         temperature: float = typer.Option(0.0, help="0 = greedy."),
         top_p: float = typer.Option(1.0, "--top-p"),
@@ -192,7 +194,7 @@ def run(prompt: str = typer.Argument(None, help="Text to continue (or --prompt-f
                      draft_temperature=1.0 if draft_temperature is None else draft_temperature)
     prompt = _prompt(prompt, prompt_file)
     s = mtpkit.load(target=target, drafter=drafter, backend=backend, max_draft=max(16, num_draft_tokens),
-                    max_len=context, device=device, dtype=dtype, threads=threads)
+                    max_len=context, device=device, dtype=dtype, threads=threads, compile=compile)
     if compare and s.drafter_path is None:
         raise MtpkitError("--compare needs a drafter (there is nothing to compare plain decoding with)")
     if s.drafter_path is None and drafter != "none":

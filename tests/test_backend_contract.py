@@ -4,7 +4,7 @@ A backend joins by registering in mtpkit/runtime/__init__.py and adding a `_make
 tiny reference target + drafter into an instance of it (through its exporter when it runs exported files).
 Every test then runs on it: parity of logits / hidden / one drafter step with the reference, greedy
 speculative == plain past the sliding window for k in {1, 3, 5} and both heads, a fused fast path equal to
-the generic draft policy, rollback and context errors, EOS inside a draft, a full context, and a chi-square
+the generic draft policy (and fused plain decoding equal to single steps), rollback and context errors, EOS inside a draft, a full context, and a chi-square
 test that the sampled loop emits the backend's own target distribution.
 """
 
@@ -273,6 +273,28 @@ def test_fused_sampled_draft_equals_the_generic_policy(pair):
         if fused.ids is not None:
             assert be.ops.to_list(fused.ids) == be.ops.to_list(generic.ids)
         _close(fused.q, generic.q, 1e-6, "draft probabilities")
+
+
+def test_fused_plain_equals_single_steps(pair):
+    """n plain steps with no host sync between them pick what n single verify steps pick from their logits (argmax,
+    or ops.pick of probs with the same uniforms), advance the cache by n and return the last step's hidden."""
+    be, bonus, h = _started_with(pair, "fused_plain")
+    ops, p0 = be.ops, be.length
+    for sp in (SamplingParams(), SamplingParams(temperature=0.9, top_k=20)):
+        u = None if sp.greedy else ops.rand(ops.generator(1), 7, like=h)
+        toks, last = be.fused_plain(bonus, 7, sp, u)
+        fused, last = ops.to_list(toks), _np(last)
+        assert be.length == p0 + 7
+        be.rollback(p0)
+        single, tok = [], bonus
+        for i in range(7):
+            logits, hidden = be.verify(tok)
+            j = ops.argmax(logits[0]) if sp.greedy else ops.pick(probs(ops, logits[0], sp), u[i])
+            single.append(ops.to_list(j)[0])
+            tok = ops.tokens(single[-1:])
+        assert fused == single, sp
+        _close(last, hidden[0], 0.0, "the last step's hidden")
+        be.rollback(p0)
 
 
 def test_rollback_and_context_errors(pair):

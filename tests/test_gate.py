@@ -27,6 +27,16 @@ def test_round_costs_drop_the_first_round_and_interpolate():
     assert r(6) == pytest.approx(3.5)
 
 
+def test_a_chunk_of_plain_steps_counts_as_that_many_plain_rounds():
+    g = Gate(4, RoundCosts())
+    g.accepted, g.reached = [1.0] * 4, [2.0] * 4
+    g.observe(0, 0, 99.0, steps=16)  # the first chunk: captures, not counted
+    g.observe(0, 0, 1.6, steps=16)
+    assert g.costs(0) == pytest.approx(0.1)  # seconds per plain step
+    assert g.idle == 2 * 15  # choose() counts each chunk's first step
+    assert g.accepted[0] == pytest.approx(0.95 ** 32) and g.reached[0] == pytest.approx(2 * 0.95 ** 32)
+
+
 def _simulate(rates, cost, max_k, rounds=400, seed=0, gate=True, costs=None):
     """Tokens per second over `rounds` rounds: rates[i] = P(draft i+1 accepted | earlier ones accepted),
     cost(k) = seconds of a round that drafts k. Returns (tokens / seconds, rounds that drafted nothing)."""

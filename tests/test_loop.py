@@ -9,7 +9,7 @@ import torch
 
 from mtpkit.errors import MtpkitError
 from mtpkit.model.config import FULL, SLIDING
-from mtpkit.runtime.loop import GenerationParams, generate
+from mtpkit.runtime.loop import PLAIN_CHUNK, GenerationParams, generate
 from mtpkit.runtime.oracle import OracleDrafter
 from mtpkit.runtime.sampling import SamplingParams, accept_rejection, probs
 from mtpkit.runtime.torch_backend import TorchBackend
@@ -205,3 +205,63 @@ def test_adaptive_drafting_is_still_lossless(target):
                         num_draft_tokens=6, min_confidence=0.2)
     assert spec == plain
     assert any(r.drafted < 6 for r in rounds[1:-1])  # it did stop some drafts early
+
+
+class ChunkedPlain:
+    """A backend with `fused_plain` made of single verify steps (what the torch backend's CUDA graphs compute, here
+    on the CPU): the loop's chunked plain decoding, tested without a GPU."""
+
+    def __init__(self, inner):
+        self.inner, self.calls = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def fused_plain(self, token, n, sp, u):
+        self.calls.append(n)
+        ops, out = self.inner.ops, []
+        for i in range(n):
+            logits, hidden = self.inner.verify(token)
+            j = ops.argmax(logits[0]) if sp.greedy else ops.pick(probs(ops, logits[0], sp), u[i])
+            out.append(ops.to_list(j)[0])
+            token = ops.tokens(out[-1:])
+        return ops.tokens(out), hidden[0]
+
+
+def test_chunked_plain_decoding_emits_what_single_steps_emit(target):
+    from mtpkit.api import Stats
+    prompt = [3, 14, 15, 92, 65]
+    plain, _ = _run(TorchBackend(target, None, max_len=128), prompt, set(), max_new_tokens=40)
+    be = ChunkedPlain(TorchBackend(target, None, max_len=128))
+    got, rounds = _run(be, prompt, set(), max_new_tokens=40)
+    assert got == plain and be.calls == [PLAIN_CHUNK, PLAIN_CHUNK, 39 - 2 * PLAIN_CHUNK]
+    st = Stats()
+    for r in rounds:
+        st.add(r)
+    assert st.target_forwards == 39 and st.tau == 1.0 and rounds[-1].finish == "length"
+    # an EOS inside a chunk ends the output there
+    eos = plain[20]
+    want = plain[:plain.index(eos) + 1]
+    got, rounds = _run(ChunkedPlain(TorchBackend(target, None, max_len=128)), prompt, {eos}, max_new_tokens=40)
+    assert got == want and rounds[-1].finish == "eos"
+    # the context fills inside a chunk: the same tokens as single steps, then "context"
+    short, rounds_single = _run(TorchBackend(target, None, max_len=30), prompt, set(), max_new_tokens=40)
+    be = ChunkedPlain(TorchBackend(target, None, max_len=30))
+    got, rounds = _run(be, prompt, set(), max_new_tokens=40)
+    assert got == short and rounds[-1].finish == rounds_single[-1].finish == "context" and len(got) == 30 - 5 + 1
+    # sampling: one uniform per step, drawn by the loop
+    got, _ = _run(ChunkedPlain(TorchBackend(target, None, max_len=128)), prompt, set(), max_new_tokens=40,
+                  sampling=SamplingParams(temperature=1.0), seed=3)
+    assert len(got) == 40
+
+
+def test_the_gates_plain_steps_run_in_chunks(target):
+    """With a drafter that gets little accepted the gate picks k = 0: those plain steps run as fused chunks, and
+    the output stays plain greedy decoding."""
+    prompt = [3, 14, 15, 92, 65]
+    plain, _ = _run(TorchBackend(target, None, max_len=256), prompt, set(), max_new_tokens=120)
+    be = ChunkedPlain(TorchBackend(target, tiny_drafter(target, 1), max_len=256, max_draft=4))
+    got, rounds = _run(be, prompt, set(), max_new_tokens=120, num_draft_tokens=4, gate=True)
+    assert got == plain
+    assert be.calls and any(r.forwards > 1 and r.drafted == 0 for r in rounds)
+    assert any(r.drafted for r in rounds)  # the gate still drafts (first the longest draft, then probes)

@@ -50,3 +50,15 @@ def test_compiled_drafter_keeps_greedy_output():
     target, drafter, prompt = _models(0)
     be = TorchBackend(target, drafter, max_len=256, max_draft=4, compile="drafter")
     assert _tokens(be, prompt, 40, 4) == _tokens(be, prompt, 40, 4, drafter=False)
+
+
+def test_compiled_target_keeps_greedy_output():
+    """compile="all": every target step (plain and verify) runs one padded width, so a verify row computes what a
+    plain step computes; fused plain chunks and single plain steps agree too."""
+    target, drafter, prompt = _models(1)
+    be = TorchBackend(target, drafter, max_len=256, max_draft=4, compile="all")
+    plain = _tokens(be, prompt, 40, 4, drafter=False)
+    assert _tokens(be, prompt, 40, 4) == plain
+    fused, be.fused_plain = be.fused_plain, None
+    assert _tokens(be, prompt, 40, 4, drafter=False) == plain
+    assert fused is not None and be._graphs.width == 5 and set(be._graphs.verify_graphs) == {5}

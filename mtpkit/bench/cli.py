@@ -50,8 +50,8 @@ def bench_command(
                                          "devices/llamacpp/build.sh)."),
         lookup_tokens: int = typer.Option(10, "--lookup-tokens", help="Draft length of the prompt-lookup baselines."),
         seed: int = typer.Option(0),
-        compile: str = typer.Option(None, "--compile", help="torch on CUDA: torch.compile the graph-captured draft "
-                                                            "steps (drafter), or the target's too (all: not greedy-exact)."),
+        compile: str = typer.Option(None, "--compile", help="torch on CUDA: torch.compile the graph-captured steps: "
+                                                            "all (default: target and drafter), drafter, none."),
         json_out: str = typer.Option(None, "--json", help="Write the result document here (schema: docs/bench.md)."),
         markdown_out: str = typer.Option(None, "--markdown", help="Write the Markdown table here."),
         plot_out: str = typer.Option(None, "--plot", help="Write a PNG: acceptance per position, speedup per category."),

@@ -55,7 +55,7 @@ class BenchConfig:
     threads: int | None = None  # CPU threads for torch and llama.cpp (None = torch's current setting)
     baselines: str = "auto"  # auto (all installed) | none | comma list of hf, llamacpp, mlx_lm, torch
     lookup_tokens: int = LOOKUP_TOKENS
-    compile: str | None = None  # torch on CUDA: torch.compile "drafter" or "all" captured steps (TorchBackend)
+    compile: str | None = None  # torch on CUDA: torch.compile none | drafter | all captured steps (default all)
     gate: str = "on"  # on | off (fixed k) | both (speculative with the gate + speculative_fixed_k)
     llamacpp_bin: str | None = None  # llama.cpp's programs (llama_server baseline); None = MTPKIT_LLAMACPP_BIN / build cache
 
@@ -464,7 +464,8 @@ def run_bench(cfg: BenchConfig, note: Callable[[str], None] = lambda s: None, pr
                 m.close()
     settings = asdict(cfg)
     settings.update(threads=info.threads, resolved_drafter=session.drafter_path, device=info.device, dtype=info.dtype,
-                    cuda_graphs=info.graphs, draft_temperature=session.draft_temperature)
+                    cuda_graphs=info.graphs, draft_temperature=session.draft_temperature,
+                    compile=info.compile or cfg.compile)  # the default resolved (all on CUDA)
     doc = document(methods, rows, greedy, skipped=skipped, settings=settings, machine=machine_info(info.device),
                    models=model_info(info), wall_s=time.perf_counter() - t_start)
     return doc

@@ -109,6 +109,12 @@ class DrafterModel(nn.Module):
                              persistent=False)
         self.register_buffer("inv_freq_sliding", rope_inv_freq(c.head_dim, c.rope_local_base_freq), persistent=False)
 
+    def fuse(self) -> DrafterModel:
+        """Each block's gate/up as one GEMM (GemmaModel.fuse)."""
+        for layer in self.layers:
+            layer.mlp.fuse()
+        return self
+
     def num_parameters(self) -> int:
         """The drafter's own parameters; a bound target embedding is the target's and is not counted."""
         return sum(p.numel() for p in self.parameters())

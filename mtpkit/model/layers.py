@@ -20,15 +20,36 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x.float(), x.shape[-1:], 1.0 + self.weight.float(), self.eps).type_as(x)
 
 
+def fuse_linears(*linears: nn.Linear) -> torch.Tensor:
+    """One [sum of outputs, in] weight for linears that read the same input, the linears' weights becoming views
+    of it (no second copy): a decode step then runs one small GEMM where it ran several, each a launch.
+    Modules use it only with gradients off (inference); an in-place update of the linears' weights updates it too."""
+    w = torch.cat([m.weight.detach() for m in linears])
+    at = 0
+    for m in linears:
+        n = m.weight.shape[0]
+        m.weight.data = w[at:at + n]
+        at += n
+    return w
+
+
 class GeGLU(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.register_buffer("fused", None, persistent=False)  # fuse(): gate and up as one [2 * hidden, dim] weight
+
+    def fuse(self) -> None:
+        self.register_buffer("fused", fuse_linears(self.gate_proj, self.up_proj), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x))
+        if self.fused is not None and not torch.is_grad_enabled():  # (gradients reach the separate weights only)
+            gate, up = F.linear(x, self.fused).chunk(2, -1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: float = 1.0) -> torch.Tensor:

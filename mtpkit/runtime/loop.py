@@ -9,6 +9,10 @@ hidden at p - 1 and b (the bonus token, position p) is not in the cache yet.
 Every round emits d_1..d_n, b': tau = n + 1 tokens per target forward. With no drafter (or k = 0) the
 same code is plain decoding, which is the baseline every speedup is measured against. Each round's k is
 picked by the online gate (runtime/gate.py) in 0..num_draft_tokens, or is num_draft_tokens when gate=False.
+Plain steps (plain decoding, or the gate's k = 0) on a backend with `fused_plain` (the torch backend's CUDA
+graphs) run PLAIN_CHUNK at a time with no host sync between them: the host queues the next steps while the GPU
+runs (one Round per chunk, `forwards` = its tokens); the tokens equal those of single steps (greedy), or are
+drawn from the same distribution (sampling).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from mtpkit.runtime.draft import draft
 from mtpkit.runtime.gate import Gate, RoundCosts
 from mtpkit.runtime.sampling import SamplingParams, accept_greedy, accept_rejection, probs
 
+PLAIN_CHUNK = 16  # fused plain decoding: steps queued per host sync (a chunk past EOS is wasted work)
+
 
 @dataclass
 class Round:
@@ -33,6 +39,7 @@ class Round:
     verify_s: float = 0.0
     prefill: bool = False  # the first "round": the prompt's forward and the first token
     finish: str | None = None  # "eos", "length" (max_new_tokens) or "context" on the last round
+    forwards: int = 1  # target forwards the round stands for (a fused plain chunk: one per token it emits)
 
 
 @dataclass
@@ -114,6 +121,21 @@ def generate(backend: Backend, prompt: list[int], params: GenerationParams, eos:
         k = min(params.num_draft_tokens, params.max_new_tokens - emitted - 1, room) if drafting else 0
         if gate is not None:
             k = gate.choose(k)
+        if k == 0 and backend.fused_plain is not None:  # plain steps, PLAIN_CHUNK of them per host sync
+            m = min(PLAIN_CHUNK, params.max_new_tokens - emitted, room + 1)
+            u = None if sp.greedy else ops.rand(rng, m, like=h)
+            wall = time.perf_counter()
+            t0 = backend.clock()
+            toks, h = backend.fused_plain(ops.tokens([bonus]), m, sp, u)
+            t1 = backend.clock()
+            picked = ops.to_list(toks)
+            if gate is not None:
+                gate.observe(0, 0, time.perf_counter() - wall, steps=m)
+            bonus = picked[-1]
+            out, finish = cut(picked, eos, params.max_new_tokens - emitted)
+            emitted += len(out)
+            yield Round(out, 0, 0, verify_s=backend.elapsed(t0, t1), finish=finish, forwards=len(out))
+            continue
         b = ops.tokens([bonus])
         wall = time.perf_counter()
         t0 = backend.clock()
