@@ -10,9 +10,9 @@ accepted the gate falls back to plain decoding within a few rounds; while plain 
 (the cheapest k) after 4, 8, ..., 64 plain rounds (a probe), in case acceptance came back, but no more often
 than keeps the probes' expected loss under PROBE_BUDGET of the plain time.
 R(k) is the median of the last rounds that drafted k (a backend's first round at each k is not counted: it
-pays for CUDA-graph captures and warm-ups); where the backend runs plain steps in fused chunks, R(0) is a chunk's
-time per step. R need not grow with k (on this repo's CPU torch's fp32 head GEMM
-takes 62 / 140 / 200 / 113 ms for 1 / 2 / 3 / 4 rows: a verify of 6 tokens is cheaper than one of 3), so the
+pays for CUDA-graph captures and warm-ups); where the backend runs plain steps in fused chunks, R(0) is a
+chunk's time per step. R need not grow with k (on this repo's CPU torch's fp32 head GEMM takes 62 / 140 / 200 /
+113 ms for 1 / 2 / 3 / 4 rows: a verify of 6 tokens is cheaper than one of 3), so the
 gate measures k = K and k = 0 first, then, once drafting pays at a measured k, any other k that could beat it
 if it cost only a plain step (two rounds each); an unmeasured k's R is interpolated linearly.
 api.Session keeps one Gate (acceptance and costs) per greedy/sampled across its generations.
@@ -140,7 +140,7 @@ class Gate:
         that many plain rounds of seconds / steps each."""
         self.costs.add(drafted, seconds / steps)
         if steps > 1:
-            self.idle += steps - 1  # choose() counted the chunk's first
+            self.idle += steps - 1  # the chunk's other steps (choose() counts the plain round it picks)
         for i in range(self.max_k):
             self.accepted[i] *= DECAY ** steps
             self.reached[i] *= DECAY ** steps
