@@ -22,7 +22,7 @@ import torch
 from mtpkit.model.config import GemmaConfig
 from mtpkit.model.gemma import GemmaModel
 from mtpkit.model.load import load_drafter
-from mtpkit.runtime.loop import GenerationParams, generate
+from mtpkit.runtime.loop import PLAIN_CHUNK, GenerationParams, generate
 from mtpkit.runtime.torch_backend import TorchBackend
 
 
@@ -132,8 +132,9 @@ def timeline(be: TorchBackend, k: int, drafter: bool, rounds: int = 10) -> dict:
     from torch.profiler import ProfilerActivity, profile
     torch.manual_seed(4)
     prompt = torch.randint(0, 200_000, (100,)).tolist()
-    # (plain decoding: a round is a fused chunk of loop.PLAIN_CHUNK tokens)
-    gen = generate(be, prompt, GenerationParams(max_new_tokens=(rounds + 20) * 16, num_draft_tokens=k), set(), drafter)
+    # (plain decoding: a round is a fused chunk of PLAIN_CHUNK tokens)
+    gen = generate(be, prompt, GenerationParams(max_new_tokens=(rounds + 20) * PLAIN_CHUNK, num_draft_tokens=k), set(),
+                   drafter)
     for _ in range(5):
         next(gen)
     torch.cuda.synchronize()

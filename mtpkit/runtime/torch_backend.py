@@ -217,12 +217,17 @@ class TorchBackend(Backend):
                                                                                     sp, u)) if on else None
         self.fused_plain = self._fused_plain if graphs is not None else None
 
-    def _fused_plain(self, token: torch.Tensor, n: int, sp: SamplingParams, u: torch.Tensor | None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _next_positions(self, n: int) -> int:
+        """The first of n positions a target step is about to write (raises if they do not fit); ends the draft round."""
         start = self.cache.length
         if start + n > self.max_len:
             raise MtpkitError(f"context full: {start + n} positions > {self.max_len}")
         self._round = None
+        return start
+
+    def _fused_plain(self, token: torch.Tensor, n: int, sp: SamplingParams, u: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        start = self._next_positions(n)
         tokens, h = self._graphs.plain(token, n, start, sp, u)
         self.cache.advance(start, n)
         return tokens, h
@@ -266,10 +271,8 @@ class TorchBackend(Backend):
 
     @torch.inference_mode()
     def verify(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n, start = tokens.numel(), self.cache.length
-        if start + n > self.max_len:
-            raise MtpkitError(f"context full: {start + n} positions > {self.max_len}")
-        self._round = None
+        n = tokens.numel()
+        start = self._next_positions(n)
         if self._graphs is not None:
             logits, hidden = self._graphs.verify(tokens, start)
             self.cache.advance(start, n)
