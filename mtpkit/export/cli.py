@@ -54,7 +54,7 @@ def export_command(
                                           help="GGUF: none = f32 | int8 = q8_0 (default: keeps the centroid head's "
                                                "rows exact enough and readable by mtpkit's llama.cpp backend) | int4 = "
                                                "q4_0, or a type: f32 f16 bf16 q8_0 q5_0 q5_1 q4_0 q4_1. ONNX: none | "
-                                               "int8 | int4 (default: --quant)."),
+                                               "int8 | int4 (default: int8 with a float32 target, else --quant)."),
         dtype: str = typer.Option(None, help="MLX: float32 | bfloat16 (default) | float16 for unquantized tensors."),
         compute: str = typer.Option(None, help="Core ML: gpu (default: the KV cache in Core ML states shared by "
                                                "target and drafter) | ane (Neural Engine: explicit K/V inputs)."),

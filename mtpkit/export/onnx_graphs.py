@@ -143,7 +143,9 @@ class DrafterGraph(nn.Module):
             return softcap(F.linear(x, w).float(), c.final_logit_softcapping)[0], h_next
         top = d.centroids(x).float()[0].topk(c.centroid_top_k).indices
         ids = d.cluster_tokens().index_select(0, top).reshape(-1)
-        blocks = self.rows.index_select(0, top).reshape(c.centroid_top_k, c.tokens_per_centroid, -1).float()
-        logits = softcap((blocks @ x[0]).reshape(-1), c.final_logit_softcapping)
+        # F.linear = one Gemm(transB) over the [N, d] rows: ONNX Runtime ran the batched form [C, T, d] @ [d] as a
+        # MatMul at 3.5 ms of a 7.9 ms step on this repo's CPU (2 threads), the Gemm in a tenth of that
+        blocks = self.rows.index_select(0, top).reshape(-1, x.shape[-1]).float()
+        logits = softcap(F.linear(x, blocks)[0], c.final_logit_softcapping)
         return ids, logits, h_next
 

@@ -1,11 +1,15 @@
 """The online gate: each round's draft length k in 0..K, picked to maximize expected tokens per second.
 
     tokens(k)  = 1 + a_1 + a_1 a_2 + ... + a_1 a_2 ... a_k    a_i = P(draft i accepted | drafts 1..i-1 accepted)
-    seconds(k) = R(k), the measured wall time of a round that drafted k (draft + verify of k + 1 + acceptance)
+    seconds(k) = R(k), the measured wall time of a round that chose k (draft + verify + acceptance)
     k*         = argmax over k in 0..K of tokens(k) / seconds(k);  k = 0 is a plain decoding step
 
 a_i are running estimates at the current temperature: counts decayed by DECAY per round, each position's
-shrunk toward the estimate of the position before it (the first toward PRIOR). When drafts stop being
+shrunk toward the estimate of the position before it (the first toward PRIOR). With adaptive drafting
+(min_confidence) a round may propose fewer than its k: the step that stopped it was paid for, so that round
+counts under R(k), and its stopped position as reached and not accepted (a_i is the chance that position i
+yields a token); otherwise a round that stopped at its first step would count as a plain step, and a plain
+step would look dearer than it is. When drafts stop being
 accepted the gate falls back to plain decoding within a few rounds; while plain looks best it still drafts
 (the cheapest k) after 4, 8, ..., 64 plain rounds (a probe), in case acceptance came back, but no more often
 than keeps the probes' expected loss under PROBE_BUDGET of the plain time.
@@ -135,15 +139,18 @@ class Gate:
         self.idle, self.probe_every = 0, min(2 * self.probe_every, PROBE_MAX)
         return probe_k
 
-    def observe(self, drafted: int, accepted: int, seconds: float, steps: int = 1) -> None:
+    def observe(self, drafted: int, accepted: int, seconds: float, steps: int = 1, chose: int | None = None) -> None:
         """A round's outcome; `steps` > 1: that many plain steps run as one chunk (loop.PLAIN_CHUNK), counted as
-        that many plain rounds of seconds / steps each."""
-        self.costs.add(drafted, seconds / steps)
+        that many plain rounds of seconds / steps each. `chose`: the round's k when adaptive drafting proposed
+        fewer (`drafted` < chose; module docstring); default `drafted`."""
+        chose = drafted if chose is None else chose
+        self.costs.add(chose, seconds / steps)
         if steps > 1:
             self.idle += steps - 1  # the chunk's other steps (choose() counts the plain round it picks)
         for i in range(self.max_k):
             self.accepted[i] *= DECAY ** steps
             self.reached[i] *= DECAY ** steps
-        for i in range(min(accepted + 1, drafted)):
+        stopped = int(drafted < chose)  # position `drafted` was reached (all accepted) and proposed nothing
+        for i in range(min(accepted + 1, drafted + stopped)):
             self.reached[i] += 1
             self.accepted[i] += i < accepted

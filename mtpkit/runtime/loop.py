@@ -149,7 +149,7 @@ def generate(backend: Backend, prompt: list[int], params: GenerationParams, eos:
         t2 = backend.clock()
         drafted = ops.to_list(d.tokens)
         if gate is not None:  # the round's wall time: acceptance synced the device
-            gate.observe(len(drafted), n, time.perf_counter() - wall)
+            gate.observe(len(drafted), n, time.perf_counter() - wall, chose=k)
         out, finish = cut(drafted[:n] + [bonus], eos, params.max_new_tokens - emitted)
         emitted += len(out)
         yield Round(out, len(drafted), n, backend.elapsed(t0, t1), backend.elapsed(t1, t2), finish=finish)
