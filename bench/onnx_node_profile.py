@@ -4,8 +4,8 @@
     mtpkit export --format onnx --out DIR
     python bench/onnx_node_profile.py DIR [--threads 2] [--context 300] [--steps 50] [--json F]
 
-It found the centroid head's candidate logits run as a batched MatMul [32, 128, 640] @ [640] at 3.5 ms of a
-7.9 ms step on this repo's CPU; as one Gemm (onnx_graphs.DrafterGraph) they take 0.27 ms.
+It found the centroid head's candidate logits run as a batched MatMul [32, 128, 640] @ [640] at 3.7 ms of a
+9.7 ms step on this repo's CPU; as one Gemm (onnx_graphs.DrafterGraph) they take 0.4 ms.
 """
 
 from __future__ import annotations

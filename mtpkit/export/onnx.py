@@ -17,7 +17,8 @@ int8 keeps the embedding rows in float32). The quantizer rewrites MatMuls only: 
 MatMul over its own transposed copy. The drafter's centroid-head rows stay float16 in the quantized exports.
 --drafter-quant quantizes the drafter on its own; default: int8 with a float32 target (`default_drafter_quant`): the
 target stays exact (greedy output equal to the reference's), and the draft step, bound by its weights' bytes on a
-CPU, costs 3.7 ms instead of 4.3 on this repo's 2 cores with the same acceptance (bench/results/cpu_onnx).
+CPU, costs 3.9 ms instead of 6.1 under the profiler on this repo's 2 cores, with the same acceptance
+(bench/results/cpu_onnx/NOTES.md).
 
 Before anything lands in DIR both files run in ONNX Runtime through mtpkit's onnx backend (a prefill, then verifies
 past the sliding window) and are compared with the float32 reference: the target's logits (`TOLERANCE`) and each
