@@ -114,7 +114,7 @@ def _simulate_adaptive(stop, rate, draft_cost, rounds=400, seed=0, accounting=Tr
 def test_drafts_stopped_by_the_drafters_confidence_do_not_look_like_plain_steps(stop, rate):
     """Measured with ONNX Runtime on this CPU at T = 1 (MT-Bench writing): most rounds' first draft step was
     unsure, so the round verified its bonus alone after paying a draft step. Counted as plain rounds, those made
-    a plain step look 10 % dearer than it was and the gate kept drafting at 0.88x of plain; counted under the k
+    a plain step look up to a draft step dearer than it was, and the gate kept drafting at 0.88x of plain; counted under the k
     the gate chose, with the unsure position as not accepted, the gate sees that drafting does not pay (and still
     drafts where it does)."""
     got = np.mean([_simulate_adaptive(stop, rate, 0.12, seed=s) for s in range(4)])

@@ -9,10 +9,10 @@ shrunk toward the estimate of the position before it (the first toward PRIOR). W
 (min_confidence) a round may propose fewer than its k: the step that stopped it was paid for, so that round
 counts under R(k), and its stopped position as reached and not accepted (a_i is the chance that position i
 yields a token); otherwise a round that stopped at its first step would count as a plain step, and a plain
-step would look dearer than it is. When drafts stop being
-accepted the gate falls back to plain decoding within a few rounds; while plain looks best it still drafts
-(the cheapest k) after 4, 8, ..., 64 plain rounds (a probe), in case acceptance came back, but no more often
-than keeps the probes' expected loss under PROBE_BUDGET of the plain time.
+step would look dearer than it is. When drafts stop being accepted the gate falls back to plain decoding
+within a few rounds; while plain looks best it still drafts (the cheapest k) after 4, 8, ..., 64 plain
+rounds (a probe), in case acceptance came back, but no more often than keeps the probes' expected loss under
+PROBE_BUDGET of the plain time.
 R(k) is the median of the last rounds that drafted k (a backend's first round at each k is not counted: it
 pays for CUDA-graph captures and warm-ups); where the backend runs plain steps in fused chunks, R(0) is a
 chunk's time per step. R need not grow with k (on this repo's CPU torch's fp32 head GEMM takes 62 / 140 / 200 /
