@@ -4,7 +4,8 @@
 #   setup                 the gguf wheel (.whl), the suites as jsonl (.stage/suites), the CUDA tests
 #   sdist N               part N of llama-cpp-python 0.3.36's sdist (.stage/sd.part0N); after the last: start
 #                         `devices/llamacpp/build.sh --cuda 90` in the background (log /tmp/build.log)
-#   part N                part N of the target GGUF (.stage/tg.part0N, 38 MiB pieces of /tmp/pair/target.gguf)
+#   part N LAST           part N of LAST of the target GGUF (.stage/tg.part0N: `split -b 37M -d -a 2 --numeric-suffixes=1
+#                         /tmp/pair/target.gguf .stage/tg.part`, 7 pieces; a call carries ~40 MiB beside the tree)
 #   variants              bench/gpu_step_profile.py variants (random weights: compile all at max_draft 5 and 16, fused
 #                         projections or not, the eager graphs) -> /tmp/var/*.json, log /tmp/var.log (background)
 #   bench SUITE LIMIT T [ARGS]   mtpkit bench on the real target (ours: compile all; llama-server's plain decoding on
@@ -31,7 +32,7 @@ case "$1" in
     fi ;;
   part)
     cp ".stage/tg.part0$2" /tmp/stage/ && ls /tmp/stage
-    if [ "$2" = 6 ]; then cat /tmp/stage/tg.part0* > /tmp/g3.gguf && echo "$SHA  /tmp/g3.gguf" | sha256sum -c; fi ;;
+    if [ "$2" = "${3:-6}" ]; then cat /tmp/stage/tg.part0* > /tmp/g3.gguf && echo "$SHA  /tmp/g3.gguf" | sha256sum -c; fi ;;
   variants)
     mkdir -p /tmp/var
     setsid nohup bash -c '

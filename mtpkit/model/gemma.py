@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mtpkit.errors import MtpkitError
@@ -25,11 +24,13 @@ from mtpkit.model.cache import KVCache
 from mtpkit.model.config import SLIDING, GemmaConfig
 from mtpkit.model.layers import (
     GeGLU,
+    Linear,
     RMSNorm,
     apply_rope,
     attend,
     attention_mask,
     fuse_linears,
+    linear,
     rope_inv_freq,
     rope_table,
     softcap,
@@ -47,10 +48,10 @@ class Attention(nn.Module):
         self.layer = layer
         self.n_heads, self.n_kv, self.hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.scale = c.attn_scale
-        self.q_proj = nn.Linear(c.hidden_size, self.n_heads * self.hd, bias=False)
-        self.k_proj = nn.Linear(c.hidden_size, self.n_kv * self.hd, bias=False)
-        self.v_proj = nn.Linear(c.hidden_size, self.n_kv * self.hd, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.hd, c.hidden_size, bias=False)
+        self.q_proj = Linear(c.hidden_size, self.n_heads * self.hd)
+        self.k_proj = Linear(c.hidden_size, self.n_kv * self.hd)
+        self.v_proj = Linear(c.hidden_size, self.n_kv * self.hd)
+        self.o_proj = Linear(self.n_heads * self.hd, c.hidden_size)
         self.q_norm = RMSNorm(self.hd, c.rms_norm_eps)
         self.k_norm = RMSNorm(self.hd, c.rms_norm_eps)
         self.register_buffer("fused", None, persistent=False)  # fuse(): q, k and v as one weight
@@ -62,8 +63,8 @@ class Attention(nn.Module):
                 mask: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
         if self.fused is not None and not torch.is_grad_enabled():  # (gradients reach the separate weights only)
-            q, k, v = F.linear(x, self.fused).split([self.n_heads * self.hd, self.n_kv * self.hd,
-                                                     self.n_kv * self.hd], -1)
+            q, k, v = linear(x, self.fused).split([self.n_heads * self.hd, self.n_kv * self.hd,
+                                                   self.n_kv * self.hd], -1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = self.q_norm(q.view(B, T, self.n_heads, self.hd).transpose(1, 2))
@@ -120,7 +121,8 @@ class GemmaModel(nn.Module):
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Tied output head on post-norm hidden states -> float32 logits."""
-        return softcap((hidden @ self.embed_tokens.weight.T).float(), self.config.final_logit_softcapping)
+        w = self.embed_tokens.weight
+        return softcap(linear(hidden, w, lambda x, w: x @ w.T).float(), self.config.final_logit_softcapping)
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, start: int | None = None,
                 logits: bool = True, pad: torch.Tensor | None = None) -> Output:

@@ -1,7 +1,8 @@
 """The online gate: each round's draft length k in 0..K, picked to maximize expected tokens per second.
 
     tokens(k)  = 1 + a_1 + a_1 a_2 + ... + a_1 a_2 ... a_k    a_i = P(draft i accepted | drafts 1..i-1 accepted)
-    seconds(k) = R(k), the measured wall time of a round that chose k (draft + verify + acceptance)
+    seconds(k) = R(k), the measured wall time of a round that chose k, from the end of the round before it: draft,
+                 verify, acceptance, and the loop's and its caller's work per round
     k*         = argmax over k in 0..K of tokens(k) / seconds(k);  k = 0 is a plain decoding step
 
 a_i are running estimates at the current temperature: counts decayed by DECAY per round, each position's

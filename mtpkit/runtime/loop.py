@@ -113,7 +113,8 @@ def generate(backend: Backend, prompt: list[int], params: GenerationParams, eos:
         gate = None
     else:
         gate = (gate or Gate(params.num_draft_tokens, RoundCosts())).for_k(params.num_draft_tokens)
-    while finish is None:
+    last = time.perf_counter()  # the gate times a round from the end of the previous one: the loop's own
+    while finish is None:  # overhead and the caller's work between rounds count (per round, as they are paid)
         room = backend.max_len - backend.length - 1  # positions left after the bonus
         if room < 0:
             yield Round([], 0, 0, finish="context")
@@ -124,20 +125,20 @@ def generate(backend: Backend, prompt: list[int], params: GenerationParams, eos:
         if k == 0 and backend.fused_plain is not None:  # plain steps, PLAIN_CHUNK of them per host sync
             m = min(PLAIN_CHUNK, params.max_new_tokens - emitted, room + 1)
             u = None if sp.greedy else ops.rand(rng, m, like=h)
-            wall = time.perf_counter()
             t0 = backend.clock()
             toks, h = backend.fused_plain(ops.tokens([bonus]), m, sp, u)
             t1 = backend.clock()
             picked = ops.to_list(toks)
             if gate is not None:
-                gate.observe(0, 0, time.perf_counter() - wall, steps=m)
+                now = time.perf_counter()
+                gate.observe(0, 0, now - last, steps=m)
+                last = now
             bonus = picked[-1]
             out, finish = cut(picked, eos, params.max_new_tokens - emitted)
             emitted += len(out)
             yield Round(out, 0, 0, verify_s=backend.elapsed(t0, t1), finish=finish, forwards=len(out))
             continue
         b = ops.tokens([bonus])
-        wall = time.perf_counter()
         t0 = backend.clock()
         d = draft(backend, b, h, k, dsp, rng, params.min_confidence)
         t1 = backend.clock()
@@ -148,8 +149,10 @@ def generate(backend: Backend, prompt: list[int], params: GenerationParams, eos:
         h = hidden[n]
         t2 = backend.clock()
         drafted = ops.to_list(d.tokens)
-        if gate is not None:  # the round's wall time: acceptance synced the device
-            gate.observe(len(drafted), n, time.perf_counter() - wall, chose=k)
+        if gate is not None:  # acceptance synced the device
+            now = time.perf_counter()
+            gate.observe(len(drafted), n, now - last, chose=k)
+            last = now
         out, finish = cut(drafted[:n] + [bonus], eos, params.max_new_tokens - emitted)
         emitted += len(out)
         yield Round(out, len(drafted), n, backend.elapsed(t0, t1), backend.elapsed(t1, t2), finish=finish)

@@ -12,9 +12,13 @@ shape, so with "all" every target step, plain and verify, runs one padded width 
 rows repeat the last token at its position): a verify row then computes bitwise what a plain step computes,
 and greedy speculative output stays equal to plain (H200: 16/16, 16/16, 48/48 on HumanEval / MT-Bench /
 everyday; 1.0 ms a step of 17 rows vs 1.0 ms of 6).
-On CUDA the target's q/k/v and gate/up projections run as one GEMM each (GemmaModel.fuse: 1.23 -> 1.01 ms a
-compiled step), and plain steps run in fused chunks (`fused_plain`: no host sync between steps, so the next
+The target's q/k/v and gate/up projections run as one GEMM each (GemmaModel.fuse: 1.23 -> 1.01 ms a compiled
+CUDA step), and on CUDA plain steps run in fused chunks (`fused_plain`: no host sync between steps, so the next
 step's launch overlaps the running one: 1.45 -> 1.05 ms a token).
+On a CPU every target step after the prefill, plain or verify, runs CPU_WIDTH rows the same way (padded; a longer
+verify in several steps) with its linears weight-major (layers.weight_major): one shape, so a verify row is
+bitwise a plain step (greedy identity exact), and a verify of up to CPU_WIDTH tokens costs one plain step, which
+is itself faster than a one-row step (see CPU_WIDTH).
 """
 
 from __future__ import annotations
@@ -27,11 +31,18 @@ import torch
 from mtpkit.errors import MtpkitError
 from mtpkit.model.drafter import DrafterModel, DraftOutput, target_kv
 from mtpkit.model.gemma import GemmaModel
+from mtpkit.model.layers import weight_major
 from mtpkit.progress import note
 from mtpkit.runtime.backend import Backend, BackendInfo, Draft, DraftStep, Loaded
 from mtpkit.runtime.sampling import SamplingParams, probs
 
 COMPILE = ("none", "drafter", "all")  # what TorchBackend(compile=...) compiles
+# On a CPU every target step after the prefill runs this many rows (padded like the compiled CUDA steps; a verify
+# of more tokens runs in steps of this many): a step's GEMMs then stream each weight once for all its rows
+# (layers.weight_major), and a verify row computes bitwise what a plain step computes. This repo's 2-core CPU,
+# Gemma 3 270M float32, ms a step of 1 / 2 / 4 / 6 rows: 110 / 207 / 178 / 213 as x @ w.T per row count, 118 / 73 /
+# 79 / 112 weight-major and fused; so 4 (3 drafts verify at the price of a plain step).
+CPU_WIDTH = 4
 SIBLING_DRAFTER = None  # targets are names or checkpoints: the default drafter is the one shipped for the name
 
 
@@ -182,10 +193,10 @@ def load(target: str, drafter: str | None, opts: Options, *, max_len: int, max_d
 class TorchBackend(Backend):
     def __init__(self, target: GemmaModel, drafter: DrafterModel | None = None, *, max_len: int = 4096,
                  max_draft: int = 16, cuda_graphs: bool | None = None, compile: str | None = None,
-                 fuse: bool | None = None):
+                 fuse: bool = True):
         p = target.embed_tokens.weight
         self.device = p.device
-        if self.device.type == "cuda" if fuse is None else fuse:  # q/k/v and gate/up as one GEMM each (in place)
+        if fuse:  # q/k/v and gate/up as one GEMM each (in place)
             target.fuse()
             if drafter is not None:
                 drafter.fuse()
@@ -196,6 +207,7 @@ class TorchBackend(Backend):
         self.has_drafter = drafter is not None
         self.draft_temperature = drafter.config.draft_temperature if drafter is not None else 1.0
         self.max_draft = max_draft
+        self.width = CPU_WIDTH if self.device.type == "cpu" else None  # rows of every target step on a CPU
         # a verify of k + 1 tokens must fit a sliding ring, and rollback undoes up to k positions
         self.cache = target.new_cache(max_len, slack=max(64, max_draft + 1))
         if drafter is not None and not drafter.is_bound:
@@ -277,8 +289,19 @@ class TorchBackend(Backend):
             logits, hidden = self._graphs.verify(tokens, start)
             self.cache.advance(start, n)
             return logits, hidden
-        out = self.target(tokens[None], self.cache)
-        return out.logits[0], out.hidden[0]
+        if self.width is None:
+            out = self.target(tokens[None], self.cache)
+            return out.logits[0], out.hidden[0]
+        logits, hidden, w = [], [], self.width
+        with weight_major():
+            for i in range(0, n, w):  # steps of w rows; padding rows repeat the last token at its position
+                m = min(w, n - i)
+                rows = torch.arange(w, device=self.device).clamp_max(m - 1)
+                out = self.target.step(tokens.view(-1)[i:i + m][rows][None], rows + (start + i), self.cache)
+                self.cache.advance(start + i, m)
+                logits.append(out.logits[0, :m])
+                hidden.append(out.hidden[0, :m])
+        return (logits[0], hidden[0]) if len(logits) == 1 else (torch.cat(logits), torch.cat(hidden))
 
     def rollback(self, length: int) -> None:
         self._round = None
