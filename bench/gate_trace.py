@@ -24,7 +24,7 @@ from collections import defaultdict
 
 
 def trace(session, ids: list[int], n: int, temperature: float, use_drafter: bool, chosen: list[int]) -> list[dict]:
-    """Rounds after the prefill: tokens, drafted, accepted, forwards, the gate's k, wall seconds."""
+    """Rounds after the prefill: the gate's k, tokens emitted, wall seconds."""
     rounds, last = [], None
     for r in session.stream(ids, max_new_tokens=n, temperature=temperature, use_drafter=use_drafter, num_draft_tokens=5):
         now = time.perf_counter()
@@ -33,8 +33,7 @@ def trace(session, ids: list[int], n: int, temperature: float, use_drafter: bool
             chosen.clear()
             continue
         k = chosen[-1] if use_drafter and chosen else 0
-        rounds.append({"k": k, "tokens": len(r.tokens), "drafted": r.drafted, "accepted": r.accepted,
-                       "forwards": r.forwards, "s": now - last})
+        rounds.append({"k": k, "tokens": len(r.tokens), "s": now - last})
         last = now
     return rounds
 

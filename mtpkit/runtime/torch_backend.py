@@ -208,6 +208,7 @@ class TorchBackend(Backend):
         self.draft_temperature = drafter.config.draft_temperature if drafter is not None else 1.0
         self.max_draft = max_draft
         self.width = CPU_WIDTH if self.device.type == "cpu" else None  # rows of every target step on a CPU
+        self._padding: dict[tuple[int, int], torch.Tensor] = {}  # _pad_rows
         # a verify of k + 1 tokens must fit a sliding ring, and rollback undoes up to k positions
         self.cache = target.new_cache(max_len, slack=max(64, max_draft + 1))
         if drafter is not None and not drafter.is_bound:
@@ -296,12 +297,18 @@ class TorchBackend(Backend):
         with weight_major():
             for i in range(0, n, w):  # steps of w rows; padding rows repeat the last token at its position
                 m = min(w, n - i)
-                rows = torch.arange(w, device=self.device).clamp_max(m - 1)
+                rows = self._pad_rows(m, w)
                 out = self.target.step(tokens.view(-1)[i:i + m][rows][None], rows + (start + i), self.cache)
                 self.cache.advance(start + i, m)
                 logits.append(out.logits[0, :m])
                 hidden.append(out.hidden[0, :m])
         return (logits[0], hidden[0]) if len(logits) == 1 else (torch.cat(logits), torch.cat(hidden))
+
+    def _pad_rows(self, n: int, w: int) -> torch.Tensor:
+        """[w] the input row each row of a w-row target step with n tokens repeats: 0..n-1, then n - 1 (cached)."""
+        if (n, w) not in self._padding:
+            self._padding[n, w] = torch.arange(w, device=self.device).clamp_max(n - 1)
+        return self._padding[n, w]
 
     def rollback(self, length: int) -> None:
         self._round = None
@@ -383,7 +390,6 @@ class _Graphs:
         # compiled target steps all run one padded width (plain and verify): compiled kernels are chosen per
         # shape, so a verify row then computes bitwise what a plain step computes (greedy identity)
         self.width = be.max_draft + 1 if be.compile == "all" else None
-        self.rows: dict[int, torch.Tensor] = {}  # per input length: the row each of the step's rows repeats
         self.feeds: dict[SamplingParams | None, tuple] = {}  # plain decoding: (graph, picked tokens, step counter)
         self.uniforms_plain = torch.zeros(be.max_len, device=be.device)  # sampled plain decoding's u, per call
         self.step, self.draft_inputs, self.draft_step = be.target.step, be._draft_inputs, be._greedy_step
@@ -410,12 +416,10 @@ class _Graphs:
 
     def _rows(self, n: int) -> torch.Tensor:
         """[w] the input row each of a target step's w rows repeats: 0..n-1, then n - 1 (w = n unpadded)."""
-        if n not in self.rows:
-            w = self.width or n
-            if n > w:
-                raise MtpkitError(f"a target step of {n} tokens exceeds this backend's {w} rows (max_draft + 1)")
-            self.rows[n] = torch.arange(w, device=self.be.device).clamp_max(n - 1)
-        return self.rows[n]
+        w = self.width or n
+        if n > w:
+            raise MtpkitError(f"a target step of {n} tokens exceeds this backend's {w} rows (max_draft + 1)")
+        return self.be._pad_rows(n, w)
 
     def _target(self, tokens: torch.Tensor, start: int) -> tuple:
         """Write tokens [n] at positions start.. into the input of the width-w target graph (captured the first
