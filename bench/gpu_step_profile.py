@@ -154,6 +154,38 @@ def timeline(be: TorchBackend, k: int, drafter: bool, rounds: int = 10) -> dict:
             "host_ops": [[e.key, e.count // rounds, e.self_cpu_time_total / 1e3 / rounds] for e in ops]}
 
 
+def round_costs(be: TorchBackend, k: int, rounds: int = 150, repeats: int = 3) -> dict:
+    """Wall ms per speculative round with k drafts (gate off, so every round drafts k whatever is accepted), greedy
+    and sampled at T = 1 with sampled acceptance as one graph (fused_accept) and eager (the generic rule, host-synced
+    twice), alternated `repeats` times (median)."""
+    from mtpkit.runtime.sampling import SamplingParams
+    torch.manual_seed(5)
+    prompt = torch.randint(0, 200_000, (100,)).tolist()
+    fused = be.fused_accept
+
+    def per_round(sp: SamplingParams, fa) -> float:
+        be.fused_accept = fa
+        params = GenerationParams(max_new_tokens=(rounds + 10) * (k + 1), sampling=sp, num_draft_tokens=k, gate=False)
+        gen = generate(be, prompt, params, set())
+        for _ in range(5):  # the prefill, then rounds that capture graphs
+            next(gen)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            next(gen)
+        torch.cuda.synchronize()
+        gen.close()
+        return (time.perf_counter() - t0) * 1e3 / rounds
+    variants = {"greedy": (SamplingParams(), fused), "t1_fused_accept": (SamplingParams(temperature=1.0), fused),
+                "t1_eager_accept": (SamplingParams(temperature=1.0), None)}
+    runs: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, (sp, fa) in variants.items():
+            runs[name].append(per_round(sp, fa))
+    be.fused_accept = fused
+    return {name: statistics.median(v) for name, v in runs.items()} | {"k": k, "rounds": rounds, "runs": runs}
+
+
 def decode(be: TorchBackend, prompt: list[int], k: int, drafter: bool, new: int) -> dict:
     params = GenerationParams(max_new_tokens=new, num_draft_tokens=k)
     torch.cuda.synchronize()
@@ -219,6 +251,7 @@ def main() -> None:
            "steps": steps(be, a.k)}
     res["invariance"] = None if a.quick else invariance(be, a.k)
     res["loop"] = loop(be, a.k, a.prompts, a.new)
+    res["round_costs"] = round_costs(be, a.k)
     res["timeline"] = {} if a.quick else {"plain": timeline(be, a.k, False), "spec": timeline(be, a.k, True)}
     res["wall_s"] = time.perf_counter() - t0
     if a.json:
@@ -238,6 +271,9 @@ def main() -> None:
     print(f"  verify vs single steps: {res['invariance']} | " + " | ".join(
         f"{n} round {t['wall_ms_per_round']:.3f} ms, GPU busy {t['gpu_busy_ms_per_round']:.3f} ms"
         for n, t in res["timeline"].items()))
+    rc = res["round_costs"]
+    print(f"  a round of {a.k} drafts (gate off): greedy {rc['greedy']:.3f} ms, T = 1 {rc['t1_fused_accept']:.3f} ms "
+          f"(acceptance as a graph), {rc['t1_eager_accept']:.3f} ms (eager)")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from mtpkit.runtime import BACKENDS
 from mtpkit.runtime.draft import draft
 from mtpkit.runtime.loop import GenerationParams, generate
 from mtpkit.runtime.oracle import OracleDrafter
-from mtpkit.runtime.sampling import SamplingParams, probs
+from mtpkit.runtime.sampling import SamplingParams, accept_rejection, probs
 from tests.conftest import tiny_drafter, tiny_target
 
 HEADS = ("dense", "centroid")
@@ -273,6 +273,29 @@ def test_fused_sampled_draft_equals_the_generic_policy(pair):
         if fused.ids is not None:
             assert be.ops.to_list(fused.ids) == be.ops.to_list(generic.ids)
         _close(fused.q, generic.q, 1e-6, "draft probabilities")
+
+
+def test_fused_accept_equals_the_generic_rule(pair):
+    """Sampled acceptance as the backend's graph = sampling.accept_rejection with the same uniforms, for drafts from
+    the fused draft (read in place) and from the generic policy (copied in), all-accepted and rejected rounds alike."""
+    be, bonus, h = _started_with(pair, "fused_accept")
+    ops, p0 = be.ops, be.length
+    seen = set()
+    for sp in (SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_p=0.9, top_k=20)):
+        for k, fused_draft, seed in [(1, True, 0), (3, True, 1), (5, True, 2), (5, False, 3), (5, True, 4)]:
+            d = draft(be, bonus, h, k, sp, ops.generator(seed), fused=fused_draft)
+            logits, _ = be.verify(ops.cat([bonus, d.tokens]))
+            for s in range(6):
+                u = ops.rand(ops.generator(100 + s), d.tokens.numel() + 1, like=h)
+                if s == 0:
+                    u = u * 0  # a draft is accepted wherever the target gives it any probability
+                want = ops.to_list(ops.cat(accept_rejection(ops, d.tokens, d.picks, d.q, d.ids,
+                                                            probs(ops, logits, sp), u)))
+                got = ops.to_list(ops.cat(be.fused_accept(d, logits, sp, u)))
+                assert got == want, (sp, k, s)
+                seen.add(want[0] == d.tokens.numel())
+            be.rollback(p0)
+    assert seen == {True, False}  # both all-accepted and rejected rounds were compared
 
 
 def test_fused_plain_equals_single_steps(pair):

@@ -128,7 +128,8 @@ def test_rejection_sampling_preserves_the_target_distribution(ops_name, sparse):
     for _ in range(N):
         picks = (g.random((k, 1)) > qc.cumsum(-1)).sum(-1).clip(max=4)  # draft i drawn from q_i
         drafts = ids[np.arange(k), picks]
-        n, nxt = accept_rejection(ops, arr(drafts), arr(picks if sparse else drafts), Q, IDS, P, rng)
+        n, nxt = ops.to_list(ops.cat(accept_rejection(ops, arr(drafts), arr(picks if sparse else drafts), Q, IDS, P,
+                                                      ops.rand(rng, k + 1, like=P))))
         toks = drafts[:n].tolist() + [nxt]
         first[toks[0]] += 1
         if len(toks) > 1:

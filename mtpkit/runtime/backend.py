@@ -9,8 +9,9 @@ A backend owns the target, its KV cache and the drafter that reads that cache, a
 Arrays are the backend's own (`ops` says which: numpy, or torch on the backend's device). What to draft
 (greedy, sampled, adaptive stop, the draft temperature), what to accept and when to stop live once, in
 runtime/draft.py, sampling.py, gate.py and loop.py. A backend may offer `fused_greedy_draft(token, h, k)` and
-`fused_sampled_draft(token, h, k, sp, u)` (the CUDA-graphed drafts), and `fused_plain(token, n, sp, u)`: n plain
-decoding steps with no host sync between them; the shared contract test proves them equal to the generic policy.
+`fused_sampled_draft(token, h, k, sp, u)` (the CUDA-graphed drafts), `fused_plain(token, n, sp, u)`: n plain
+decoding steps with no host sync between them, and `fused_accept(draft, logits, sp, u)`: sampled acceptance as one
+graph; the shared contract test proves them equal to the generic policy.
 
 Backends register in runtime/__init__.py and expose `Options` (a dataclass of their load-time options) and
 `load(target, drafter, options, max_len, max_draft) -> Loaded`.
@@ -107,6 +108,9 @@ class Backend:
     # position `length`, the cache advances by n), each step's token picked from its logits at sp (argmax, or
     # ops.pick(probs, u[i])); h = the last step's post-norm hidden. Greedy: what n verify([token]) steps give.
     fused_plain = None
+    # optional: (draft, logits [k + 1, V], sp, u [k + 1]) -> (n, next token) as 0-d arrays: what
+    # sampling.accept_rejection(ops, ..., probs(ops, logits, sp), u) computes, run as one replayed graph
+    fused_accept = None
 
     def clock(self) -> object:
         """A timestamp; `elapsed(a, b)` turns two of them into seconds (CUDA events on GPUs: no sync)."""

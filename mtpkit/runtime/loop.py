@@ -74,11 +74,20 @@ def first_token(ops, logits, sp: SamplingParams, rng) -> int:
     return ops.to_list(pick)[0]
 
 
-def accept(ops, d: Draft, logits, sp: SamplingParams, rng) -> tuple[int, int]:
-    """(n accepted, next token) for draft d (k tokens) against target logits [k + 1, V]."""
+def accept(backend: Backend, d: Draft, logits, sp: SamplingParams, rng) -> tuple[int, int, list[int]]:
+    """(n accepted, next token, the drafts) as host ints for draft d (k tokens) against target logits [k + 1, V]:
+    one host transfer. Sampling: the rejection rule on the device (the backend's fused_accept, a replayed CUDA
+    graph, when it has one), with k + 1 uniforms drawn here."""
+    ops = backend.ops
     if sp.greedy:
         return accept_greedy(ops, d.tokens, logits)
-    return accept_rejection(ops, d.tokens, d.picks, d.q, d.ids, probs(ops, logits, sp), rng)
+    u = ops.rand(rng, d.tokens.shape[0] + 1, like=logits)
+    if backend.fused_accept is not None:
+        n, nxt = backend.fused_accept(d, logits, sp, u)
+    else:
+        n, nxt = accept_rejection(ops, d.tokens, d.picks, d.q, d.ids, probs(ops, logits, sp), u)
+    vals = ops.to_list(ops.cat([n, nxt, d.tokens]))
+    return vals[0], vals[1], vals[2:]
 
 
 def cut(tokens: list[int], eos: set[int], budget: int) -> tuple[list[int], str | None]:
@@ -144,11 +153,10 @@ def generate(backend: Backend, prompt: list[int], params: GenerationParams, eos:
         t1 = backend.clock()
         p0 = backend.length
         logits, hidden = backend.verify(ops.cat([b, d.tokens]))
-        n, bonus = accept(ops, d, logits, sp, rng)
+        n, bonus, drafted = accept(backend, d, logits, sp, rng)
         backend.rollback(p0 + n + 1)
         h = hidden[n]
         t2 = backend.clock()
-        drafted = ops.to_list(d.tokens)
         if gate is not None:  # acceptance synced the device
             now = time.perf_counter()
             gate.observe(len(drafted), n, now - last, chose=k)

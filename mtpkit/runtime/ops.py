@@ -42,8 +42,12 @@ class NumpyOps:
 
     @staticmethod
     def index(x, i) -> np.ndarray:
-        """x[i] for a 1-D x and a 0-d index array."""
-        return x[i]
+        """x[i] for a 0-d index array i: an element of a 1-D x, a row of a 2-D x."""
+        return x[int(i)]
+
+    @staticmethod
+    def clamp_max(x, m: int) -> np.ndarray:
+        return np.minimum(x, m)
 
     @staticmethod
     def top_prob(logits) -> float:
@@ -82,11 +86,9 @@ class NumpyOps:
         return np.where(x < threshold, np.float32(-np.inf), x)
 
     @staticmethod
-    def leading_true(mask) -> int:
-        """Length of the all-True prefix of a 1-D bool array (host int)."""
-        m = np.asarray(mask).reshape(-1)
-        bad = np.flatnonzero(~m)
-        return int(bad[0]) if bad.size else int(m.size)
+    def leading_count(mask) -> np.ndarray:
+        """Length of the all-True prefix of a 1-D bool array, as a 0-d int64 array."""
+        return np.int64(np.cumprod(np.asarray(mask, dtype=np.int64)).sum())
 
     @staticmethod
     def rand(rng: np.random.Generator, n: int, like=None) -> np.ndarray:

@@ -9,7 +9,7 @@ rules to the candidates is the same as applying them to a dense row filled with 
   accepted sample the bonus from p_k. The output is distributed exactly as p, whatever q is, as long as
   each d_i was drawn from q_i (chi-square tested per backend in tests/test_backend_contract.py).
   q stays sparse: q_i is over the candidate ids of step i, and the residual is p_i with q_i subtracted there.
-Both return (n_accepted, next_token) as host ints.
+  It runs on the device with no host sync (a GPU backend replays it as one CUDA graph: Backend.fused_accept).
 """
 
 from __future__ import annotations
@@ -53,26 +53,31 @@ def probs(ops, logits, sp: SamplingParams):
     return ops.softmax(x)
 
 
-def accept_greedy(ops, drafts, target_logits) -> tuple[int, int]:
-    """drafts [k], target_logits [k + 1, V] (row i predicts the token after draft i) -> (n, next)."""
+def accept_greedy(ops, drafts, target_logits) -> tuple[int, int, list[int]]:
+    """drafts [k], target_logits [k + 1, V] (row i predicts the token after draft i) -> (n, next, the k drafts)
+    as host ints: one host transfer (drafts and the target's argmax together)."""
     tgt = ops.argmax(target_logits)
-    both = ops.to_list(ops.cat([drafts, tgt]))  # one host transfer
+    both = ops.to_list(ops.cat([drafts, tgt]))
     k = len(both) // 2
     d, t = both[:k], both[k:]
     n = 0
     while n < k and d[n] == t[n]:
         n += 1
-    return n, t[n]
+    return n, t[n], d
 
 
-def accept_rejection(ops, drafts, picks, q, ids, p, rng) -> tuple[int, int]:
+def accept_rejection(ops, drafts, picks, q, ids, p, u):
     """drafts [k] drawn from q [k, N] (draft i = ids[i, picks[i]], or picks[i] when ids is None);
-    p [k + 1, V] target probabilities -> (n_accepted, next token)."""
+    p [k + 1, V] target probabilities; u [k + 1] uniforms -> (n_accepted, next token) as 0-d backend arrays.
+    No host sync and no branch on a device value, so a backend can capture it in a CUDA graph
+    (Backend.fused_accept): u[:k] decide the drafts, u[k] draws the next token from the residual at the first
+    rejection (from p[k] when all k are accepted: q's row is zeroed there)."""
     k = drafts.shape[0]
-    n = 0
-    if k:
-        pd = ops.take_along(p[:k], drafts[:, None])[:, 0]
-        qd = ops.take_along(q, picks[:, None])[:, 0]
-        n = ops.leading_true(ops.rand(rng, k, like=p) * qd < pd)  # u < p/q without dividing by a tiny q
-    dist = ops.residual(p[n], q[n], None if ids is None else ids[n]) if n < k else p[k]
-    return n, ops.to_list(ops.sample(dist, rng))[0]
+    if k == 0:  # nothing drafted (adaptive drafting stopped at its first step): n is a 0-d zero
+        return ops.leading_count(u[:0] > 1), ops.pick(p[0], u[0])
+    pd = ops.take_along(p[:k], drafts[:, None])[:, 0]
+    qd = ops.take_along(q, picks[:, None])[:, 0]
+    n = ops.leading_count(u[:k] * qd < pd)  # u < p/q without dividing by a tiny q
+    j = ops.clamp_max(n, k - 1)  # the rejected draft's row; when n == k any row, zeroed
+    dist = ops.residual(ops.index(p, n), ops.index(q, j) * (n < k), None if ids is None else ops.index(ids, j))
+    return n, ops.pick(dist, u[k])

@@ -3,7 +3,8 @@
 On CUDA (`cuda_graphs=True`) each verify width 1..k+1 (one padded width when compiled, below) and the draft
 steps (greedy, and sampled per sampling settings, with uniforms drawn ahead) are captured once as CUDA graphs
 over the static KV cache and replayed: one launch per target forward, one per draft step plus one per round for
-the drafter's attention inputs, and the only host syncs per round are the ones acceptance needs. Positions and
+the drafter's attention inputs, one for sampled acceptance (sampling.accept_rejection, per k), and one host sync per
+round (acceptance's result: n, the next token and the drafts in one transfer). Positions and
 lengths enter the graphs as device tensors (GemmaModel.step and the cache's ring arithmetic are tensor-only).
 `compile` runs captured steps through torch.compile first (inductor, no cudagraphs of its own): a step
 of a small model is hundreds of tiny kernels, and fusing them is most of its time. "drafter" compiles
@@ -34,7 +35,7 @@ from mtpkit.model.gemma import GemmaModel
 from mtpkit.model.layers import weight_major
 from mtpkit.progress import note
 from mtpkit.runtime.backend import Backend, BackendInfo, Draft, DraftStep, Loaded
-from mtpkit.runtime.sampling import SamplingParams, probs
+from mtpkit.runtime.sampling import SamplingParams, accept_rejection, probs
 
 COMPILE = ("none", "drafter", "all")  # what TorchBackend(compile=...) compiles
 # On a CPU every target step after the prefill runs this many rows (padded like the compiled CUDA steps; a verify
@@ -48,7 +49,7 @@ SIBLING_DRAFTER = None  # targets are names or checkpoints: the default drafter 
 
 class TorchOps:
     """runtime/ops.py's operations on torch tensors of one device (no host sync except where a host value is
-    returned: to_list, top_prob, leading_true)."""
+    returned: to_list, top_prob)."""
     name = "torch"
 
     def __init__(self, device: torch.device):
@@ -78,7 +79,11 @@ class TorchOps:
 
     @staticmethod
     def index(x: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
-        return x.gather(0, i.view(1)).view(())  # not x[i]: a 0-d index tensor would be read on the host
+        return x.index_select(0, i.view(1))[0]  # not x[i]: a 0-d index tensor would be read on the host
+
+    @staticmethod
+    def clamp_max(x: torch.Tensor, m: int) -> torch.Tensor:
+        return x.clamp_max(m)
 
     @staticmethod
     def top_prob(logits: torch.Tensor) -> float:
@@ -113,8 +118,8 @@ class TorchOps:
         return x.masked_fill(x < threshold, float("-inf"))
 
     @staticmethod
-    def leading_true(mask: torch.Tensor) -> int:
-        return int(mask.int().cumprod(0).sum())
+    def leading_count(mask: torch.Tensor) -> torch.Tensor:
+        return mask.long().cumprod(0).sum()
 
     @staticmethod
     def rand(rng: torch.Generator, n: int, like: torch.Tensor) -> torch.Tensor:
@@ -229,6 +234,7 @@ class TorchBackend(Backend):
         self.fused_sampled_draft = (lambda token, h, k, sp, u: graphs.draft_sampled(token, h, k, self.cache.length,
                                                                                     sp, u)) if on else None
         self.fused_plain = self._fused_plain if graphs is not None else None
+        self.fused_accept = graphs.accept if on else None
 
     def _next_positions(self, n: int) -> int:
         """The first of n positions a target step is about to write (raises if they do not fit); ends the draft round."""
@@ -386,6 +392,9 @@ class _Graphs:
         self.draft_prep: tuple | None = None  # (graph, (kv, attn), (token, h, q_pos) inputs)
         self.draft_steps: list[tuple] = []  # step i: (graph, (token, h) outputs)
         self.sampled_steps: dict[SamplingParams, list[tuple]] = {}  # per sampling settings, step i: (graph, outputs)
+        self.sampled_out: dict[SamplingParams, tuple] = {}  # per sampling settings: (tokens, picks, q, ids) [max_draft, ..]
+        self.accepts: dict[tuple, tuple] = {}  # sampled acceptance per (sampling settings, k): (graph, out, inputs)
+        self.uniforms_accept = torch.zeros(be.max_draft + 1, device=be.device)
         self.uniforms = torch.zeros(be.max_draft, device=be.device)  # the sampled steps' u, written per round
         # compiled target steps all run one padded width (plain and verify): compiled kernels are chosen per
         # shape, so a verify row then computes bitwise what a plain step computes (greedy identity)
@@ -506,7 +515,9 @@ class _Graphs:
     @torch.inference_mode()
     def draft_sampled(self, token: torch.Tensor, h: torch.Tensor, k: int, length: int, sp: SamplingParams,
                       u: torch.Tensor) -> Draft:
-        """k sampled draft steps, one graph each (per sampling settings), reading k uniforms u drawn by the caller."""
+        """k sampled draft steps, one graph each (per sampling settings), reading k uniforms u drawn by the caller.
+        Step i also writes its outputs into row i of buffers per sampling settings: the Draft is views of them
+        (valid until the next sampled draft), which is what `accept` reads without a copy."""
         kv, attn, (t_in, h_in, q_in) = self._prep(token, h, length)
         self.uniforms[:k].copy_(u)
         steps = self.sampled_steps.setdefault(sp, [])
@@ -514,10 +525,44 @@ class _Graphs:
             if i == len(steps):
                 prev = (t_in, h_in) if i == 0 else steps[i - 1][1][:2]
                 ui = self.uniforms[i]  # a view: the graph reads whatever this round wrote there
-                steps.append(self._capture(
-                    lambda t, hh, ui=ui: self.sampled_step(t, hh, ui, q_in, kv, attn, sp), prev))
+                steps.append(self._capture(lambda t, hh, i=i, ui=ui: self._sampled_into(i, sp, t, hh, ui, q_in, kv,
+                                                                                         attn), prev))
             steps[i][0].replay()
-        outs = [out for _, out in steps[:k]]
-        ids = None if outs[0][4] is None else torch.stack([o[4] for o in outs])
-        return Draft(torch.stack([o[0] for o in outs]), torch.stack([o[2] for o in outs]),
-                     torch.stack([o[3] for o in outs]), ids)
+        toks, picks, q, ids = self.sampled_out[sp]
+        return Draft(toks[:k], picks[:k], q[:k], None if ids is None else ids[:k])
+
+    def _sampled_into(self, i: int, sp: SamplingParams, *args) -> tuple:
+        """Draft step i (`sampled_step`), its token, pick, q and ids also written into row i of sampled_out[sp]."""
+        out = self.sampled_step(*args, sp)
+        tok, _, j, q, ids = out
+        if sp not in self.sampled_out:  # allocated at the first capture's warm-up
+            m, dev = self.be.max_draft, self.be.device
+            self.sampled_out[sp] = (torch.zeros(m, dtype=torch.long, device=dev), torch.zeros(m, dtype=torch.long,
+                                    device=dev), q.new_zeros(m, q.numel()), None if ids is None else ids.new_zeros(m, ids.numel()))
+        for buf, x in zip(self.sampled_out[sp], (tok, j, q, ids), strict=True):
+            if buf is not None:
+                buf[i].copy_(x)
+        return out
+
+    @torch.inference_mode()
+    def accept(self, d: Draft, logits: torch.Tensor, sp: SamplingParams, u: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """sampling.accept_rejection(ops, d..., probs(ops, logits, sp), u) as one graph per (sp, k): the draft's and
+        the verify's outputs are read where the graphs left them (copied in only when they are other tensors)."""
+        k = d.tokens.numel()
+        given = (logits, d.tokens, d.picks, d.q, d.ids, u)
+        if (sp, k) not in self.accepts:
+            ops = self.be.ops
+
+            def fn(lg, toks, picks, q, ids, uu):
+                n, nxt = accept_rejection(ops, toks, picks, q, ids, probs(ops, lg, sp), uu)
+                return torch.stack([n, nxt])
+            static = (*given[:5], self.uniforms_accept[:k + 1])
+            static[5].copy_(u)
+            self.accepts[sp, k] = (*self._capture(fn, static), static)
+        g, out, static = self.accepts[sp, k]
+        for dst, src in zip(static, given, strict=True):
+            if dst is not None and dst.data_ptr() != src.data_ptr():
+                dst.copy_(src)
+        g.replay()
+        return out[0], out[1]
