@@ -103,6 +103,46 @@ def _chi2(counts: torch.Tensor, expected: torch.Tensor) -> float:
 CHI2_999 = {7: 24.32, 15: 37.70}  # 99.9 % quantiles (df = V - 1)
 
 
+def test_rejection_rule_without_branches_matches_the_textbook_one():
+    """accept_rejection decides on the device with no branch (n stays an array, q's row is zeroed when every draft is
+    accepted); with numpy's and torch's ops it gives exactly what the branching rule gives for the same uniforms:
+    accept while u_i q_i(d_i) < p_i(d_i), then draw with u_k from norm(max(0, p_n - q_n)), or from p_k."""
+    import numpy as np
+
+    from mtpkit.runtime.ops import NumpyOps
+    g = np.random.default_rng(1)
+    V, N = 12, 4
+    tops = TorchBackend(tiny_target(0), None, max_len=8).ops
+    outcomes = set()
+    for trial in range(300):
+        k = int(g.integers(1, 5))
+        p = g.random((k + 1, V)) ** 4
+        p = (p / p.sum(-1, keepdims=True)).astype(np.float32)
+        ids = np.stack([g.permutation(V)[:N] for _ in range(k)])
+        q = g.random((k, N)) ** 2
+        q = (q / q.sum(-1, keepdims=True)).astype(np.float32)
+        picks = np.array([g.choice(N, p=qi / qi.sum(dtype=np.float64)) for qi in q])
+        drafts = ids[np.arange(k), picks]
+        u = g.random(k + 1).astype(np.float32) * (trial % 3 != 0)  # every third trial: u = 0 before the last
+        u[k] = g.random()
+        n = 0
+        while n < k and u[n] * q[n, picks[n]] < p[n, drafts[n]]:
+            n += 1
+        if n < k:
+            r = p[n].copy()
+            r[ids[n]] = np.maximum(p[n, ids[n]] - q[n], 0)
+        else:
+            r = p[k]
+        c = np.cumsum(r, dtype=np.float64)
+        want = [n, min(int(np.searchsorted(c, float(u[k]) * c[-1], side="right")), V - 1)]
+        got_np = NumpyOps.to_list(NumpyOps.cat(accept_rejection(NumpyOps, drafts, picks, q, ids, p, u)))
+        t = torch.from_numpy
+        got_t = tops.to_list(tops.cat(accept_rejection(tops, t(drafts), t(picks), t(q), t(ids), t(p), t(u))))
+        assert got_np == got_t == want, (trial, got_np, got_t, want)
+        outcomes.add(n == k)
+    assert outcomes == {True, False}
+
+
 @pytest.mark.parametrize("ops_name,sparse", [("numpy", False), ("numpy", True), ("torch", False), ("torch", True)])
 def test_rejection_sampling_preserves_the_target_distribution(ops_name, sparse):
     """60k rounds on an 8-token vocabulary, with numpy's and torch's ops, q dense or over 5 candidates per step
