@@ -27,15 +27,17 @@ import torch
 
 from mtpkit.distill.objective import Batch
 from mtpkit.errors import MtpkitError
-from mtpkit.paths import atomic_file, atomic_write
+from mtpkit.paths import atomic_write
 
 FORMAT = 1
 
 
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
-    with atomic_file(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    """safetensors bytes written through mtpkit.paths' temporary (named with our pid, swept once we are gone):
+    safetensors' own save_file writes through a `.tmpXXXXXX` of its own beside the destination, which a kill -9
+    would leave behind."""
+    from safetensors.torch import save
+    atomic_write(path, save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata))
 
 
 @dataclass
