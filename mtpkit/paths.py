@@ -112,7 +112,8 @@ def _umask() -> int:
 @contextlib.contextmanager
 def atomic_file(dest: Path) -> Iterator[Path]:
     """Yield a temporary path beside `dest` (an empty file) for a writer to fill; on success it replaces `dest`,
-    on any error it is removed. For writers that take a path (safetensors, a compiler, savefig)."""
+    on any error it is removed. For writers that take a path (a compiler, savefig); not safetensors' save_file, which
+    writes through a `.tmpXXXXXX` of its own beside the path (write `safetensors.torch.save`'s bytes with atomic_write)."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     sweep(dest.parent, f".{dest.name}.")
