@@ -37,6 +37,7 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert b == pytest.approx(a, rel=1e-4, abs=1e-6)
     assert two["final"]["tau0"] == pytest.approx(one["final"]["tau0"], abs=1e-4)
     assert two["final"]["tau1"] == pytest.approx(one["final"]["tau1"], abs=1e-4)
+    assert two["final"]["tau0_loop"] == pytest.approx(one["final"]["tau0_loop"], abs=1e-4)  # walks summed over ranks
     # the data set is the same whichever rank generated which shard
     ia, ib = (json.loads((tmp_path / d / "data" / "index.json").read_text()) for d in ("one", "two"))
     assert ia["key"] == ib["key"]

@@ -14,7 +14,9 @@ from mtpkit.distill.objective import (
     acceptance_sums,
     distill_loss,
     distill_step,
+    loop_round_weights,
     round_mask,
+    round_starts,
     simulated_tau,
     summarize,
     teacher_pass,
@@ -222,3 +224,85 @@ def test_a_batch_shorter_than_one_round_counts_nothing():
     b = Batch(torch.tensor([[2, 5, 1]]), torch.tensor([2]), torch.tensor([3]), torch.tensor([False]))
     res = distill_step(target, _drafter(target, "dense"), b, Objective(k=4), backward=False)
     assert not res.mask.any() and float(res.loss) == 0.0
+
+
+def _walk_starts(greedy: torch.Tensor, mask: torch.Tensor) -> set[int]:
+    """Rounds (index r: round at p = r + 1) where the loop's walk starts one, given argmax matches [R, k]."""
+    counted = mask.nonzero()[:, 0].tolist()
+    r, last, out = counted[0], counted[-1], set()
+    while r <= last:
+        out.add(r)
+        r += 1 + next((i for i in range(greedy.shape[1]) if not greedy[r, i]), greedy.shape[1])
+    return out
+
+
+def test_round_starts_of_greedy_acceptance_are_the_walks_starts():
+    """At T = 0 (acceptance 0 or 1) the loop visits a definite set of rounds: round_starts is 1 there, 0 elsewhere."""
+    g = torch.Generator().manual_seed(0)
+    target = tiny_target(2, vocab_size=64)
+    b = _batch(target, B=4, T=40)._replace(prompt_len=torch.tensor([4, 9, 6, 12]))
+    mask = round_mask(b, 4)
+    a = (torch.rand(*mask.shape, 4, generator=g) < 0.7).float()
+    s = round_starts(a, mask)
+    for j in range(4):
+        want = torch.zeros(mask.shape[1])
+        want[list(_walk_starts(a[j], mask[j]))] = 1.0
+        assert torch.equal(s[j], want)
+
+
+def test_round_starts_are_the_sampled_walks_visit_frequencies():
+    """With acceptance in (0, 1), round_starts is the probability that a walk drawing u_i < a_i starts at r."""
+    g = torch.Generator().manual_seed(1)
+    B, R, k, n = 2, 30, 3, 20_000
+    mask = torch.ones(B, R, dtype=torch.bool)
+    mask[1, :4] = False  # a later prompt end
+    mask[:, R - 2:] = False  # the sequence's end
+    a = torch.rand(B, R, k, generator=g)
+    s = round_starts(a, mask)
+    visits = torch.zeros(B, R)
+    for j in range(B):
+        counted = mask[j].nonzero()[:, 0]
+        for _ in range(n):
+            r = int(counted[0])
+            while r <= int(counted[-1]):
+                visits[j, r] += 1
+                u = torch.rand(k, generator=g)
+                r += 1 + next((i for i in range(k) if not u[i] < a[j, r, i]), k)
+    freq = visits / n
+    assert (s[~mask] == 0).all()
+    assert (freq - s).abs().max() < 4 * (0.25 / n) ** 0.5 + 1e-6
+
+
+def test_loop_weights_keep_each_rows_total_and_drop_steps_after_a_rejection():
+    g = torch.Generator().manual_seed(2)
+    mask = torch.ones(3, 12, dtype=torch.bool)
+    mask[2, :5] = False
+    a = (torch.rand(3, 12, 4, generator=g) < 0.6).float()
+    uniform = loop_round_weights(a, mask, Objective(k=4))
+    torch.testing.assert_close(uniform, mask[..., None].float() * torch.tensor([0.8 ** i for i in range(4)]))
+    w = loop_round_weights(a, mask, Objective(k=4, loop_weight=1.0))
+    torch.testing.assert_close(w.sum((1, 2)), uniform.sum((1, 2)))
+    rejected_before = torch.cat([torch.zeros(3, 12, 1), (1 - a[..., :-1]).cummax(-1).values], -1) > 0
+    assert (w[rejected_before] == 0).all() and (w[~mask] == 0).all()
+    assert (w[round_starts(a, mask) == 0] == 0).all()
+    half = loop_round_weights(a, mask, Objective(k=4, loop_weight=0.5))
+    torch.testing.assert_close(half, 0.5 * uniform + 0.5 * w)
+
+
+@pytest.mark.parametrize("head", ["dense", "centroid"])
+def test_loop_weighted_step_is_chunk_invariant_and_moves_the_gradient(head):
+    """The loop weighting's no-grad acceptance pass indexes rounds like the loss pass: chunking changes nothing;
+    the loss it reports stays the uniform one, its gradient is another."""
+    target = tiny_target(2, vocab_size=128)
+    b = _batch(target, B=3, T=18)._replace(prompt_len=torch.tensor([4, 6, 5]))
+    out = []
+    for loop_weight, chunk in ((0.0, 10_000), (1.0, 1), (1.0, 7), (1.0, 10_000)):
+        d = _drafter(target, head, seed=3).train()
+        res = distill_step(target, d, b, Objective(k=3, loss="mix", chunk=chunk, loop_weight=loop_weight))
+        out.append((res, torch.cat([p.grad.flatten() for p in d.parameters() if p.grad is not None])))
+    (base, g0), *loops = out
+    for res, grad in loops:
+        torch.testing.assert_close(res.loss, base.loss, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(acceptance_sums(res, b.sampled), acceptance_sums(base, b.sampled))
+        torch.testing.assert_close(grad, loops[-1][1], rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(loops[-1][1], g0, rtol=1e-3, atol=1e-5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -63,6 +64,9 @@ def test_resume_gives_identical_losses_and_weights(target_dir, tmp_path):
     for (k, v), w in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(v, w), k
     assert 1.0 <= straight["final"]["tau0"] <= cfg.num_draft_tokens + 1
+    for key in ("tau0_loop", "tau1_loop"):  # the loop's walk over the held-out rows selects the checkpoint
+        assert 1.0 <= straight["final"][key] <= cfg.num_draft_tokens + 1
+        assert straight["best"][key] is not None
     assert 0.0 <= straight["final"]["outside_rate"] <= 1.0
     assert straight["own_parameters"] == a.num_parameters()  # the shared target embedding is not counted
     # a finished run resumed again does nothing and reports the same
@@ -270,3 +274,62 @@ def test_init_from_warm_starts_from_a_drafter_directory(target_dir, tmp_path):
         run_distill(_cfg(target_dir, init_from=str(tmp_path / "nowhere")), tmp_path / "d", RunOptions(**QUIET))
     with pytest.raises(MtpkitError, match="init_from must be"):
         _cfg(target_dir, init_from="")
+
+
+def test_loop_weighting_trains_another_drafter_and_is_checked(target_dir, tmp_path):
+    base = run_distill(_cfg(target_dir, steps=4, eval_every=4), tmp_path / "a", RunOptions(**QUIET))
+    loop = run_distill(_cfg(target_dir, steps=4, eval_every=4, loop_weight=1.0), tmp_path / "b", RunOptions(**QUIET))
+    la, lb = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert la[0] == pytest.approx(lb[0], rel=1e-5)  # same start, same reported (uniform) loss
+    assert la[1:] != pytest.approx(lb[1:], rel=1e-6) and all(map(math.isfinite, lb))
+    assert base["final"]["tau0_loop"] and loop["final"]["tau0_loop"]
+    with pytest.raises(MtpkitError, match="loop_weight must be in"):
+        _cfg(target_dir, loop_weight=1.5)
+
+
+def test_a_second_run_reuses_another_runs_data(target_dir, tmp_path):
+    run_distill(_cfg(target_dir, steps=2), tmp_path / "a", RunOptions(**QUIET))
+    data = tmp_path / "a" / "data"
+    mtimes = {p.name: p.stat().st_mtime_ns for p in data.iterdir()}
+    other = run_distill(_cfg(target_dir, steps=2, lr=1e-3), tmp_path / "b", RunOptions(data_dir=str(data), **QUIET))
+    assert other["step"] == 2 and not (tmp_path / "b" / "data").exists()
+    assert {p.name: p.stat().st_mtime_ns for p in data.iterdir()} == mtimes  # read, not regenerated
+    with pytest.raises(MtpkitError, match="other settings"):
+        run_distill(_cfg(target_dir, steps=2, gen_len=9), tmp_path / "c", RunOptions(data_dir=str(data), **QUIET))
+
+
+def test_init_from_a_drafter_with_fewer_blocks_grows_it_unchanged(target_dir, tmp_path):
+    """A 2-block drafter warm-starts a 4-block run: its blocks go to the first places of their kinds, the new ones
+    are the identity, so at step 0 the grown drafter scores exactly what the source did; training then moves them."""
+    run_distill(_cfg(target_dir, steps=4), tmp_path / "a", RunOptions(**QUIET))
+    src_dir = str(tmp_path / "a" / "best")
+    grown = ["sliding_attention", "sliding_attention", "full_attention", "full_attention"]
+    t = load_target(target_dir)
+    src = load_drafter(src_dir, t.model)
+    warm = run_distill(_cfg(target_dir, steps=4, layer_types=grown, init_from=src_dir), tmp_path / "b",
+                       RunOptions(stop_at=0, **QUIET))
+    g = load_drafter(tmp_path / "b" / "best", t.model)
+    assert g.config.layer_types == grown
+    for i, j in ((0, 0), (1, 2)):  # source block -> its place
+        for k, v in src.layers[i].state_dict().items():
+            assert torch.equal(v, g.layers[j].state_dict()[k]), (i, k)
+    for j in (1, 3):
+        assert (g.layers[j].post_attention_layernorm.weight == -1).all()
+    x = torch.randn(2, 5, t.model.config.hidden_size)
+    cache = t.model.new_cache(9, batch=2)
+    t.model(torch.randint(3, 100, (2, 9)), cache, logits=False)
+    from mtpkit.model.drafter import target_kv
+    kv = target_kv(cache, t.model.config)
+    q = torch.arange(4, 9)
+    with torch.no_grad():
+        for a, b in zip(src.body(x, x, q, kv), g.body(x, x, q, kv), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert warm["final"]["tau0"] == pytest.approx(json.loads((tmp_path / "a" / "summary.json").read_text())["final"]["tau0"], abs=1e-5)
+    trained = run_distill(_cfg(target_dir, steps=4, layer_types=grown, init_from=src_dir), tmp_path / "b",
+                          RunOptions(resume=True, **QUIET))
+    assert trained["step"] == 4
+    g2 = load_drafter(tmp_path / "b" / "last" / "drafter", t.model)
+    assert not (g2.layers[1].post_attention_layernorm.weight == -1).all()  # the new blocks learn
+    with pytest.raises(MtpkitError, match="not a grown copy"):
+        run_distill(_cfg(target_dir, layer_types=["full_attention", "sliding_attention"], init_from=src_dir),
+                    tmp_path / "c", RunOptions(**QUIET))

@@ -12,7 +12,7 @@ import typer
 from typer.testing import CliRunner
 
 from mtpkit.distill.cli import eval_drafter_command
-from mtpkit.distill.evaluate import eval_drafter, loop_tau, loop_tau_sampled
+from mtpkit.distill.evaluate import eval_drafter, loop_tau, loop_tau_sampled, walk_accept
 from mtpkit.model.load import load_drafter, load_target, save_drafter
 from mtpkit.suites import load_suite
 from tests.conftest import fails_cleanly, tiny_drafter
@@ -71,6 +71,10 @@ def test_loop_walk_at_t0_is_the_hand_computed_walk():
     assert loop_tau(g[1:], prompt_len - 1, length - 1) == (9, 4)  # rounds before `first` skipped: same walk
     assert loop_tau(torch.ones(12, k), 1, 11) == (9, 3)  # 4 + 4 + the last token
     assert loop_tau(g, 11, 12) == (0, 0)  # no continuation left after the bonus token
+    leads = []
+    loop_tau(g, prompt_len, length, leads)
+    assert leads == [2, 0, 3]  # the round at p=10 has one draft left (m < k): not a full round
+    assert walk_accept(leads, k) == [round(2 / 3, 4), round(2 / 3, 4), round(1 / 3, 4)] and walk_accept([], k) is None
 
 
 def test_loop_walk_at_t1():
@@ -93,6 +97,10 @@ def test_report_shape_and_per_category(setup):
     assert "tau0_loop" not in r
     for key in ("tau0", "tau1", "tau0_sim", "tau1_sim"):
         assert 1.0 <= r[key] <= 4.0
+    for t in "01":  # the walk's rates: non-increasing in i, and they give its tau (full rounds only, so approx)
+        la = r[f"loop_accept{t}"]
+        assert len(la) == 3 and all(0 <= b <= a <= 1 for a, b in zip(la, la[1:], strict=False))
+        assert 1 + sum(la) == pytest.approx(r[f"tau{t}"], abs=0.5)
     assert set(r["per_category"]) == {"math", "chat", setup["s1"]}  # uncategorized -> the suite's name
     assert [v["prompts"] for v in r["per_category"].values()] == [2, 2, 1]
     for t in ("tau0", "tau1"):

@@ -119,6 +119,8 @@ def distill_command(
     stop_at: int | None = typer.Option(None, "--stop-at", help="Stop after this step (same schedule; --resume continues)."),
     progress: bool = typer.Option(True, "--progress/--no-progress",
                                   help="Progress on stderr: a bar on a terminal, else a line per ~10 %."),
+    data_dir: str | None = typer.Option(None, "--data-dir", help="Data shards here instead of OUT/data: another run's "
+                                        "are reused when its data settings are the same (a sweep generates once)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object at the end."),
 ) -> None:
     """Distill a drafter against a frozen target on target-regenerated text.
@@ -143,7 +145,7 @@ def distill_command(
         log(line)
     from mtpkit.distill.train import RunOptions, run_distill
     summary = run_distill(cfg, out, RunOptions(device=device, resume=resume, force=force, time_budget_min=time_budget_min,
-                                               stop_at=stop_at, progress=progress, log=log))
+                                               stop_at=stop_at, progress=progress, log=log, data_dir=data_dir))
     if os.environ.get("RANK", "0") != "0":
         return
     if as_json:
@@ -152,10 +154,11 @@ def distill_command(
     final, best = summary.get("final") or {}, summary.get("best") or {}
     typer.echo(f"stopped: {summary['stopped']} at step {summary['step']}/{summary['steps']}")
     if final:
-        typer.echo(f"held-out simulated tau: T=0 {final.get('tau0')}  T=1 {final.get('tau1')}  "
-                   f"accept0 {final.get('accept0')}")
+        typer.echo(f"held-out tau (loop walk): T=0 {final.get('tau0_loop')}  T=1 {final.get('tau1_loop')}; "
+                   f"simulated: T=0 {final.get('tau0')}  T=1 {final.get('tau1')}  accept0 {final.get('accept0')}")
     if best:
-        typer.echo(f"best: step {best['step']} tau0 {best['tau0']} tau1 {best['tau1']} -> {summary['checkpoint']}")
+        typer.echo(f"best: step {best['step']} loop tau0 {best.get('tau0_loop')} tau1 {best.get('tau1_loop')} "
+                   f"-> {summary['checkpoint']}")
 
 
 def _eval_drafter_dir(target: str, drafter: str | None, centroid_top_k: int | None) -> tuple[str, int]:
@@ -249,10 +252,10 @@ def eval_drafter_command(
         top_k = "" if r["centroid_top_k"] is None else f", top-{r['centroid_top_k']} clusters"
         tab = Table(title=f"{drafter} on {name} ({r['prompts']} prompts, k={k}, {gen_len} tokens each, "
                           f"prompts cut to {r['max_prompt_tokens']} tokens: {r['truncated_prompts']}{top_k})")
-        for col in ("", "loop tau", "simulated tau", "accept per position", "given previous accepted"):
+        for col in ("", "loop tau", "loop: accepted >= i", "simulated tau", "accept per position", "given previous accepted"):
             tab.add_column(col)
-        tab.add_row("T=0", f(r["tau0"]), f(r["tau0_sim"]), str(r["accept0"]), str(r["cond_accept0"]))
-        tab.add_row("T=1", f(r["tau1"]), f(r["tau1_sim"]), str(r["accept1"]), str(r["cond_accept1"]))
+        tab.add_row("T=0", f(r["tau0"]), str(r["loop_accept0"]), f(r["tau0_sim"]), str(r["accept0"]), str(r["cond_accept0"]))
+        tab.add_row("T=1", f(r["tau1"]), str(r["loop_accept1"]), f(r["tau1_sim"]), str(r["accept1"]), str(r["cond_accept1"]))
         console.print(tab)
         cats = Table(title=f"{name} per category (worst: T=0 {r['min_category_tau0_at']}, T=1 {r['min_category_tau1_at']})")
         for col in ("category", "prompts", "tau0", "tau1", "tau0 sim", "tau1 sim", "outside clusters"):

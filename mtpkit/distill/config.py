@@ -47,13 +47,14 @@ class DistillConfig:  # the defaults are sized for a GPU; CPU_DEFAULTS (below) f
     centroid_top_k: int = 32
     share_target_embedding: bool = True  # head tied to the target's embedding (no own V x d matrix)
     max_param_ratio: float = 0.10  # the drafter's own parameters may be at most this share of the target's
-    init_from: str | None = None  # warm start: a drafter directory (save_drafter layout) of exactly this architecture
+    init_from: str | None = None  # warm start: a drafter directory (save_drafter layout) of this architecture, or with fewer blocks (grown: train._warm_start)
 
     # objective
     loss: str = "kl"  # "kl" (forward KL target||drafter), "tv" (total variation) or "mix"
     tv_weight: float = 0.5  # "mix": (1 - w) * KL + w * TV
     step_decay: float = 0.8  # loss weight of draft step i (0-based) is step_decay ** i
     router_weight: float = 0.2  # centroid head: weight of the router's cross-entropy vs cluster mass
+    loop_weight: float = 0.0  # share of the loss weighted by where the loop starts rounds (objective.loop_round_weights)
 
     # optimization
     steps: int = 2000
@@ -79,7 +80,7 @@ class DistillConfig:  # the defaults are sized for a GPU; CPU_DEFAULTS (below) f
 
     def validate(self) -> None:
         # --set takes any JSON value: check types here, not by a TypeError later
-        for n in ("sampled_fraction", "max_param_ratio", "tv_weight", "step_decay", "router_weight", "lr",
+        for n in ("sampled_fraction", "max_param_ratio", "tv_weight", "step_decay", "router_weight", "loop_weight", "lr",
                   "min_lr_ratio", "weight_decay", "grad_clip"):
             if not _number(getattr(self, n)):
                 raise MtpkitError(f"{n} must be a number, got {getattr(self, n)!r}")
@@ -107,6 +108,8 @@ class DistillConfig:  # the defaults are sized for a GPU; CPU_DEFAULTS (below) f
             raise MtpkitError(f"head must be 'dense' or 'centroid', got {self.head!r}")
         if not 0.0 <= self.sampled_fraction <= 1.0:
             raise MtpkitError(f"sampled_fraction must be in [0, 1], got {self.sampled_fraction}")
+        if not 0.0 <= self.loop_weight <= 1.0:
+            raise MtpkitError(f"loop_weight must be in [0, 1], got {self.loop_weight}")
         if self.gen_len <= self.num_draft_tokens + 1:
             raise MtpkitError(f"gen_len ({self.gen_len}) must exceed num_draft_tokens + 1 ({self.num_draft_tokens + 1})")
         if self.prompt_len < 2:

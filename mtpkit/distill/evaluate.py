@@ -12,7 +12,9 @@ seeded uniform per draft: the rejection-sampling loop's tau on these sampled con
 Simulated (`tau0_sim`, `tau1_sim`): every position of the continuation counts as a round start,
 tau = 1 + sum_i accept_i with accept_i = mean over rounds of prod_{j<=i} a_j (bonus included); it
 weighs all positions alike, so it reads higher than the walk when easy stretches come in runs.
-`accept0/1` and `cond_accept0/1` (a_i given all earlier accepted) are the per-position rates behind it.
+`accept0/1` and `cond_accept0/1` (a_i given all earlier accepted) are the per-position rates behind it;
+`loop_accept0/1` are the walk's own (share of its full rounds that accepted at least i drafts), where rounds
+start after a rejection: their first entry against accept0's shows how much harder those positions are.
 
 `per_category` repeats the taus per SuitePrompt.category (uncategorized prompts: the suite's name), and
 `min_category_tau0/1` is the worst of them; `eval_suites` runs several suites on one loaded model.
@@ -35,25 +37,30 @@ from mtpkit.suites import SuitePrompt
 CONTEXT = 4096  # prompt + continuation tokens kept by default (--max-prompt-tokens = CONTEXT - gen_len)
 
 
-def _walk(prompt_len: int, length: int, k: int, accepted: Callable[[int, int], int]) -> tuple[int, int]:
-    """The loop's walk: `accepted(p, m)` drafts of m accepted at the round starting at p -> (tokens after the first, rounds)."""
+def _walk(prompt_len: int, length: int, k: int, accepted: Callable[[int, int], int],
+          leads: list[int] | None = None) -> tuple[int, int]:
+    """The loop's walk: `accepted(p, m)` drafts of m accepted at the round starting at p -> (tokens after the first,
+    rounds). `leads`: each full round's (m = k) number of accepted drafts is appended to it."""
     p, tokens, rounds = prompt_len, 0, 0
     while p < length - 1:
         m = min(k, length - 1 - p)
-        emitted = min(accepted(p, m) + 1, length - 1 - p)
+        lead = accepted(p, m)
+        if leads is not None and m == k:
+            leads.append(lead)
+        emitted = min(lead + 1, length - 1 - p)
         tokens, rounds, p = tokens + emitted, rounds + 1, p + emitted
     return tokens, rounds
 
 
-def loop_tau(greedy: torch.Tensor, prompt_len: int, length: int) -> tuple[int, int]:
+def loop_tau(greedy: torch.Tensor, prompt_len: int, length: int, leads: list[int] | None = None) -> tuple[int, int]:
     """greedy [R, k] (round r starts at p = r + 1) of one sequence -> (tokens after the first, rounds) at T=0."""
     g = greedy.tolist()
     lead = lambda p, m: next((i for i in range(m) if not g[p - 1][i]), m)  # noqa: E731
-    return _walk(prompt_len, length, greedy.shape[1], lead)
+    return _walk(prompt_len, length, greedy.shape[1], lead, leads)
 
 
 def loop_tau_sampled(accept: torch.Tensor, prompt_len: int, length: int,
-                     generator: torch.Generator | None = None) -> tuple[int, int]:
+                     generator: torch.Generator | None = None, leads: list[int] | None = None) -> tuple[int, int]:
     """accept [R, k] (round r starts at p = r + 1; a_i = 1 - TV given earlier drafts accepted) of one sampled
     sequence -> (tokens after the first, rounds) at T=1: draft i is accepted iff u_i < a_i, u_i uniform."""
     a = accept.float().tolist()
@@ -61,7 +68,16 @@ def loop_tau_sampled(accept: torch.Tensor, prompt_len: int, length: int,
     def lead(p: int, m: int) -> int:
         u = torch.rand(m, generator=generator).tolist()
         return next((i for i in range(m) if not u[i] < a[p - 1][i]), m)
-    return _walk(prompt_len, length, accept.shape[1], lead)
+    return _walk(prompt_len, length, accept.shape[1], lead, leads)
+
+
+def walk_accept(leads: list[int], k: int) -> list[float] | None:
+    """Per draft position i = 1..k, the share of the walk's full rounds that accepted at least i drafts: the
+    loop's acceptance by position (the first is acceptance where rounds actually start, after a rejection
+    or a fully accepted round, not at every position alike as the simulated rates are)."""
+    if not leads:
+        return None
+    return [round(sum(x >= i for x in leads) / len(leads), 4) for i in range(1, k + 1)]
 
 
 def _row(res: StepResult, j: int) -> StepResult:
@@ -133,6 +149,7 @@ def _eval(target, drafter, prompts: list[SuitePrompt], *, k: int, gen_len: int, 
     obj = Objective(k=k, chunk=loss_chunk)
     sums = torch.zeros(len(rows), 4 + 2 * k)  # per row acceptance_sums
     walk = torch.zeros(len(rows), 4, dtype=torch.long)  # per row [tokens0, rounds0, tokens1, rounds1]
+    leads: list[list[int]] = [[] for _ in range(len(rows))]  # per row: drafts accepted in each full round
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
     # similar lengths together: a batch is padded to its longest row, and its rounds start at its shortest prompt
     order = sorted(range(len(rows)), key=lambda i: (int(rows.prompt_len[i]), int(rows.length[i]), i))
@@ -148,9 +165,9 @@ def _eval(target, drafter, prompts: list[SuitePrompt], *, k: int, gen_len: int, 
                 pl, ln = int(b.prompt_len[j]) - res.first, int(b.length[j]) - res.first
                 if bool(b.sampled[j]):  # uniforms from the row's own generator: independent of the batching
                     gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
-                    walk[i, 2:] = torch.tensor(loop_tau_sampled(tv[j], pl, ln, gen))
+                    walk[i, 2:] = torch.tensor(loop_tau_sampled(tv[j], pl, ln, gen, leads[i]))
                 else:
-                    walk[i, :2] = torch.tensor(loop_tau(greedy[j], pl, ln))
+                    walk[i, :2] = torch.tensor(loop_tau(greedy[j], pl, ln, leads[i]))
             bar.advance(len(idx))
     head = _report(sums.sum(0), walk.sum(0), k)
     s = head.pop("summary")
@@ -174,6 +191,8 @@ def _eval(target, drafter, prompts: list[SuitePrompt], *, k: int, gen_len: int, 
         "candidates_per_step": c.centroid_top_k * c.tokens_per_centroid if centroid else None,
         "tau0": head["tau0"], "tau1": head["tau1"], "tau0_sim": head["tau0_sim"], "tau1_sim": head["tau1_sim"],
         "accept0": s["accept0"], "accept1": s["accept1"], "cond_accept0": cond(s["accept0"]), "cond_accept1": cond(s["accept1"]),
+        "loop_accept0": walk_accept([x for row in leads[:n] for x in row], k),
+        "loop_accept1": walk_accept([x for row in leads[n:] for x in row], k),
         "outside_rate": head["outside_rate"] if centroid else None,
         "per_category": per_category if centroid else {
             cat: {**v, "outside_rate": None} for cat, v in per_category.items()},

@@ -48,6 +48,7 @@ class Objective:
     step_decay: float = 0.8  # step i (0-based) weighs step_decay ** i
     router_weight: float = 0.2  # centroid head only
     chunk: int = 2048  # positions (batch x rounds) per vocabulary-sized chunk
+    loop_weight: float = 0.0  # share of each row's loss weighted as the loop visits rounds (`loop_round_weights`)
 
     def step_weights(self) -> list[float]:
         return [self.step_decay ** i for i in range(self.k)]
@@ -72,6 +73,46 @@ class StepResult(NamedTuple):
     mask: torch.Tensor  # [B, R - first] bool: counted rounds
     accept: Accept
     first: int = 0  # rounds before this one (all inside every row's prompt) were skipped: index r is round first + r
+
+
+def round_starts(a: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """a [B, R, k] acceptance of draft i given earlier ones accepted, mask [B, R] counted rounds -> [B, R]:
+    the probability that the loop starts a round at r. Each row's first counted round is a start; a round
+    at r that accepts exactly n drafts (probability prod_{j<n} a_j * (1 - a_n), or prod a for n = k) emits
+    n + 1 tokens, so the next starts at r + n + 1. Mass leaving the counted rounds (the row's end) is dropped.
+    """
+    B, R, k = a.shape
+    pre = torch.cat([torch.ones_like(a[..., :1]), a.cumprod(-1)], -1)  # [B, R, k + 1]: i drafts accepted
+    exact = pre - torch.cat([pre[..., 1:], torch.zeros_like(a[..., :1])], -1)  # exactly n accepted, n = 0..k
+    s = torch.zeros(B, R + k + 1, device=a.device, dtype=a.dtype)
+    m = mask.to(a.dtype)
+    first = torch.where(mask.any(1), mask.float().argmax(1), torch.full_like(mask[:, 0], R, dtype=torch.long))
+    s[torch.arange(B, device=a.device), first] = 1.0
+    counted = mask.any(0).nonzero()
+    for r in range(int(counted[0]) if len(counted) else R, int(counted[-1]) + 1 if len(counted) else R):
+        s[:, r + 1:r + k + 2] += (s[:, r] * m[:, r])[:, None] * exact[:, r]
+    return s[:, :R] * m
+
+
+def loop_round_weights(a: torch.Tensor, mask: torch.Tensor, obj: Objective) -> torch.Tensor:
+    """[B, R, k] loss weight of each (round, draft step): (1 - w) * uniform + w * loop, w = obj.loop_weight.
+
+    uniform: every counted round alike, step i weighs step_decay ** i. loop: round r weighs the probability
+    that the loop starts a round there (`round_starts`, from the batch's own acceptance `a`, detached), and
+    step i the probability that drafts 0..i-1 were accepted: the first-order weight of that step's
+    acceptance in the loop's tokens per round (the rounds a walk visits, not every position alike: after a
+    rejection, the next round starts right there). Each row's loop part is scaled to its uniform part's sum,
+    so the loss keeps its size and a row's weights depend on that row only (data-parallel splits agree).
+    """
+    m = mask.to(a.dtype)[..., None]
+    uniform = m * torch.tensor(obj.step_weights(), device=a.device, dtype=a.dtype)
+    if obj.loop_weight == 0:
+        return uniform
+    a = a.detach()
+    reach = torch.cat([torch.ones_like(a[..., :1]), a[..., :-1].cumprod(-1)], -1)
+    loop = round_starts(a, mask)[..., None] * reach
+    scale = uniform.sum((1, 2), keepdim=True) / loop.sum((1, 2), keepdim=True).clamp_min(1e-9)
+    return (1 - obj.loop_weight) * uniform + obj.loop_weight * scale * loop
 
 
 def round_mask(batch: Batch, k: int) -> torch.Tensor:
@@ -191,39 +232,63 @@ def distill_step(target: GemmaModel, drafter: DrafterModel, batch: Batch, obj: O
     dev = tokens.device
     acc = [torch.zeros(B, R, k, device=dev) for _ in range(3)]
     step_loss, router_loss = torch.zeros(k, device=dev), torch.zeros(k, device=dev)
-    weights = obj.step_weights()
     rows = max(1, obj.chunk // B)
+
+    def chunk_targets(r0: int, r1: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Target log-probs and probs at positions r0+1 .. r1+k-1: step i is scored against [:, i:i + r1 - r0]."""
+        t_all = target.head(tp.hidden[:, first + r0 + 1:first + r1 + k]).float().log_softmax(-1)
+        return t_all, t_all.exp()
+
+    def store_accept(r0: int, r1: int, i: int, t_logp, p, d_logits, ids) -> None:
+        for store, val in zip(acc, accept_from_logits(t_logp, d_logits.detach(), ids, p), strict=True):
+            store[:, r0:r1, i] = val
+
+    # the loop's weighting needs every round's acceptance first: a no-grad pass of the heads (H200, side by side with a
+    # uniform run: 200 steps to its 235 in the same time)
+    weigh_by_loop = backward and obj.loop_weight > 0
+    if weigh_by_loop:
+        with torch.no_grad():
+            for r0 in range(0, R, rows):
+                r1 = min(R, r0 + rows)
+                t_all, p_all = chunk_targets(r0, r1)
+                for i in range(k):
+                    x = feats[i][:, r0:r1]
+                    ids = candidate_ids(drafter, x)[1] if c.head == "centroid" else None
+                    store_accept(r0, r1, i, t_all[:, i:i + r1 - r0], p_all[:, i:i + r1 - r0], drafter.dense_logits(x), ids)
+        a = torch.where(batch.sampled[:, None, None], acc[1], acc[0])  # 1 - TV on sampled rows, argmax match on greedy
+        weights = loop_round_weights(a, mask, obj)
+    else:
+        weights = loop_round_weights(acc[0], mask, obj)  # uniform: acceptance not read
     for r0 in range(0, R, rows):
         r1 = min(R, r0 + rows)
         m = mask[:, r0:r1].float()
-        with torch.no_grad():  # target distributions at positions r0+1 .. r1+k-1
-            t_all = target.head(tp.hidden[:, first + r0 + 1:first + r1 + k]).float().log_softmax(-1)
-            p_all = t_all.exp()
+        with torch.no_grad():
+            t_all, p_all = chunk_targets(r0, r1)
         for i in range(k):
             t_logp = t_all[:, i:i + r1 - r0]  # the distribution draft step i is scored against
             p = p_all[:, i:i + r1 - r0]
+            w = weights[:, r0:r1, i]
             with torch.set_grad_enabled(backward):
                 x = leaves[i][:, r0:r1]
                 d_logits = drafter.dense_logits(x)
                 router, ids = candidate_ids(drafter, x) if c.head == "centroid" else (None, None)
-                part = (distill_loss(t_logp, d_logits, obj.loss, obj.tv_weight, p, ids) * m).sum()
-                total = weights[i] * part
+                per = distill_loss(t_logp, d_logits, obj.loss, obj.tv_weight, p, ids)
+                total = (per * w).sum()
+                step_loss[i] += (per.detach() * m).sum()
                 if router is not None:
                     mass = cluster_mass(p, drafter.token_ordering, c.num_centroids)
                     # KL(cluster mass || router): 0 for a perfect router (CE minus the mass's entropy)
                     rkl = (torch.special.xlogy(mass, mass) - mass * router.log_softmax(-1)).sum(-1)
-                    rpart = (rkl * m).sum()
-                    total = total + weights[i] * obj.router_weight * rpart
-                    router_loss[i] += rpart.detach()
-                step_loss[i] += part.detach()
+                    total = total + obj.router_weight * (rkl * w).sum()
+                    router_loss[i] += (rkl.detach() * m).sum()
             if backward and total.requires_grad:
                 (total / norm).backward()
-            for store, val in zip(acc, accept_from_logits(t_logp, d_logits.detach(), ids, p), strict=True):
-                store[:, r0:r1, i] = val
+            if not weigh_by_loop:
+                store_accept(r0, r1, i, t_logp, p, d_logits, ids)
     if backward:
         grads = [x.grad if x.grad is not None else torch.zeros_like(x) for x in leaves]
         torch.autograd.backward(feats, grads)
-    w = torch.tensor(weights, device=dev)
+    w = torch.tensor(obj.step_weights(), device=dev)
     loss = (w * (step_loss + obj.router_weight * router_loss)).sum()
     return StepResult(loss, step_loss, router_loss, mask, Accept(*acc), first)
 

@@ -124,10 +124,9 @@ class TrainProgress:
             return
         acc = rec.get("accept0") or rec.get("accept1") or []
         info = f"loss {rec['loss']:.4f}  acc " + "/".join(f"{a:.2f}" for a in acc)
-        if last_eval and last_eval.get("tau0") is not None:
-            info += f"  tau0 {last_eval['tau0']:.3f}"
-        if last_eval and last_eval.get("tau1") is not None:
-            info += f"  tau1 {last_eval['tau1']:.3f}"
+        for t in ("tau0", "tau1"):  # the loop's walk on held-out rows
+            if last_eval and last_eval.get(f"{t}_loop") is not None:
+                info += f"  {t} {last_eval[f'{t}_loop']:.3f}"
         self.info = info
         if self.bar is not None:
             self.bar.update(self.task, completed=step, info=info)

