@@ -122,11 +122,11 @@ def main() -> None:
                   "plain_overhead": tot["plain_excess_s"] / (tot["plain_s"] + tot["draft_s"]),
                   "draft_gain": tot["draft_saved_s"] / (tot["plain_s"] + tot["draft_s"]),
                   "draft_share_of_tokens": tot["draft_tokens"] / max(tot["plain_tokens"] + tot["draft_tokens"], 1)},
-        # the gate's R(k) (median of the last rounds it timed) vs the median wall time of rounds that chose k
-        "round_cost_ms": {k: {"gate": round(1e3 * costs.median[k], 3) if k in costs.median else None,
+        # the gate's R(k) (its last rounds at k, each priced by its outcome) vs the median wall time of rounds that chose k
+        "round_cost_ms": {k: {"gate": round(1e3 * costs.measured[k], 3) if k in costs.measured else None,
                               "wall": round(1e3 * statistics.median(v), 3), "rounds": len(v)}
                           for k, v in sorted(wall_by_k.items())},
-        "gate_plain_step_ms": round(1e3 * costs.median[0], 3) if 0 in costs.median else None,
+        "gate_plain_step_ms": round(1e3 * costs.measured[0], 3) if 0 in costs.measured else None,
         "prompts": rows,
     }
     print(json.dumps(out["total"]), json.dumps(out["round_cost_ms"]), out["gate_plain_step_ms"])

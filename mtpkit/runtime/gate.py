@@ -14,8 +14,9 @@ step would look dearer than it is. When drafts stop being accepted the gate fall
 within a few rounds; while plain looks best it still drafts (the cheapest k) after 4, 8, ..., 64 plain
 rounds (a probe), in case acceptance came back, but no more often than keeps the probes' expected loss under
 PROBE_BUDGET of the plain time.
-R(k) is the median of the last rounds that drafted k (a backend's first round at each k is not counted: it
-pays for CUDA-graph captures and warm-ups); where the backend runs plain steps in fused chunks, R(0) is a
+R(k) is the mean over the last rounds that chose k of each one's outcome priced at the median of recent rounds
+with that outcome (RoundCosts; a backend's first round at each k is not counted: it pays for CUDA-graph captures
+and warm-ups); where the backend runs plain steps in fused chunks, R(0) is a
 chunk's time per step. R need not grow with k (on this repo's CPU torch's fp32 head GEMM takes 62 / 140 / 200 /
 113 ms for 1 / 2 / 3 / 4 rows: a verify of 6 tokens is cheaper than one of 3), so the
 gate measures k = K and k = 0 first, then, once drafting pays at a measured k, any other k that could beat it
@@ -34,42 +35,60 @@ PRIOR = 0.5  # a_i before evidence
 PRIOR_WEIGHT = 0.5  # in rounds of evidence
 CHAIN_WEIGHT = 2.0  # in rounds of evidence: how much a position's estimate leans on the one before it
 DECAY = 0.95  # per round: evidence from 20 rounds back counts 1/e
-WINDOW = 9  # rounds per k in the median of R(k)
+WINDOW = 9  # rounds per k (and per outcome) that R(k) is made of
 EXPLORE_TRIES = 4  # rounds the gate spends choosing an unmeasured k before it relies on interpolation
 PROBE_MIN, PROBE_MAX = 4, 64  # while plain decoding looks best: draft after this many plain rounds (doubling)
 PROBE_BUDGET = 0.01  # ... and no sooner than its expected loss (in plain steps) / this
 
 
 class RoundCosts:
-    """R(k): seconds per round by number of drafts, measured as the loop runs."""
+    """R(k): seconds per round by the k the gate chose, measured as the loop runs.
+
+    Each of the last WINDOW rounds that chose k is priced at the median of the recent rounds with its outcome
+    (drafts proposed d, stopped early or not), and R(k) is their mean. Without adaptive drafting every round
+    that chose k proposes k, and R(k) is the median of those rounds. With it, a round may stop at its first
+    step (one draft step and a verify of one token) or propose all k (k steps, a verify of k + 1): 21.6 vs
+    ~41 ms on llama.cpp on this CPU. The median of such a mix is its cheap mode, which made drafting look
+    cheaper than it was (bench/results/cpu_llamacpp_cost); the mean of per-outcome medians keeps the mix's
+    shares and the medians' indifference to a slow outlier. Rounds that chose different k but ran the same
+    steps (stopped at the same d) share their outcome's median."""
 
     def __init__(self) -> None:
-        self.runs: dict[int, deque[float]] = {}
-        self.median: dict[int, float] = {}
+        self.runs: dict[int, deque[int]] = {}  # chosen k -> drafts proposed, its last WINDOW rounds
+        self.by_outcome: dict[tuple[int, bool], deque[float]] = {}  # (proposed, stopped early) -> seconds
+        self.price: dict[tuple[int, bool], float] = {}  # ... their median
+        self.measured: dict[int, float] = {}  # R(k) of each measured k
         self.seen: set[int] = set()
         self.asked: Counter[int] = Counter()  # rounds the gate chose k to measure it
 
-    def add(self, k: int, seconds: float) -> None:
+    def add(self, k: int, seconds: float, drafted: int | None = None) -> None:
+        """A round that chose k, proposed `drafted` drafts (default k) and took `seconds`."""
         if k not in self.seen:  # the first round at k: captures and warm-ups
             self.seen.add(k)
             return
-        runs = self.runs.setdefault(k, deque(maxlen=WINDOW))
-        runs.append(seconds)
-        self.median[k] = statistics.median(runs)
+        d = k if drafted is None else drafted
+        self.runs.setdefault(k, deque(maxlen=WINDOW)).append(d)
+        key = (d, d < k)
+        times = self.by_outcome.setdefault(key, deque(maxlen=WINDOW))
+        times.append(seconds)
+        self.price[key] = statistics.median(times)
+        for j, runs in self.runs.items():  # the k whose window holds this outcome (a few us a round)
+            if j == k or (d < j) == key[1] and d in runs:
+                self.measured[j] = sum(self.price[(x, x < j)] for x in runs) / len(runs)
 
     def known(self, k: int) -> bool:
-        return k in self.median
+        return k in self.measured
 
     def __call__(self, k: int) -> float:
         """R(k): measured, or on the line through the nearest measured k on each side (or the two nearest)."""
-        if k in self.median:
-            return self.median[k]
-        ks = sorted(self.median)  # the gate asks only once two k are measured
+        if k in self.measured:
+            return self.measured[k]
+        ks = sorted(self.measured)  # the gate asks only once two k are measured
         if len(ks) == 1:
-            return self.median[ks[0]]
+            return self.measured[ks[0]]
         lo, hi = [x for x in ks if x < k], [x for x in ks if x > k]
         a, b = (lo[-1], hi[0]) if lo and hi else (lo[-2], lo[-1]) if lo else (hi[0], hi[1])
-        ra, rb = self.median[a], self.median[b]
+        ra, rb = self.measured[a], self.measured[b]
         return max(ra + (rb - ra) * (k - a) / (b - a), 1e-9)
 
 
@@ -145,7 +164,7 @@ class Gate:
         that many plain rounds of seconds / steps each. `chose`: the round's k when adaptive drafting proposed
         fewer (`drafted` < chose; module docstring); default `drafted`."""
         chose = drafted if chose is None else chose
-        self.costs.add(chose, seconds / steps)
+        self.costs.add(chose, seconds / steps, drafted)
         if steps > 1:
             self.idle += steps - 1  # the chunk's other steps (choose() counts the plain round it picks)
         for i in range(self.max_k):
