@@ -333,3 +333,16 @@ def test_init_from_a_drafter_with_fewer_blocks_grows_it_unchanged(target_dir, tm
     with pytest.raises(MtpkitError, match="not a grown copy"):
         run_distill(_cfg(target_dir, layer_types=["full_attention", "sliding_attention"], init_from=src_dir),
                     tmp_path / "c", RunOptions(**QUIET))
+
+
+def test_a_run_resumed_from_a_simulated_score_selects_its_best_anew(target_dir, tmp_path):
+    """Runs from before selection walked the loop saved best = simulated tau0: a resumed run must not compare the
+    loop's tau0 + tau1 with it (it would never, or always, improve), so its next evaluation is the new best."""
+    cfg = _cfg(target_dir, steps=4, eval_every=2)
+    run_distill(cfg, tmp_path / "a", RunOptions(stop_at=2, **QUIET))
+    state = tmp_path / "a" / "last" / "state.json"
+    s = json.loads(state.read_text())
+    s["best"] = {"score": 99.0, "step": 2, "tau0": 99.0, "tau1": None}  # the old record's shape, unbeatable
+    state.write_text(json.dumps(s))
+    out = run_distill(cfg, tmp_path / "a", RunOptions(resume=True, **QUIET))
+    assert out["best"]["step"] == 4 and out["best"]["tau0_loop"] is not None

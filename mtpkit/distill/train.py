@@ -394,7 +394,8 @@ class _Trainer:
         self.timing["eval"] = time.monotonic() - t
         self.state["last_eval"] = {"step": self.step, **ev}
         best = self.state["best"]
-        improved = best is None or _score(ev) > best["score"]
+        # a run resumed from before selection walked the loop holds a simulated score: select anew
+        improved = best is None or "tau0_loop" not in best or _score(ev) > best["score"]
         if improved:
             self.state["best"] = {"score": _score(ev), "step": self.step, "tau0": ev["tau0"], "tau1": ev["tau1"],
                                   "tau0_loop": ev["tau0_loop"], "tau1_loop": ev["tau1_loop"]}
