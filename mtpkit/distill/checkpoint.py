@@ -6,7 +6,7 @@ Layout of a run directory:
   last/               drafter/ (save_drafter: config.json, model.safetensors, meta.json),
                       state.safetensors (AdamW moments and step per parameter name, RNG states),
                       state.json (next step = the data position, best score, last evaluation, elapsed time)
-  best/               the drafter with the best held-out simulated tau (save_drafter layout)
+  best/               the drafter with the best held-out loop-walk tau0 + tau1 (save_drafter layout)
   log.jsonl           one JSON object per training step and per evaluation
 
 `last/` is built in a temp dir and swapped in with renames; a crash between the two renames leaves

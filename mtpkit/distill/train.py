@@ -1,5 +1,5 @@
 """The distillation run: data, drafter init, AdamW with warmup + cosine decay, held-out evaluation of
-simulated tau, checkpoint selection on tau, resume, time budget, data parallelism.
+simulated and loop-walk tau, checkpoint selection on the walk's tau0 + tau1, resume, time budget, data parallelism.
 
 Determinism: the batch of step s is a function of (seed, s) only (a fixed permutation per epoch of the
 training rows), the drafter starts from rank 0's seeded init, and the checkpoint holds the optimizer
