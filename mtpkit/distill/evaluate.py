@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from mtpkit.distill.data import generate_rows
-from mtpkit.distill.objective import Accept, Objective, StepResult, acceptance_sums, distill_step, summarize
+from mtpkit.distill.objective import Accept, Batch, Objective, StepResult, acceptance_sums, distill_step, summarize
 from mtpkit.errors import MtpkitError
 from mtpkit.suites import SuitePrompt
 
@@ -78,6 +78,22 @@ def walk_accept(leads: list[int], k: int) -> list[float] | None:
     if not leads:
         return None
     return [round(sum(x >= i for x in leads) / len(leads), 4) for i in range(1, k + 1)]
+
+
+def walk_rows(res: StepResult, b: Batch, seeds: list[int], leads: list[list[int]] | None = None) -> torch.Tensor:
+    """A scored batch walked row by row as the loop goes -> [rows, 4] per row [tokens0, rounds0, tokens1, rounds1]:
+    greedy rows fill the first two, sampled rows the last two, drawing their uniforms from a generator seeded with
+    seeds[j] (the row's own: independent of the batching); `leads[j]`: the row's full rounds (`_walk`)."""
+    greedy, tv = res.accept.greedy.cpu(), res.accept.tv.cpu()
+    out = torch.zeros(len(seeds), 4, dtype=torch.long)
+    for j, seed in enumerate(seeds):
+        pl, ln = int(b.prompt_len[j]) - res.first, int(b.length[j]) - res.first
+        row_leads = None if leads is None else leads[j]
+        if bool(b.sampled[j]):
+            out[j, 2:] = torch.tensor(loop_tau_sampled(tv[j], pl, ln, torch.Generator().manual_seed(seed), row_leads))
+        else:
+            out[j, :2] = torch.tensor(loop_tau(greedy[j], pl, ln, row_leads))
+    return out
 
 
 def _row(res: StepResult, j: int) -> StepResult:
@@ -159,15 +175,9 @@ def _eval(target, drafter, prompts: list[SuitePrompt], *, k: int, gen_len: int, 
             b = rows.batch(idx, dev, extra=k + 1, pad=max(tok.pad_id, 0))  # every position can start a round
             with autocast:
                 res = distill_step(model, drafter, b, obj, backward=False)
-            greedy, tv = res.accept.greedy.cpu(), res.accept.tv.cpu()
             for j, i in enumerate(idx.tolist()):
                 sums[i] = acceptance_sums(_row(res, j), b.sampled[j:j + 1]).cpu()
-                pl, ln = int(b.prompt_len[j]) - res.first, int(b.length[j]) - res.first
-                if bool(b.sampled[j]):  # uniforms from the row's own generator: independent of the batching
-                    gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
-                    walk[i, 2:] = torch.tensor(loop_tau_sampled(tv[j], pl, ln, gen, leads[i]))
-                else:
-                    walk[i, :2] = torch.tensor(loop_tau(greedy[j], pl, ln, leads[i]))
+            walk[idx] = walk_rows(res, b, [seed * 1_000_003 + i for i in idx.tolist()], [leads[i] for i in idx.tolist()])
             bar.advance(len(idx))
     head = _report(sums.sum(0), walk.sum(0), k)
     s = head.pop("summary")

@@ -115,9 +115,8 @@ def _autocast(device: torch.device):
 @torch.no_grad()
 def evaluate(target, drafter, rows: Rows, obj: Objective, dist: Dist, *, n: int, batch: int) -> dict[str, Any]:
     """Held-out acceptance over the first `n` rows (split across processes): simulated (every position a round
-    start) and walked the way the loop goes (`tau0_loop`, `tau1_loop`: evaluate.loop_tau / loop_tau_sampled,
-    the sampled walk's uniforms seeded by row)."""
-    from mtpkit.distill.evaluate import loop_tau, loop_tau_sampled
+    start) and walked the way the loop goes (`tau0_loop`, `tau1_loop`: evaluate.walk_rows)."""
+    from mtpkit.distill.evaluate import walk_rows
     drafter.eval()
     idx = torch.arange(min(n, len(rows)))
     idx = idx[torch.sort(rows.length[idx], stable=True).indices][dist.rank::dist.world]  # batches of similar length
@@ -131,13 +130,7 @@ def evaluate(target, drafter, rows: Rows, obj: Objective, dist: Dist, *, n: int,
             res = distill_step(target, drafter, b, obj, backward=False)
         sums += acceptance_sums(res, b.sampled)
         loss += torch.stack([res.loss, res.mask.sum().float()])
-        greedy, tv = res.accept.greedy.cpu(), res.accept.tv.cpu()
-        for j, row in enumerate(part.tolist()):
-            pl, ln = int(b.prompt_len[j]) - res.first, int(b.length[j]) - res.first
-            if bool(b.sampled[j]):
-                walk[2:] += torch.tensor(loop_tau_sampled(tv[j], pl, ln, torch.Generator().manual_seed(row)))
-            else:
-                walk[:2] += torch.tensor(loop_tau(greedy[j], pl, ln))
+        walk += walk_rows(res, b, part.tolist()).sum(0)  # sampled rows' uniforms seeded by their row index
     dist.sum_(sums)
     dist.sum_(loss)
     walk = walk.to(dist.device)
