@@ -6,7 +6,9 @@ overhead included). The speculative run's time is split into
   plain rounds   (the gate's k = 0: single steps or fused chunks): seconds per token against plain decoding's
   drafting rounds: their tokens, their seconds, and what those tokens would have cost at plain decoding's rate
 so `speedup - 1 ~= drafting gain - plain-round overhead`, and the gate's cost estimates R(k) are set beside the
-measured wall time of rounds that chose k (they should agree).
+measured wall time of rounds that chose k (they should agree). Also: rounds by outcome (drafts proposed, stopped
+early) with their median wall, draft and verify times, and for the drafting rounds the gate chose because drafting
+paid ("pays") or to probe or measure ("probe") the tokens it expected of them when it chose against those they gave.
 
     python bench/gate_trace.py --target T [--backend torch|llamacpp|mlx|onnx] [--device cpu|cuda] [--threads N]
         [--suite S] [--limit N] [--temperature T] [--repeats R] [--json F]
@@ -23,8 +25,8 @@ import time
 from collections import defaultdict
 
 
-def trace(session, ids: list[int], n: int, temperature: float, use_drafter: bool, chosen: list[int]) -> list[dict]:
-    """Rounds after the prefill: the gate's k, tokens emitted, wall seconds."""
+def trace(session, ids: list[int], n: int, temperature: float, use_drafter: bool, chosen: list[dict]) -> list[dict]:
+    """Rounds after the prefill: the gate's k (and what it expected of it), tokens emitted, wall seconds."""
     rounds, last = [], None
     for r in session.stream(ids, max_new_tokens=n, temperature=temperature, use_drafter=use_drafter, num_draft_tokens=5):
         now = time.perf_counter()
@@ -32,8 +34,9 @@ def trace(session, ids: list[int], n: int, temperature: float, use_drafter: bool
             last = now
             chosen.clear()
             continue
-        k = chosen[-1] if use_drafter and chosen else 0
-        rounds.append({"k": k, "tokens": len(r.tokens), "s": now - last})
+        c = chosen[-1] if use_drafter and chosen else {"k": 0}
+        rounds.append({**c, "tokens": len(r.tokens), "s": now - last, "drafted": r.drafted, "accepted": r.accepted,
+                       "draft_s": r.draft_s, "verify_s": r.verify_s})
         last = now
     return rounds
 
@@ -59,12 +62,20 @@ def main() -> None:
     from mtpkit.suites import load_suite
     opts = {k: v for k, v in (("device", a.device), ("threads", a.threads)) if v is not None}
     s = mtpkit.load(a.target, drafter=a.drafter, backend=a.backend, **opts)
-    chosen: list[int] = []
+    chosen: list[dict] = []
     choose = gate_mod.Gate.choose
 
     def recording_choose(self, limit: int) -> int:
+        """The gate's k, and at that moment its expected tokens for k and whether k beat plain (else a probe or
+        a measurement)."""
         k = choose(self, limit)
-        chosen.append(k)
+        rates, tokens, run = self.rates(), 1.0, 1.0
+        for i in range(k):
+            run *= rates[i]
+            tokens += run
+        r = self.costs
+        pays = bool(k and r.known(k) and r.known(0) and tokens / r(k) > 1.0 / r(0))
+        chosen.append({"k": k, "expected": tokens, "pays": pays})
         return k
     gate_mod.Gate.choose = recording_choose
     prompts = spread(load_suite(a.suite), a.limit)
@@ -74,6 +85,8 @@ def main() -> None:
 
     rows, tot = [], defaultdict(float)
     wall_by_k: dict[int, list[float]] = defaultdict(list)
+    drafting: dict[str, list[float]] = defaultdict(list)  # "pays" / "probe": expected and realized tokens a round
+    outcomes: dict[str, list[tuple[float, float, float]]] = defaultdict(list)  # "d/stopped" -> (wall, draft, verify)
     for p in prompts:
         ids = s.tokenizer.encode(p.text)
         plain_s = plain_t = 0.0
@@ -90,8 +103,14 @@ def main() -> None:
                     spec[f"{kind}_s"] += r["s"]
                     spec[f"{kind}_tokens"] += r["tokens"]
                     spec[f"{kind}_rounds"] += 1
+                    if r["tokens"]:
+                        key = f"{r['drafted']}/{int(r['drafted'] < r['k'])}" if r["k"] else "plain"
+                        outcomes[key].append((r["s"], r["draft_s"], r["verify_s"]))
                     if r["k"] and r["tokens"]:
                         wall_by_k[r["k"]].append(r["s"])
+                        why = "pays" if r["pays"] else "probe"
+                        drafting[f"{why}_expected"].append(r["expected"])
+                        drafting[f"{why}_tokens"].append(r["tokens"])
         rate = plain_s / max(plain_t, 1)  # plain decoding's seconds per token on this prompt
         spec_s = spec["plain_s"] + spec["draft_s"]
         spec_t = spec["plain_tokens"] + spec["draft_tokens"]
@@ -127,9 +146,23 @@ def main() -> None:
                               "wall": round(1e3 * statistics.median(v), 3), "rounds": len(v)}
                           for k, v in sorted(wall_by_k.items())},
         "gate_plain_step_ms": round(1e3 * costs.measured[0], 3) if 0 in costs.measured else None,
+        # rounds by outcome (drafts proposed / stopped early; plain: k = 0): their count and median wall, draft and
+        # verify milliseconds (the loop's own overhead is the wall less the other two)
+        "outcomes_ms": {key: {"rounds": len(v), "wall": round(1e3 * statistics.median(x[0] for x in v), 3),
+                              "draft": round(1e3 * statistics.median(x[1] for x in v), 3),
+                              "verify": round(1e3 * statistics.median(x[2] for x in v), 3)}
+                        for key, v in sorted(outcomes.items())},
+        # drafting rounds the gate chose because k beat plain ("pays") or to probe / measure a k: how many, the
+        # tokens a round it expected when it chose, and the tokens they gave (a round that ends the text may
+        # give fewer)
+        "drafting_rounds": {why: {"rounds": len(drafting[f"{why}_tokens"]),
+                                  "expected_tokens": round(statistics.fmean(drafting[f"{why}_expected"]), 3),
+                                  "tokens": round(statistics.fmean(drafting[f"{why}_tokens"]), 3)}
+                            for why in ("pays", "probe") if drafting[f"{why}_tokens"]},
         "prompts": rows,
     }
-    print(json.dumps(out["total"]), json.dumps(out["round_cost_ms"]), out["gate_plain_step_ms"])
+    print(json.dumps(out["total"]), json.dumps(out["round_cost_ms"]), out["gate_plain_step_ms"],
+          json.dumps(out["drafting_rounds"]), json.dumps(out["outcomes_ms"]))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=1)

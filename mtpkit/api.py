@@ -124,7 +124,7 @@ class Session:
         self.config = target_config
         self.drafter_path = drafter_path
         # the online gate's state, greedy / sampled: round costs and acceptance, kept from one generation to the next
-        self.gates = {True: Gate(1, RoundCosts()), False: Gate(1, RoundCosts())}
+        self.gates = {greedy: Gate(1, RoundCosts(), greedy) for greedy in (True, False)}
         self.eos = {target_config.eos_token_id}
         if tokenizer is not None:
             self.eos.add(tokenizer.eos_id)
@@ -143,7 +143,7 @@ class Session:
         return list(prompt)
 
     def stream(self, prompt: str | list[int], max_new_tokens: int = 128, temperature: float = 0.0,
-               top_p: float = 1.0, top_k: int = 0, seed: int = 0, num_draft_tokens: int = 4,
+               top_p: float = 1.0, top_k: int = 0, seed: int = 0, num_draft_tokens: int = 5,
                min_confidence: float | str | None = "auto", stats: Stats | None = None,
                use_drafter: bool = True, draft_temperature: float | None = None, gate: bool = True
                ) -> Iterator[Round]:

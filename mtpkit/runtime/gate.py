@@ -6,7 +6,12 @@
     k*         = argmax over k in 0..K of tokens(k) / seconds(k);  k = 0 is a plain decoding step
 
 a_i are running estimates at the current temperature: counts decayed by DECAY per round, each position's
-shrunk toward the estimate of the position before it (the first toward PRIOR). With adaptive drafting
+shrunk toward the estimate of the position before it (the first toward PRIOR). Greedy acceptance comes in runs
+(40 MT-Bench texts recorded by bench/gate_replay.py, walked with k = 5: a round's first draft was accepted 0.86 of
+the time after a round that accepted all 5, 0.47 after one that accepted none), so at T = 0 the counts are kept
+apart by whether the previous round accepted every draft it proposed, each state's estimates shrunk toward both
+kept together; at T > 0 rounds are close to independent (0.52 vs 0.44) and the split would only halve the
+evidence. With adaptive drafting
 (min_confidence) a round may propose fewer than its k: the step that stopped it was paid for, so that round
 counts under R(k), and its stopped position as reached and not accepted (a_i is the chance that position i
 yields a token); otherwise a round that stopped at its first step would count as a plain step, and a plain
@@ -33,6 +38,7 @@ from collections import Counter, deque
 
 PRIOR = 0.5  # a_i before evidence
 PRIOR_WEIGHT = 0.5  # in rounds of evidence
+STATE_WEIGHT = 2.0  # in rounds of evidence: how much a T = 0 state's estimate leans on both states together
 CHAIN_WEIGHT = 2.0  # in rounds of evidence: how much a position's estimate leans on the one before it
 DECAY = 0.95  # per round: evidence from 20 rounds back counts 1/e
 WINDOW = 9  # rounds per k (and per outcome) that R(k) is made of
@@ -96,28 +102,36 @@ class Gate:
     """Acceptance estimates per draft position and the round costs; `choose` a round's k, `observe` its outcome.
     api.Session keeps one across generations (acceptance decays per round, so a new text soon speaks for itself)."""
 
-    def __init__(self, max_k: int, costs: RoundCosts):
-        self.max_k, self.costs = max_k, costs
-        self.accepted = [0.0] * max_k  # decayed counts, per position i: rounds that reached i and accepted it
-        self.reached = [0.0] * max_k  # ... rounds whose draft i was judged (drafts 1..i-1 accepted)
+    def __init__(self, max_k: int, costs: RoundCosts, greedy: bool = True):
+        self.max_k, self.costs, self.greedy = max_k, costs, greedy
+        # decayed counts per position i and state (after_full: the previous round accepted every draft it
+        # proposed): rounds that reached draft i (drafts 1..i-1 accepted), and those that accepted it
+        self.reached = {after: [0.0] * max_k for after in (False, True)}
+        self.accepted = {after: [0.0] * max_k for after in (False, True)}
+        self.after_full = False
         self.idle, self.probe_every = 0, PROBE_MIN  # plain rounds in a row; when to probe next
 
     def for_k(self, max_k: int) -> Gate:
         """This gate, or for another K a new one that keeps the round costs (acceptance starts over)."""
-        return self if max_k == self.max_k else Gate(max_k, self.costs)
+        return self if max_k == self.max_k else Gate(max_k, self.costs, self.greedy)
 
     def rates(self) -> list[float]:
         """a_1..a_K: position 1's evidence shrunk toward PRIOR, each later position's toward the estimate of the
         position before it. Conditional acceptance grows with depth for a drafter (given drafts 1..i-1 were
         accepted the text is predictable: shipped drafter on HumanEval, a_1..a_5 = 0.80 0.88 0.89 0.92 0.93),
         so positions the gate has not drafted to lately inherit the last one measured, and it tries longer
-        drafts when the short ones are accepted."""
-        out, prev, w = [], PRIOR, PRIOR_WEIGHT
-        for acc, reached in zip(self.accepted, self.reached, strict=True):
-            prev = (acc + prev * w) / (reached + w)
-            out.append(prev)
+        drafts when the short ones are accepted. At T = 0 the estimates of the state the gate is in (after a
+        round that accepted all it proposed, or not), each position's shrunk toward those over both states."""
+        pooled, prev, w = [], PRIOR, PRIOR_WEIGHT
+        for i in range(self.max_k):
+            acc = self.accepted[False][i] + self.accepted[True][i]
+            prev = (acc + prev * w) / (self.reached[False][i] + self.reached[True][i] + w)
+            pooled.append(prev)
             w = CHAIN_WEIGHT
-        return out
+        if not self.greedy:
+            return pooled
+        acc, reached = self.accepted[self.after_full], self.reached[self.after_full]
+        return [(a + p * STATE_WEIGHT) / (n + STATE_WEIGHT) for a, n, p in zip(acc, reached, pooled, strict=True)]
 
     def choose(self, limit: int) -> int:
         """The round's k in 0..min(limit, max_k)."""
@@ -167,10 +181,12 @@ class Gate:
         self.costs.add(chose, seconds / steps, drafted)
         if steps > 1:
             self.idle += steps - 1  # the chunk's other steps (choose() counts the plain round it picks)
-        for i in range(self.max_k):
-            self.accepted[i] *= DECAY ** steps
-            self.reached[i] *= DECAY ** steps
+        f = DECAY ** steps
+        for counts in (*self.accepted.values(), *self.reached.values()):
+            counts[:] = [c * f for c in counts]
         stopped = int(drafted < chose)  # position `drafted` was reached (all accepted) and proposed nothing
+        reached, acc = self.reached[self.after_full], self.accepted[self.after_full]
         for i in range(min(accepted + 1, drafted + stopped)):
-            self.reached[i] += 1
-            self.accepted[i] += i < accepted
+            reached[i] += 1
+            acc[i] += i < accepted
+        self.after_full = chose > 0 and accepted == drafted == chose

@@ -46,7 +46,7 @@ class Round:
 class GenerationParams:
     max_new_tokens: int = 128
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    num_draft_tokens: int = 4  # the most drafts per round (K); every round's k when gate=False
+    num_draft_tokens: int = 5  # the most drafts per round (K; as `mtpkit run`); every round's k when gate=False
     seed: int = 0
     min_confidence: float | None = None  # adaptive drafting: stop a draft when the drafter's top prob drops below
     draft_temperature: float = 1.0  # sampling: drafts are drawn at temperature T * this (DrafterConfig.draft_temperature)
@@ -121,7 +121,7 @@ def generate(backend: Backend, prompt: list[int], params: GenerationParams, eos:
     if not (drafting and params.gate):
         gate = None
     else:
-        gate = (gate or Gate(params.num_draft_tokens, RoundCosts())).for_k(params.num_draft_tokens)
+        gate = (gate or Gate(params.num_draft_tokens, RoundCosts(), sp.greedy)).for_k(params.num_draft_tokens)
     last = time.perf_counter()  # the gate times a round from the end of the previous one: the loop's own
     while finish is None:  # overhead and the caller's work between rounds count (per round, as they are paid)
         room = backend.max_len - backend.length - 1  # positions left after the bonus

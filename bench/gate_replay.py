@@ -1,0 +1,337 @@
+"""The online gate replayed on recorded acceptance: gate designs compared on real texts, without timing noise.
+
+`record` decodes each prompt of a suite token by token through a backend's steps and, at every position t, drafts
+K tokens and verifies them, then keeps only the target's own next token (plain decoding's text):
+  T = 0: L[t]     how many of the K greedy drafts the target accepts (the prefix that matches its argmax)
+  T > 0: r[t][i]  P(draft i accepted | drafts 1..i-1 accepted) = 1 - TV(p_i, q_i) for the drafts drawn at t
+         (p_i: the target's distribution after b, d_1..d_{i-1}; q_i: the drafter's, over its candidates); the
+         text follows the target's own samples
+  conf[t][i]      the drafter's top probability at step i (adaptive drafting stops where it is < min_confidence)
+and the backend's costs as the loop pays them (`loop_costs`: the loop run with each fixed k on the first prompt;
+medians): a plain round, a verify of n = 1..K + 1 tokens with its acceptance, a drafter step, and a drafting
+round's own overhead.
+
+`replay` runs gate modules (the committed one, and any `--gate FILE`) over the recorded texts in order, one
+gate kept across prompts as api.Session keeps it: a round at t that chose k proposes d = min(k, the first step
+whose conf < min_confidence) drafts and emits n + 1 tokens, n = min(L[t], d) (T > 0: each draft accepted with
+its r, drawn per seed), then t advances by n + 1. A drafting round costs overhead + verify(d + 1) + (d + stopped)
+drafter steps, a plain round its measured wall, 5 % lognormal jitter; plain decoding is the same text at a plain
+round a token. `--costs FILE`
+replays with another record's (another backend's) costs, `--draft-cost C --verify-slope S` with a synthetic
+backend (a draft step and each verified token beyond the first at C and S plain steps: a GPU is ~0.1 / ~0.02).
+At T = 0 it prints the bound no gate can pass: the least time over the text when each round's k is chosen knowing
+how many drafts will be accepted.
+At T > 0 the replayed text stays the recorded one whatever is accepted (drafts accepted by the ratio test follow
+the target's distribution, not its recorded sample): acceptance is right per position, the text approximate.
+
+    python bench/gate_replay.py record --target T [--backend llamacpp] [--threads 2] --suite S [--limit N]
+        [--temperature 0] [--max-new-tokens 128] [--num-draft-tokens 5] --out F.json
+    python bench/gate_replay.py costs --target T [--backend ...] --suite S --out C.json
+    python bench/gate_replay.py replay F.json [F2.json ...] [--gate FILE ...] [--costs C.json]
+        [--draft-cost C --verify-slope S] [--min-confidence 0.3] [--seeds 8] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+
+# ---------------------------------------------------------------------------------------------------- record
+def _np(x) -> np.ndarray:
+    return x.detach().float().cpu().numpy() if hasattr(x, "detach") else np.asarray(x, dtype=np.float32)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def record_prompt(backend, ids: list[int], n: int, k: int, temperature: float, draft_temperature: float,
+                  eos: set[int], rng: np.random.Generator) -> dict:
+    """One prompt's positions: L (T = 0) or r (T > 0), and conf."""
+    ops = backend.ops
+    logits, h = backend.start(list(ids))
+    lg = _np(logits)
+    bonus = int(lg.argmax()) if temperature <= 0 else int(rng.choice(lg.shape[-1], p=_softmax(lg / temperature)))
+    out = {"tokens": [bonus], "conf": [], "L" if temperature <= 0 else "r": []}
+    while len(out["tokens"]) < n and bonus not in eos and backend.length + k + 1 < backend.max_len:
+        token, hd, drafts, confs, qs = ops.tokens([bonus]), h, [], [], []
+        for _ in range(k):
+            s = backend.draft_step(token, hd)
+            x = _np(s.logits)
+            hd = s.h
+            if temperature <= 0:
+                j = int(x.argmax())
+                q = None
+            else:
+                q = _softmax(x / (temperature * draft_temperature))
+                j = int(rng.choice(len(q), p=q / q.sum()))
+            tok = j if s.ids is None else int(_np(s.ids)[j])
+            confs.append(round(float(_softmax(x).max() if temperature <= 0 else q.max()), 4))
+            drafts.append(tok)
+            qs.append((q, None if s.ids is None else _np(s.ids).astype(np.int64)))
+            token = ops.tokens([tok])
+        p0 = backend.length
+        vl, hidden = backend.verify(ops.tokens([bonus] + drafts))
+        vl = _np(vl)
+        if temperature <= 0:
+            tgt = vl.argmax(axis=-1)
+            m = 0
+            while m < k and drafts[m] == int(tgt[m]):
+                m += 1
+            out["L"].append(m)
+            nxt = int(tgt[0])
+        else:
+            p = _softmax(vl / temperature)
+            rs = []
+            for i, (q, cand) in enumerate(qs):  # 1 - TV(p_i, q_i) = sum min(p_i, q_i); q is 0 off its candidates
+                pi = p[i][cand] if cand is not None else p[i]
+                rs.append(round(float(np.minimum(pi, q).sum()), 4))
+            out["r"].append(rs)
+            nxt = int(rng.choice(p.shape[-1], p=p[0] / p[0].sum()))
+        out["conf"].append(confs)
+        backend.rollback(p0 + 1)
+        h = hidden[0]
+        bonus = nxt
+        out["tokens"].append(bonus)
+    return out
+
+
+def loop_costs(session, ids: list[int], k: int, temperature: float, n: int = 64) -> dict:
+    """The step costs as the loop pays them: plain decoding, then each fixed k in 1..K (gate off), over `ids`;
+    per round the wall time between rounds, the draft and the verify (with acceptance) seconds -> medians: a
+    plain round, a verify of n tokens, a drafter step (first and later), and a drafting round's own overhead
+    (its wall less draft and verify)."""
+    walls: dict[str, list[float]] = defaultdict(list)
+    for kk in range(0, k + 1):
+        for _ in range(2):  # the first pass warms this k up
+            last, rounds = None, []
+            for r in session.stream(ids, max_new_tokens=n, temperature=temperature, use_drafter=kk > 0,
+                                    num_draft_tokens=max(kk, 1), gate=False):
+                now = time.perf_counter()
+                if not r.prefill:
+                    rounds.append((r, now - last))
+                last = now
+        for r, wall in rounds:
+            if kk == 0:
+                walls["plain"].append(wall)
+                continue
+            steps = r.drafted + (r.drafted < kk)
+            walls[f"verify{r.drafted + 1}"].append(r.verify_s)
+            walls["draft1" if steps == 1 else "draft"].append(r.draft_s if steps == 1 else r.draft_s / steps)
+            walls["overhead"].append(wall - r.draft_s - r.verify_s)
+    med = {key: statistics.median(v) for key, v in walls.items()}
+    verify = [med.get(f"verify{m}") for m in range(1, k + 2)]
+    measured = [i for i, v in enumerate(verify) if v is not None]
+    for i, v in enumerate(verify):
+        if v is None:  # a verify size no round reached: on the line through the two nearest measured sizes
+            a, b = sorted(sorted(measured, key=lambda j: abs(j - i))[:2])
+            verify[i] = verify[a] + (verify[b] - verify[a]) * (i - a) / (b - a)
+    return {"plain": med["plain"], "verify": verify, "verify_measured": [i in measured for i in range(k + 1)], "draft1": med.get("draft1", med.get("draft")),
+            "draft": med.get("draft", med.get("draft1")), "overhead": med.get("overhead", 0.0),
+            "rounds": {key: len(v) for key, v in walls.items()}}
+
+
+def measure_costs(a) -> None:
+    """`costs`: only the backend's loop costs (for `replay --costs`)."""
+    import mtpkit
+    from mtpkit.suites import load_suite
+    opts = {k: v for k, v in (("device", a.device), ("threads", a.threads)) if v is not None}
+    s = mtpkit.load(a.target, drafter=a.drafter, backend=a.backend, **opts)
+    costs = loop_costs(s, s.tokenizer.encode(load_suite(a.suite)[0].text), a.num_draft_tokens, a.temperature)
+    info = s.backend.info()
+    Path(a.out).write_text(json.dumps({"settings": {**vars(a), "backend_device": info.device}, "costs": costs}))
+    print(json.dumps({"costs_ms": {k: ([round(1e3 * x, 2) for x in v] if isinstance(v, list) else round(1e3 * v, 2))
+                                   for k, v in costs.items() if k not in ("rounds", "verify_measured")},
+                      "rounds": costs["rounds"]}))
+
+
+def record(a) -> None:
+    import mtpkit
+    from mtpkit.bench.runner import spread
+    from mtpkit.suites import load_suite
+    opts = {k: v for k, v in (("device", a.device), ("threads", a.threads)) if v is not None}
+    s = mtpkit.load(a.target, drafter=a.drafter, backend=a.backend, **opts)
+    prompts = spread(load_suite(a.suite), a.limit) if a.limit else load_suite(a.suite)
+    rng = np.random.default_rng(a.seed)
+    costs = loop_costs(s, s.tokenizer.encode(prompts[0].text), a.num_draft_tokens, a.temperature)
+    rows = []
+    for j, p in enumerate(prompts):
+        ids = s.tokenizer.encode(p.text)[-(s.backend.max_len - a.max_new_tokens - a.num_draft_tokens - 2):]
+        row = record_prompt(s.backend, ids, a.max_new_tokens, a.num_draft_tokens, a.temperature,
+                            s.draft_temperature, s.eos, rng)
+        rows.append({"id": p.id, "category": p.category, **row})
+        print(f"{j + 1}/{len(prompts)} {p.id}: {len(row['tokens'])} tokens", flush=True)
+    info = s.backend.info()
+    out = {"settings": {**vars(a), "backend_device": info.device, "threads_used": info.threads},
+           "costs": costs, "prompts": rows}
+    Path(a.out).write_text(json.dumps(out))
+    print(json.dumps({"costs_ms": {k: ([round(1e3 * x, 2) for x in v] if isinstance(v, list) else round(1e3 * v, 2))
+                                   for k, v in costs.items() if k not in ("rounds", "verify_measured")}}))
+
+
+# ---------------------------------------------------------------------------------------------------- replay
+def _load_gate(path: str | None):
+    if path is None:
+        from mtpkit.runtime import gate
+        return gate
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _takes_greedy(mod) -> bool:
+    """Whether this gate module's Gate takes `greedy` (older ones do not)."""
+    import inspect
+    return "greedy" in inspect.signature(mod.Gate.__init__).parameters
+
+
+def round_cost(costs: dict, drafted: int, steps: int) -> float:
+    """Seconds of a drafting round that verified drafted + 1 tokens after `steps` drafter steps (a plain
+    round: costs["plain"])."""
+    return costs["overhead"] + costs["verify"][drafted] + costs["draft1"] + (steps - 1) * costs["draft"]
+
+
+def replay_suite(mod, rows: list[dict], costs: dict, k_max: int, min_conf: float | None, temperature: float,
+                 seed: int, jitter: float = 0.05) -> dict[str, tuple[float, float]]:
+    """Per prompt id: (speculative seconds, plain seconds) for its recorded text, one gate across the prompts."""
+    rng = np.random.default_rng(seed)
+    g = mod.Gate(k_max, mod.RoundCosts(), temperature <= 0) if _takes_greedy(mod) else mod.Gate(k_max, mod.RoundCosts())
+    plain_step = costs["plain"]
+    out = {}
+    for row in rows:
+        n_tok = len(row["tokens"])
+        positions = len(row["conf"])
+        t, emitted, spec_s = 0, 1, 0.0
+        while emitted < n_tok:
+            k = g.choose(min(k_max, n_tok - emitted - 1)) if t < positions else 0
+            if k == 0:
+                cost = plain_step * rng.lognormal(0, jitter)
+                g.observe(0, 0, cost)
+                t, emitted, spec_s = t + 1, emitted + 1, spec_s + cost
+                continue
+            conf = row["conf"][t]
+            d = k
+            if min_conf is not None:
+                d = next((i for i in range(k) if conf[i] < min_conf), k)
+            stopped = d < k
+            if temperature <= 0:
+                n = min(row["L"][t], d)
+            else:
+                n = 0
+                while n < d and rng.random() < row["r"][t][n]:
+                    n += 1
+            cost = round_cost(costs, d, d + stopped) * rng.lognormal(0, jitter)
+            g.observe(d, n, cost, chose=k)
+            t, emitted, spec_s = t + n + 1, emitted + n + 1, spec_s + cost
+        out[row["id"]] = (spec_s, (n_tok - 1) * plain_step)
+    return out
+
+
+def oracle_seconds(row: dict, costs: dict, k_max: int) -> float:
+    """T = 0: the least time any choice of each round's k could take over this text, knowing L in advance (a
+    round at t proposes exactly the j <= L[t] drafts it will have accepted, no stops): the bound of every gate."""
+    n_tok, positions = len(row["tokens"]), len(row["L"])
+    plain_step = costs["plain"]
+    best = [0.0] * n_tok  # best[t]: from t + 1 tokens emitted to n_tok
+    for t in range(n_tok - 2, -1, -1):
+        b = plain_step + best[t + 1]
+        for j in range(1, min(k_max, row["L"][t] if t < positions else 0, n_tok - 2 - t) + 1):
+            b = min(b, round_cost(costs, j, j) + best[t + j + 1])
+        best[t] = b
+    return best[0]
+
+
+def read_json(path: str) -> dict:
+    """A record or costs file, gzipped (.gz) or not."""
+    import gzip
+    raw = gzip.decompress(Path(path).read_bytes()) if path.endswith(".gz") else Path(path).read_bytes()
+    return json.loads(raw)
+
+
+def replay(a) -> None:
+    recs = [read_json(f) for f in a.records]
+    mods = [("committed", _load_gate(None))] + [(Path(f).name, _load_gate(f)) for f in a.gate or []]
+    result = {}
+    for rec in recs:
+        st = rec["settings"]
+        costs = read_json(a.costs)["costs"] if a.costs else dict(rec["costs"])
+        if a.draft_cost is not None:  # synthetic: in plain steps of this record's backend
+            p = costs["plain"]
+            costs = {"plain": p, "overhead": 0.0, "draft1": a.draft_cost * p, "draft": a.draft_cost * p,
+                     "verify": [p * (1 + m * a.verify_slope) for m in range(len(costs["verify"]))]}
+        k_max = st["num_draft_tokens"]
+        label = f"{Path(st['suite']).stem} T={st['temperature']}"
+        for name, mod in mods:
+            spec, plain = defaultdict(float), defaultdict(float)
+            for seed in range(a.seeds):
+                res = replay_suite(mod, rec["prompts"], costs, k_max, a.min_confidence, st["temperature"], seed)
+                for row in rec["prompts"]:
+                    sp, pl = res[row["id"]]
+                    spec[row["category"]] += sp
+                    plain[row["category"]] += pl
+            cats = {c: plain[c] / spec[c] for c in sorted(spec)}
+            total = sum(plain.values()) / sum(spec.values())
+            worst = min(cats.items(), key=lambda kv: kv[1])
+            result.setdefault(label, {})[name] = {"speedup": round(total, 4),
+                                                  "categories": {c: round(v, 4) for c, v in cats.items()}}
+            print(f"{label:28s} {name:22s} {total:.3f}x  worst {worst[0]} {worst[1]:.3f}  "
+                  + " ".join(f"{c[:6]} {v:.3f}" for c, v in cats.items()), flush=True)
+        if st["temperature"] <= 0:
+            spec, plain = defaultdict(float), defaultdict(float)
+            for row in rec["prompts"]:
+                spec[row["category"]] += oracle_seconds(row, costs, k_max)
+                plain[row["category"]] += (len(row["tokens"]) - 1) * costs["plain"]
+            cats = {c: plain[c] / spec[c] for c in sorted(spec)}
+            total = sum(plain.values()) / sum(spec.values())
+            result[label]["oracle"] = {"speedup": round(total, 4), "categories": {c: round(v, 4) for c, v in cats.items()}}
+            print(f"{label:28s} {'oracle (bound)':22s} {total:.3f}x  "
+                  + " ".join(f"{c[:6]} {v:.3f}" for c, v in cats.items()), flush=True)
+    if a.json:
+        Path(a.json).write_text(json.dumps({"settings": vars(a), "result": result}, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("record")
+    c = sub.add_parser("costs")
+    for x in (r, c):
+        x.add_argument("--target", default="gemma3-270m")
+        x.add_argument("--drafter", default=None)
+        x.add_argument("--backend", default="llamacpp")
+        x.add_argument("--device", default=None)
+        x.add_argument("--threads", type=int, default=None)
+        x.add_argument("--suite", required=True)
+        x.add_argument("--temperature", type=float, default=0.0)
+        x.add_argument("--num-draft-tokens", type=int, default=5)
+        x.add_argument("--out", required=True)
+    r.add_argument("--limit", type=int, default=0, help="prompts spread over the categories (0: all)")
+    r.add_argument("--max-new-tokens", type=int, default=128)
+    r.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("replay")
+    p.add_argument("records", nargs="+")
+    p.add_argument("--gate", action="append", help="another gate.py to replay beside the committed one")
+    p.add_argument("--costs", default=None, help="a record whose costs to use (another backend's)")
+    p.add_argument("--draft-cost", type=float, default=None)
+    p.add_argument("--verify-slope", type=float, default=0.02)
+    p.add_argument("--min-confidence", type=float, default=0.3, help="0: off (a GPU's default)")
+    p.add_argument("--seeds", type=int, default=8)
+    p.add_argument("--json", default=None)
+    a = ap.parse_args()
+    if a.cmd == "replay" and not a.min_confidence:
+        a.min_confidence = None
+    {"record": record, "costs": measure_costs, "replay": replay}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    main()
