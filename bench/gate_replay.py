@@ -19,7 +19,8 @@ drafter steps, a plain round its measured wall, 5 % lognormal jitter; plain deco
 round a token. `--costs FILE`
 replays with another record's (another backend's) costs, `--draft-cost C --verify-slope S` with a synthetic
 backend (a draft step and each verified token beyond the first at C and S plain steps: a GPU is ~0.1 / ~0.02).
-At T = 0 it prints the bound no gate can pass: the least time over the text when each round's k is chosen knowing
+`--by-length`: each prompt's costs scaled by its bare one-token verify (timed by `record`) over the one timed where
+the costs were measured. At T = 0 it prints the bound no gate can pass: the least time over the text when each round's k is chosen knowing
 how many drafts will be accepted.
 At T > 0 the replayed text stays the recorded one whatever is accepted (drafts accepted by the ratio test follow
 the target's distribution, not its recorded sample): acceptance is right per position, the text approximate.
@@ -27,7 +28,7 @@ the target's distribution, not its recorded sample): acceptance is right per pos
     python bench/gate_replay.py record --target T [--backend llamacpp] [--threads 2] --suite S [--limit N]
         [--temperature 0] [--max-new-tokens 128] [--num-draft-tokens 5] --out F.json
     python bench/gate_replay.py costs --target T [--backend ...] --suite S --out C.json
-    python bench/gate_replay.py replay F.json [F2.json ...] [--gate FILE ...] [--costs C.json]
+    python bench/gate_replay.py replay F.json [F2.json ...] [--gate FILE ...] [--costs C.json] [--by-length]
         [--draft-cost C --verify-slope S] [--min-confidence 0.3] [--seeds 8] [--json OUT]
 """
 
@@ -54,14 +55,27 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def _verify1(backend, ids: list[int], reps: int = 5) -> float:
+    """Seconds of a bare one-token verify after this prompt (median of `reps`)."""
+    backend.start(list(ids))
+    p0, walls = backend.length, []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        backend.verify(backend.ops.tokens([int(ids[-1])]))
+        walls.append(time.perf_counter() - t0)
+        backend.rollback(p0)
+    return statistics.median(walls)
+
+
 def record_prompt(backend, ids: list[int], n: int, k: int, temperature: float, draft_temperature: float,
                   eos: set[int], rng: np.random.Generator) -> dict:
     """One prompt's positions: L (T = 0) or r (T > 0), and conf."""
     ops = backend.ops
+    verify1 = _verify1(backend, ids)  # the replay scales the costs by it (`--by-length`)
     logits, h = backend.start(list(ids))
     lg = _np(logits)
     bonus = int(lg.argmax()) if temperature <= 0 else int(rng.choice(lg.shape[-1], p=_softmax(lg / temperature)))
-    out = {"tokens": [bonus], "conf": [], "L" if temperature <= 0 else "r": []}
+    out = {"tokens": [bonus], "conf": [], "L" if temperature <= 0 else "r": [], "verify1_s": verify1}
     while len(out["tokens"]) < n and bonus not in eos and backend.length + k + 1 < backend.max_len:
         token, hd, drafts, confs, qs = ops.tokens([bonus]), h, [], [], []
         for _ in range(k):
@@ -135,7 +149,7 @@ def loop_costs(session, ids: list[int], k: int, temperature: float, n: int = 64)
         if v is None:  # a verify size no round reached: on the line through the two nearest measured sizes
             a, b = sorted(sorted(measured, key=lambda j: abs(j - i))[:2])
             verify[i] = verify[a] + (verify[b] - verify[a]) * (i - a) / (b - a)
-    return {"plain": med["plain"], "verify": verify, "verify_measured": [i in measured for i in range(k + 1)], "draft1": med.get("draft1", med.get("draft")),
+    return {"plain": med["plain"], "verify1_bare": _verify1(session.backend, ids), "verify": verify, "verify_measured": [i in measured for i in range(k + 1)], "draft1": med.get("draft1", med.get("draft")),
             "draft": med.get("draft", med.get("draft1")), "overhead": med.get("overhead", 0.0),
             "rounds": {key: len(v) for key, v in walls.items()}}
 
@@ -201,14 +215,25 @@ def round_cost(costs: dict, drafted: int, steps: int) -> float:
     return costs["overhead"] + costs["verify"][drafted] + costs["draft1"] + (steps - 1) * costs["draft"]
 
 
-def replay_suite(mod, rows: list[dict], costs: dict, k_max: int, min_conf: float | None, temperature: float,
-                 seed: int, jitter: float = 0.05) -> dict[str, tuple[float, float]]:
+def scaled(costs: dict, row: dict, by_length: bool) -> dict:
+    """The costs for this prompt (`--by-length`): scaled by its bare one-token verify over the one timed where the
+    costs were measured (both recorded), as a longer prompt makes every step dearer."""
+    if not by_length or "verify1_s" not in row or "verify1_bare" not in costs:
+        return costs
+    f = row["verify1_s"] / costs["verify1_bare"]
+    return {**costs, **{key: costs[key] * f for key in ("plain", "draft1", "draft", "overhead")},
+            "verify": [v * f for v in costs["verify"]]}
+
+
+def replay_suite(mod, rows: list[dict], base: dict, k_max: int, min_conf: float | None, temperature: float,
+                 seed: int, jitter: float = 0.05, by_length: bool = False) -> dict[str, tuple[float, float]]:
     """Per prompt id: (speculative seconds, plain seconds) for its recorded text, one gate across the prompts."""
     rng = np.random.default_rng(seed)
     g = mod.Gate(k_max, mod.RoundCosts(), temperature <= 0) if _takes_greedy(mod) else mod.Gate(k_max, mod.RoundCosts())
-    plain_step = costs["plain"]
     out = {}
     for row in rows:
+        costs = scaled(base, row, by_length)
+        plain_step = costs["plain"]
         n_tok = len(row["tokens"])
         positions = len(row["conf"])
         t, emitted, spec_s = 0, 1, 0.0
@@ -274,7 +299,8 @@ def replay(a) -> None:
         for name, mod in mods:
             spec, plain = defaultdict(float), defaultdict(float)
             for seed in range(a.seeds):
-                res = replay_suite(mod, rec["prompts"], costs, k_max, a.min_confidence, st["temperature"], seed)
+                res = replay_suite(mod, rec["prompts"], costs, k_max, a.min_confidence, st["temperature"], seed,
+                                   by_length=a.by_length)
                 for row in rec["prompts"]:
                     sp, pl = res[row["id"]]
                     spec[row["category"]] += sp
@@ -289,8 +315,9 @@ def replay(a) -> None:
         if st["temperature"] <= 0:
             spec, plain = defaultdict(float), defaultdict(float)
             for row in rec["prompts"]:
-                spec[row["category"]] += oracle_seconds(row, costs, k_max)
-                plain[row["category"]] += (len(row["tokens"]) - 1) * costs["plain"]
+                c = scaled(costs, row, a.by_length)
+                spec[row["category"]] += oracle_seconds(row, c, k_max)
+                plain[row["category"]] += (len(row["tokens"]) - 1) * c["plain"]
             cats = {c: plain[c] / spec[c] for c in sorted(spec)}
             total = sum(plain.values()) / sum(spec.values())
             result[label]["oracle"] = {"speedup": round(total, 4), "categories": {c: round(v, 4) for c, v in cats.items()}}
@@ -325,6 +352,8 @@ def main() -> None:
     p.add_argument("--draft-cost", type=float, default=None)
     p.add_argument("--verify-slope", type=float, default=0.02)
     p.add_argument("--min-confidence", type=float, default=0.3, help="0: off (a GPU's default)")
+    p.add_argument("--by-length", action="store_true", help="scale the costs per prompt by its one-token verify "
+                   "(records that timed it)")
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--json", default=None)
     a = ap.parse_args()
