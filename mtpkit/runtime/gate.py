@@ -105,7 +105,8 @@ class Gate:
     def __init__(self, max_k: int, costs: RoundCosts, greedy: bool = True):
         self.max_k, self.costs, self.greedy = max_k, costs, greedy
         # decayed counts per position i and state (after_full: the previous round accepted every draft it
-        # proposed): rounds that reached draft i (drafts 1..i-1 accepted), and those that accepted it
+        # proposed; greedy only, a sampling gate keeps one state): rounds that reached draft i (drafts 1..i-1
+        # accepted), and those that accepted it
         self.reached = {after: [0.0] * max_k for after in (False, True)}
         self.accepted = {after: [0.0] * max_k for after in (False, True)}
         self.after_full = False
@@ -189,4 +190,4 @@ class Gate:
         for i in range(min(accepted + 1, drafted + stopped)):
             reached[i] += 1
             acc[i] += i < accepted
-        self.after_full = chose > 0 and accepted == drafted == chose
+        self.after_full = self.greedy and chose > 0 and accepted == drafted == chose
