@@ -44,15 +44,13 @@ from pathlib import Path
 
 import numpy as np
 
+from mtpkit.runtime.ops import NumpyOps
+from mtpkit.runtime.sampling import SamplingParams, probs
+
 
 # ---------------------------------------------------------------------------------------------------- record
 def _np(x) -> np.ndarray:
     return x.detach().float().cpu().numpy() if hasattr(x, "detach") else np.asarray(x, dtype=np.float32)
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
 
 
 def _verify1(backend, ids: list[int], reps: int = 5) -> float:
@@ -74,7 +72,8 @@ def record_prompt(backend, ids: list[int], n: int, k: int, temperature: float, d
     verify1 = _verify1(backend, ids)  # the replay scales the costs by it (`--by-length`)
     logits, h = backend.start(list(ids))
     lg = _np(logits)
-    bonus = int(lg.argmax()) if temperature <= 0 else int(rng.choice(lg.shape[-1], p=_softmax(lg / temperature)))
+    sp, dsp = SamplingParams(temperature), SamplingParams(temperature * draft_temperature)  # target / drafts
+    bonus = int(lg.argmax()) if temperature <= 0 else int(rng.choice(lg.shape[-1], p=probs(NumpyOps, lg, sp)))
     out = {"tokens": [bonus], "conf": [], "L" if temperature <= 0 else "r": [], "verify1_s": verify1}
     while len(out["tokens"]) < n and bonus not in eos and backend.length + k + 1 < backend.max_len:
         token, hd, drafts, confs, qs = ops.tokens([bonus]), h, [], [], []
@@ -86,10 +85,10 @@ def record_prompt(backend, ids: list[int], n: int, k: int, temperature: float, d
                 j = int(x.argmax())
                 q = None
             else:
-                q = _softmax(x / (temperature * draft_temperature))
+                q = probs(NumpyOps, x, dsp)
                 j = int(rng.choice(len(q), p=q / q.sum()))
             tok = j if s.ids is None else int(_np(s.ids)[j])
-            confs.append(round(float(_softmax(x).max() if temperature <= 0 else q.max()), 4))
+            confs.append(round(NumpyOps.top_prob(x) if temperature <= 0 else float(q.max()), 4))  # as draft.draft
             drafts.append(tok)
             qs.append((q, None if s.ids is None else _np(s.ids).astype(np.int64)))
             token = ops.tokens([tok])
@@ -104,7 +103,7 @@ def record_prompt(backend, ids: list[int], n: int, k: int, temperature: float, d
             out["L"].append(m)
             nxt = int(tgt[0])
         else:
-            p = _softmax(vl / temperature)
+            p = probs(NumpyOps, vl, sp)
             rs = []
             for i, (q, cand) in enumerate(qs):  # 1 - TV(p_i, q_i) = sum min(p_i, q_i); q is 0 off its candidates
                 pi = p[i][cand] if cand is not None else p[i]
@@ -154,29 +153,32 @@ def loop_costs(session, ids: list[int], k: int, temperature: float, n: int = 64)
             "rounds": {key: len(v) for key, v in walls.items()}}
 
 
-def measure_costs(a) -> None:
-    """`costs`: only the backend's loop costs (for `replay --costs`)."""
+def _session_and_costs(a, first_prompt: str):
+    """`record` / `costs`: the session and its loop costs, measured on `first_prompt`."""
     import mtpkit
-    from mtpkit.suites import load_suite
     opts = {k: v for k, v in (("device", a.device), ("threads", a.threads)) if v is not None}
     s = mtpkit.load(a.target, drafter=a.drafter, backend=a.backend, **opts)
-    costs = loop_costs(s, s.tokenizer.encode(load_suite(a.suite)[0].text), a.num_draft_tokens, a.temperature)
-    info = s.backend.info()
-    Path(a.out).write_text(json.dumps({"settings": {**vars(a), "backend_device": info.device}, "costs": costs}))
+    costs = loop_costs(s, s.tokenizer.encode(first_prompt), a.num_draft_tokens, a.temperature)
     print(json.dumps({"costs_ms": {k: ([round(1e3 * x, 2) for x in v] if isinstance(v, list) else round(1e3 * v, 2))
                                    for k, v in costs.items() if k not in ("rounds", "verify_measured")},
-                      "rounds": costs["rounds"]}))
+                      "rounds": costs["rounds"]}), flush=True)
+    return s, costs
+
+
+def measure_costs(a) -> None:
+    """`costs`: only the backend's loop costs (for `replay --costs`)."""
+    from mtpkit.suites import load_suite
+    s, costs = _session_and_costs(a, load_suite(a.suite)[0].text)
+    info = s.backend.info()
+    Path(a.out).write_text(json.dumps({"settings": {**vars(a), "backend_device": info.device}, "costs": costs}))
 
 
 def record(a) -> None:
-    import mtpkit
     from mtpkit.bench.runner import spread
     from mtpkit.suites import load_suite
-    opts = {k: v for k, v in (("device", a.device), ("threads", a.threads)) if v is not None}
-    s = mtpkit.load(a.target, drafter=a.drafter, backend=a.backend, **opts)
     prompts = spread(load_suite(a.suite), a.limit) if a.limit else load_suite(a.suite)
+    s, costs = _session_and_costs(a, prompts[0].text)
     rng = np.random.default_rng(a.seed)
-    costs = loop_costs(s, s.tokenizer.encode(prompts[0].text), a.num_draft_tokens, a.temperature)
     rows = []
     for j, p in enumerate(prompts):
         ids = s.tokenizer.encode(p.text)[-(s.backend.max_len - a.max_new_tokens - a.num_draft_tokens - 2):]
@@ -188,8 +190,6 @@ def record(a) -> None:
     out = {"settings": {**vars(a), "backend_device": info.device, "threads_used": info.threads},
            "costs": costs, "prompts": rows}
     Path(a.out).write_text(json.dumps(out))
-    print(json.dumps({"costs_ms": {k: ([round(1e3 * x, 2) for x in v] if isinstance(v, list) else round(1e3 * v, 2))
-                                   for k, v in costs.items() if k not in ("rounds", "verify_measured")}}))
 
 
 # ---------------------------------------------------------------------------------------------------- replay
@@ -283,6 +283,16 @@ def read_json(path: str) -> dict:
     return json.loads(raw)
 
 
+def _speedups(label: str, name: str, spec: dict, plain: dict, worst: bool = True) -> dict:
+    """Seconds by category -> speedup over plain, in all and by category; printed as one line."""
+    cats = {c: plain[c] / spec[c] for c in sorted(spec)}
+    total = sum(plain.values()) / sum(spec.values())
+    w = min(cats.items(), key=lambda kv: kv[1])
+    print(f"{label:28s} {name:22s} {total:.3f}x  " + (f"worst {w[0]} {w[1]:.3f}  " if worst else "")
+          + " ".join(f"{c[:6]} {v:.3f}" for c, v in cats.items()), flush=True)
+    return {"speedup": round(total, 4), "categories": {c: round(v, 4) for c, v in cats.items()}}
+
+
 def replay(a) -> None:
     recs = [read_json(f) for f in a.records]
     mods = [("committed", _load_gate(None))] + [(Path(f).name, _load_gate(f)) for f in a.gate or []]
@@ -305,24 +315,14 @@ def replay(a) -> None:
                     sp, pl = res[row["id"]]
                     spec[row["category"]] += sp
                     plain[row["category"]] += pl
-            cats = {c: plain[c] / spec[c] for c in sorted(spec)}
-            total = sum(plain.values()) / sum(spec.values())
-            worst = min(cats.items(), key=lambda kv: kv[1])
-            result.setdefault(label, {})[name] = {"speedup": round(total, 4),
-                                                  "categories": {c: round(v, 4) for c, v in cats.items()}}
-            print(f"{label:28s} {name:22s} {total:.3f}x  worst {worst[0]} {worst[1]:.3f}  "
-                  + " ".join(f"{c[:6]} {v:.3f}" for c, v in cats.items()), flush=True)
+            result.setdefault(label, {})[name] = _speedups(label, name, spec, plain)
         if st["temperature"] <= 0:
             spec, plain = defaultdict(float), defaultdict(float)
             for row in rec["prompts"]:
                 c = scaled(costs, row, a.by_length)
                 spec[row["category"]] += oracle_seconds(row, c, k_max)
                 plain[row["category"]] += (len(row["tokens"]) - 1) * c["plain"]
-            cats = {c: plain[c] / spec[c] for c in sorted(spec)}
-            total = sum(plain.values()) / sum(spec.values())
-            result[label]["oracle"] = {"speedup": round(total, 4), "categories": {c: round(v, 4) for c, v in cats.items()}}
-            print(f"{label:28s} {'oracle (bound)':22s} {total:.3f}x  "
-                  + " ".join(f"{c[:6]} {v:.3f}" for c, v in cats.items()), flush=True)
+            result[label]["oracle"] = _speedups(label, "oracle (bound)", spec, plain, worst=False)
     if a.json:
         Path(a.json).write_text(json.dumps({"settings": vars(a), "result": result}, indent=1))
 
