@@ -66,11 +66,11 @@ def test_a_chunk_of_plain_steps_counts_as_that_many_plain_rounds():
     assert g.accepted[False][0] == pytest.approx(0.95 ** 32) and g.reached[False][0] == pytest.approx(2 * 0.95 ** 32)
 
 
-def _simulate(rates, cost, max_k, rounds=400, seed=0, gate=True, costs=None):
+def _simulate(rates, cost, max_k, rounds=400, seed=0, gate=True, costs=None, greedy=True):
     """Tokens per second over `rounds` rounds: rates[i] = P(draft i+1 accepted | earlier ones accepted),
     cost(k) = seconds of a round that drafts k. Returns (tokens / seconds, rounds that drafted nothing)."""
     rng = np.random.default_rng(seed)
-    g = Gate(max_k, costs or RoundCosts())
+    g = Gate(max_k, costs or RoundCosts(), greedy)
     tokens = seconds = 0.0
     plain_rounds = 0
     for _ in range(rounds):
@@ -97,9 +97,10 @@ TORCH_CPU = lambda k: [1.0, 1.96, 2.47, 1.9, 2.0, 2.25][k]  # noqa: E731
 COSTS = {"cpu-like": CPU, "gpu-like": GPU, "cpu-jump": CPU_JUMP, "gpu-jump": GPU_JUMP, "torch-cpu": TORCH_CPU}
 
 
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
 @pytest.mark.parametrize("cost", COSTS.values(), ids=COSTS.keys())
-def test_a_useless_drafter_falls_back_to_plain_speed(cost):
-    speed, plain_rounds = _simulate([0.0] * 5, cost, 5)
+def test_a_useless_drafter_falls_back_to_plain_speed(cost, greedy):
+    speed, plain_rounds = _simulate([0.0] * 5, cost, 5, greedy=greedy)
     assert speed >= 0.97 * 1.0  # plain decoding: 1 token per second
     assert plain_rounds > 300
 
@@ -107,21 +108,23 @@ def test_a_useless_drafter_falls_back_to_plain_speed(cost):
 @pytest.mark.parametrize("cost", COSTS.values(), ids=COSTS.keys())
 @pytest.mark.parametrize("rates", [[0.9] * 5, [0.7, 0.8, 0.8, 0.8, 0.8], [0.4, 0.5, 0.5, 0.5, 0.5],
                                    [0.25] * 5, [0.6, 0.3, 0.3, 0.3, 0.3]])
-def test_the_gate_is_close_to_the_best_fixed_k_and_never_below_plain(cost, rates):
+@pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "sampled"])
+def test_the_gate_is_close_to_the_best_fixed_k_and_never_below_plain(cost, rates, greedy):
     """Over 4 simulated generations of 400 rounds: >= 97 % of plain speed always, and >= 95 % of the best fixed k
-    (which the gate does not know; near-ties between k cost it a little noise, changing k sometimes gains)."""
-    got = np.mean([_simulate(rates, cost, 5, seed=s)[0] for s in range(4)])
+    (which the gate does not know; near-ties between k cost it a little noise, changing k sometimes gains); the
+    greedy gate (acceptance per state) and the sampling one (position 1 shrunk toward its long-run rate) alike."""
+    got = np.mean([_simulate(rates, cost, 5, seed=s, greedy=greedy)[0] for s in range(4)])
     best = max(_simulate(rates, cost, k, gate=False)[0] for k in range(1, 6))
     assert got >= 0.97 and got >= 0.95 * best, (got, best)
 
 
-def _simulate_adaptive(stop, rate, draft_cost, rounds=400, seed=0, accounting=True, verify=0.02):
+def _simulate_adaptive(stop, rate, draft_cost, rounds=400, seed=0, accounting=True, verify=0.02, greedy=True):
     """Adaptive drafting (min_confidence): each draft step, the drafter is unsure with probability `stop` and the
     round proposes no more (the unsure step was computed and is paid for); proposed drafts are accepted with
     probability `rate`. A round costs 1 + `verify` per proposed draft + draft_cost per step computed.
     accounting=False observes rounds the way the loop did before (by drafts proposed only)."""
     rng = np.random.default_rng(seed)
-    g = Gate(5, RoundCosts())
+    g = Gate(5, RoundCosts(), greedy)
     tokens = seconds = 0.0
     for _ in range(rounds):
         k = g.choose(5)
@@ -167,7 +170,26 @@ def test_stopped_rounds_on_llama_like_costs_do_not_make_drafting_look_cheap(stop
     assert np.mean([_simulate_adaptive(stop, rate, 0.14, verify=0.9, seed=s) for s in range(4)]) >= 0.94
 
 
-def _bursty(greedy: bool, seed: int, verify: float, draft: float, n: int = 3000) -> float:
+@pytest.mark.parametrize("stop,rate", [(0.5, 0.7), (0.3, 0.6), (0.4, 0.9)])
+def test_sampling_where_drafting_cannot_pay_keeps_to_plain_between_probes(stop, rate):
+    """T > 0 on llama-like costs (a verified token ~0.9 plain steps, a draft step 0.2, adaptive stops): no k pays,
+    and while the gate decodes plain its only evidence is a probe now and then. With position 1 shrunk toward
+    PRIOR and the short-run counts decayed over the plain rounds between probes, a_1 fell back to 0.5 each time and
+    the gate probed more often and longer than the rounds' true rate (here 0.35-0.54 with stops) warranted: 0.970-0.973x
+    of plain over 2,000 rounds in this simulation (4 seeds). Shrunk toward the long-run rate: 0.980-0.986x."""
+    got = [_simulate_adaptive(stop, rate, 0.2, verify=0.9, rounds=2000, seed=s, greedy=False) for s in range(4)]
+    assert np.mean(got) >= 0.978, got
+
+
+class _OneState(Gate):
+    """The greedy gate without the split by state: every round counted as if the one before it had missed."""
+
+    def observe(self, *args, **kwargs) -> None:
+        super().observe(*args, **kwargs)
+        self.after_full = False
+
+
+def _bursty(split: bool, seed: int, verify: float, draft: float, n: int = 3000) -> float:
     """Tokens per second (plain = 1) over a text whose positions are easy (a draft accepted with probability 0.95)
     or hard (0.25) in runs (each position keeps its kind with probability 0.97), as greedy acceptance is on real
     text; a round drafting k costs 1 + (verify + draft) k plain steps."""
@@ -175,7 +197,7 @@ def _bursty(greedy: bool, seed: int, verify: float, draft: float, n: int = 3000)
     flips = rng.random(n + 8) > 0.97
     easy = np.cumsum(flips) % 2 == 1
     ok = np.where(easy, rng.random(n + 8) < 0.95, rng.random(n + 8) < 0.25)
-    g = Gate(5, RoundCosts(), greedy)
+    g = Gate(5, RoundCosts()) if split else _OneState(5, RoundCosts())
     t, seconds = 0, 0.0
     while t < n:
         k = g.choose(5)
@@ -191,8 +213,8 @@ def _bursty(greedy: bool, seed: int, verify: float, draft: float, n: int = 3000)
 @pytest.mark.parametrize("verify,draft", [(0.02, 0.1), (0.1, 0.12)], ids=["gpu-like", "torch-cpu-like"])
 def test_greedy_acceptance_in_runs_is_estimated_per_state(verify, draft):
     """Greedy: the rounds after one that accepted every draft are estimated apart from the others, so the gate
-    drafts long through an easy run and drops to plain decoding soon after it ends (the pooled estimates of
-    sampling, which has no such runs, are >= 1 % slower on such a text: 1.5-2 % here)."""
+    drafts long through an easy run and drops to plain decoding soon after it ends (one estimate over both states,
+    as sampling keeps, which has no such runs, is >= 1 % slower on such a text: 2.3-2.8 % here)."""
     split = np.mean([_bursty(True, s, verify, draft) for s in range(8)])
     pooled = np.mean([_bursty(False, s, verify, draft) for s in range(8)])
     assert split >= 1.01 * pooled, (split, pooled)

@@ -11,7 +11,12 @@ shrunk toward the estimate of the position before it (the first toward PRIOR). G
 the time after a round that accepted all 5, 0.47 after one that accepted none), so at T = 0 the counts are kept
 apart by whether the previous round accepted every draft it proposed, each state's estimates shrunk toward both
 kept together; at T > 0 rounds are close to independent (0.52 vs 0.44) and the split would only halve the
-evidence. With adaptive drafting
+evidence. At T > 0 position 1 is shrunk toward the session's long-run rate (counts decayed by SLOW_DECAY per
+round) instead of PRIOR: while plain decoding looks best the only evidence is a probe now and then, the short-run
+counts decay over the plain rounds between probes, and a_1 fell back to PRIOR each time, above what rounds gave
+(position 1 yielded a token in 0.25-0.29 of drafting rounds, adaptive stops included, on MT-Bench and everyday
+text at T = 1): the gate probed twice as often, at longer k, as its true rate warranted (llama.cpp costs on this
+CPU, bench/gate_replay.py: T = 1 0.972-0.976x -> 0.983-0.991x). With adaptive drafting
 (min_confidence) a round may propose fewer than its k: the step that stopped it was paid for, so that round
 counts under R(k), and its stopped position as reached and not accepted (a_i is the chance that position i
 yields a token); otherwise a round that stopped at its first step would count as a plain step, and a plain
@@ -38,6 +43,8 @@ from collections import Counter, deque
 
 PRIOR = 0.5  # a_i before evidence
 PRIOR_WEIGHT = 0.5  # in rounds of evidence
+SLOW_DECAY = 0.998  # per round: the long-run rate at position 1 (T > 0) forgets over ~500 rounds
+SLOW_WEIGHT = 4.0  # in rounds of evidence: how much position 1 leans on the long-run rate (T > 0)
 STATE_WEIGHT = 2.0  # in rounds of evidence: how much a T = 0 state's estimate leans on both states together
 CHAIN_WEIGHT = 2.0  # in rounds of evidence: how much a position's estimate leans on the one before it
 DECAY = 0.95  # per round: evidence from 20 rounds back counts 1/e
@@ -110,6 +117,7 @@ class Gate:
         self.reached = {after: [0.0] * max_k for after in (False, True)}
         self.accepted = {after: [0.0] * max_k for after in (False, True)}
         self.after_full = False
+        self.slow = [0.0, 0.0]  # position 1's counts decayed by SLOW_DECAY: reached, accepted
         self.idle, self.probe_every = 0, PROBE_MIN  # plain rounds in a row; when to probe next
 
     def for_k(self, max_k: int) -> Gate:
@@ -122,8 +130,12 @@ class Gate:
         accepted the text is predictable: shipped drafter on HumanEval, a_1..a_5 = 0.80 0.88 0.89 0.92 0.93),
         so positions the gate has not drafted to lately inherit the last one measured, and it tries longer
         drafts when the short ones are accepted. At T = 0 the estimates of the state the gate is in (after a
-        round that accepted all it proposed, or not), each position's shrunk toward those over both states."""
-        pooled, prev, w = [], PRIOR, PRIOR_WEIGHT
+        round that accepted all it proposed, or not), each position's shrunk toward those over both states; at
+        T > 0 position 1 shrunk toward the long-run rate (itself toward PRIOR)."""
+        prev, w = PRIOR, PRIOR_WEIGHT
+        if not self.greedy:
+            prev, w = (self.slow[1] + PRIOR * PRIOR_WEIGHT) / (self.slow[0] + PRIOR_WEIGHT), SLOW_WEIGHT
+        pooled = []
         for i in range(self.max_k):
             acc = self.accepted[False][i] + self.accepted[True][i]
             prev = (acc + prev * w) / (self.reached[False][i] + self.reached[True][i] + w)
@@ -186,6 +198,8 @@ class Gate:
         for counts in (*self.accepted.values(), *self.reached.values()):
             counts[:] = [c * f for c in counts]
         stopped = int(drafted < chose)  # position `drafted` was reached (all accepted) and proposed nothing
+        f = SLOW_DECAY ** steps
+        self.slow = [self.slow[0] * f + (chose > 0), self.slow[1] * f + (accepted > 0)]
         reached, acc = self.reached[self.after_full], self.accepted[self.after_full]
         for i in range(min(accepted + 1, drafted + stopped)):
             reached[i] += 1
