@@ -47,8 +47,8 @@ bench() {  # NAME DRAFTER SUITE LIMIT T: the torch backend on CUDA (gate on, k <
     2>> "$R/bench.log" || echo "bench $1 $3 $5 failed" >> "$R/errors"
 }
 
-save_run() {  # X: run X's best checkpoint (int8) and its logs -> $R/pack
-  python3 - "$R/$1" "$R/pack/drafter_$1" <<'EOF'
+save_run() {  # X: run X's best checkpoint (int8) and its logs -> $R/pack (a failure is logged, not fatal)
+  if python3 - "$R/$1" "$R/pack/drafter_$1" <<'EOF'
 import json, sys
 from pathlib import Path
 from mtpkit.model.load import load_drafter, save_drafter
@@ -56,7 +56,10 @@ run, out = Path(sys.argv[1]), sys.argv[2]
 meta = json.loads((run / "best" / "meta.json").read_text())
 save_drafter(load_drafter(run / "best"), out, meta=meta, int8=True, shard_mb=12)
 EOF
-  cp "$R/$1/log.jsonl" "$R/pack/log_$1.jsonl"; cp "$R/$1.log" "$R/pack/"; cp "$R/$1/summary.json" "$R/pack/summary_$1.json" || true
+  then :; else echo "save $1 failed" >> "$R/errors"; fi
+  for f in "$1/log.jsonl:log_$1.jsonl" "$1.log:$1.log" "$1/summary.json:summary_$1.json"; do
+    cp "$R/${f%%:*}" "$R/pack/${f##*:}" 2>/dev/null || echo "no $R/${f%%:*}" >> "$R/errors"
+  done
 }
 
 pack() { tar czf "$R/pack.tgz" -C "$R" pack; }
@@ -80,8 +83,8 @@ case "$1" in
   _sweep)
     set -f  # A_SET / B_SET are split into words, never globbed (layer_types=[...])
     budget=${BUDGET:-15} start=$SECONDS
-    # shellcheck disable=SC2086  # A_SET / B_SET are lists of options
     common
+    # shellcheck disable=SC2086  # A_SET / B_SET are lists of options
     python3 -m mtpkit.distill --out "$R/a" "${COMMON[@]}" ${A_SET:-} --time-budget-min "$budget" > "$R/a.log" 2>&1 &
     a=$!
     (score v3 /tmp/init; score v3_top64 /tmp/init --centroid-top-k 64; score v3_top128 /tmp/init --centroid-top-k 128) &
