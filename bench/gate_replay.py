@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from mtpkit.runtime.ops import NumpyOps
-from mtpkit.runtime.sampling import SamplingParams, probs
+from mtpkit.runtime.sampling import SamplingParams, accept_greedy, probs
 
 
 # ---------------------------------------------------------------------------------------------------- record
@@ -96,12 +96,9 @@ def record_prompt(backend, ids: list[int], n: int, k: int, temperature: float, d
         vl, hidden = backend.verify(ops.tokens([bonus] + drafts))
         vl = _np(vl)
         if temperature <= 0:
-            tgt = vl.argmax(axis=-1)
-            m = 0
-            while m < k and drafts[m] == int(tgt[m]):
-                m += 1
+            m, _, _ = accept_greedy(NumpyOps, np.array(drafts), vl)
             out["L"].append(m)
-            nxt = int(tgt[0])
+            nxt = int(vl[0].argmax())  # the walk moves one position along the plain text
         else:
             p = probs(NumpyOps, vl, sp)
             rs = []

@@ -69,10 +69,7 @@ def main() -> None:
         """The gate's k, and at that moment its expected tokens for k and whether k beat plain (else a probe or
         a measurement)."""
         k = choose(self, limit)
-        rates, tokens, run = self.rates(), 1.0, 1.0
-        for i in range(k):
-            run *= rates[i]
-            tokens += run
+        tokens = gate_mod.expected_tokens(self.rates(), k)[k]
         r = self.costs
         pays = bool(k and r.known(k) and r.known(0) and tokens / r(k) > 1.0 / r(0))
         chosen.append({"k": k, "expected": tokens, "pays": pays})

@@ -54,6 +54,15 @@ PROBE_MIN, PROBE_MAX = 4, 64  # while plain decoding looks best: draft after thi
 PROBE_BUDGET = 0.01  # ... and no sooner than its expected loss (in plain steps) / this
 
 
+def expected_tokens(rates: list[float], limit: int) -> list[float]:
+    """tokens(k) for k = 0..limit: 1 + a_1 + a_1 a_2 + ... + a_1 ... a_k (the module docstring's formula)."""
+    out, run = [1.0], 1.0
+    for a in rates[:limit]:
+        run *= a
+        out.append(out[-1] + run)
+    return out
+
+
 class RoundCosts:
     """R(k): seconds per round by the k the gate chose, measured as the loop runs.
 
@@ -117,7 +126,7 @@ class Gate:
         self.reached = {after: [0.0] * max_k for after in (False, True)}
         self.accepted = {after: [0.0] * max_k for after in (False, True)}
         self.after_full = False
-        self.slow = [0.0, 0.0]  # position 1's counts decayed by SLOW_DECAY: reached, accepted
+        self.slow = [0.0, 0.0]  # a sampling gate's position-1 counts decayed by SLOW_DECAY: reached, accepted
         self.idle, self.probe_every = 0, PROBE_MIN  # plain rounds in a row; when to probe next
 
     def for_k(self, max_k: int) -> Gate:
@@ -156,17 +165,15 @@ class Gate:
             if not r.known(k) and r.asked[k] < EXPLORE_TRIES:  # (adaptive drafting may stop short of k)
                 r.asked[k] += 1
                 return k
-        rates = self.rates()
-        best_k, best, tokens, run = 1, 0.0, 1.0, 1.0
+        tokens = expected_tokens(self.rates(), limit)
+        best_k, best = 1, 0.0
         explore_k, explore = 0, 1.0 / r(0)
         for k in range(1, limit + 1):
-            run *= rates[k - 1]
-            tokens += run
             if r.known(k) or r.asked[k] >= EXPLORE_TRIES:
-                if tokens / r(k) > best:
-                    best_k, best = k, tokens / r(k)
-            elif tokens / r(0) > explore:  # unmeasured: worth measuring if it could win at the cost of a plain step
-                explore_k, explore = k, tokens / r(0)
+                if tokens[k] / r(k) > best:
+                    best_k, best = k, tokens[k] / r(k)
+            elif tokens[k] / r(0) > explore:  # unmeasured: worth measuring if it could win at the cost of a plain step
+                explore_k, explore = k, tokens[k] / r(0)
         if explore_k and best > 1.0 / r(0) and explore > best:  # only once drafting pays somewhere
             r.asked[explore_k] += 1
             return explore_k
@@ -175,12 +182,10 @@ class Gate:
             return best_k
         self.idle += 1  # plain looks best: draft now and then in case acceptance came back, the k whose
         # expected loss (R(k) / R(0) - tokens(k) plain steps) is least, at most PROBE_BUDGET of the plain time
-        loss, probe_k, tokens, run = float("inf"), 1, 1.0, 1.0
+        loss, probe_k = float("inf"), 1
         for k in range(1, limit + 1):
-            run *= rates[k - 1]
-            tokens += run
-            if r(k) / r(0) - tokens < loss:  # (R interpolated where not measured yet)
-                loss, probe_k = r(k) / r(0) - tokens, k
+            if r(k) / r(0) - tokens[k] < loss:  # (R interpolated where not measured yet)
+                loss, probe_k = r(k) / r(0) - tokens[k], k
         if self.idle < max(self.probe_every, max(loss, 0.0) / PROBE_BUDGET):
             return 0
         self.idle, self.probe_every = 0, min(2 * self.probe_every, PROBE_MAX)
@@ -198,8 +203,9 @@ class Gate:
         for counts in (*self.accepted.values(), *self.reached.values()):
             counts[:] = [c * f for c in counts]
         stopped = int(drafted < chose)  # position `drafted` was reached (all accepted) and proposed nothing
-        f = SLOW_DECAY ** steps
-        self.slow = [self.slow[0] * f + (chose > 0), self.slow[1] * f + (accepted > 0)]
+        if not self.greedy:  # (only a sampling gate reads the long-run rate)
+            f = SLOW_DECAY ** steps
+            self.slow = [self.slow[0] * f + (chose > 0), self.slow[1] * f + (accepted > 0)]
         reached, acc = self.reached[self.after_full], self.accepted[self.after_full]
         for i in range(min(accepted + 1, drafted + stopped)):
             reached[i] += 1
