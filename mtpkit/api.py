@@ -22,8 +22,10 @@ from mtpkit.runtime.loop import GenerationParams, Round, generate
 from mtpkit.runtime.sampling import SamplingParams
 
 DEFAULT_DRAFTERS = Path(__file__).parent / "drafters"  # shipped drafters: <target name>/ (config.json + safetensors)
-# adaptive drafting threshold used by default on CPU: with the default drafter on this repo's 2-core CPU it
-# raised the speedup from 1.37x to 1.58x on HumanEval and from 0.68x to 1.02x on MT-Bench (bench/results/v0_loop_speed/loop_cpu_*)
+# adaptive drafting threshold used by default on a CPU where the backend asks for it (Backend.auto_adaptive): with the
+# v0 loop (no gate) on this repo's 2-core CPU it raised the speedup from 1.37x to 1.58x on HumanEval and from 0.68x to
+# 1.02x on MT-Bench (bench/results/v0_loop_speed/loop_cpu_*); with the gate it pays on llama.cpp only
+# (bench/results/cpu_adaptive/)
 AUTO_MIN_CONFIDENCE = 0.3
 DEFAULT_CONTEXT = 4096  # positions a session's cache holds unless max_len says (at most the target's)
 
@@ -123,8 +125,8 @@ class Session:
         self.tokenizer = tokenizer
         self.config = target_config
         self.drafter_path = drafter_path
-        # the online gate's state, greedy / sampled: round costs and acceptance, kept from one generation to the next
-        self.gates = {greedy: Gate(1, RoundCosts(), greedy) for greedy in (True, False)}
+        # the online gate's state per (greedy, branches): round costs and acceptance, kept from one generation to the next
+        self.gates: dict[tuple[bool, int], Gate] = {}
         self.eos = {target_config.eos_token_id}
         if tokenizer is not None:
             self.eos.add(tokenizer.eos_id)
@@ -145,25 +147,31 @@ class Session:
     def stream(self, prompt: str | list[int], max_new_tokens: int = 128, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, seed: int = 0, num_draft_tokens: int = 5,
                min_confidence: float | str | None = "auto", stats: Stats | None = None,
-               use_drafter: bool = True, draft_temperature: float | None = None, gate: bool = True
-               ) -> Iterator[Round]:
+               use_drafter: bool = True, draft_temperature: float | None = None, gate: bool = True,
+               branches: int = 1) -> Iterator[Round]:
         """Yield one Round per target forward; pass a Stats to have it filled as you go.
 
         use_drafter=False decodes plainly through the same loop (the baseline of every speedup).
         gate (default): each round drafts the k in 0..num_draft_tokens that the online gate expects to be fastest
         (runtime/gate.py; k = 0 is a plain step); gate=False drafts num_draft_tokens every round.
         min_confidence (adaptive drafting): stop a draft once the drafter's top probability falls below it.
-        "auto" = AUTO_MIN_CONFIDENCE on CPU (with the gate too: the drafter's confidence per step is information the
-        gate's per-round rates do not have), off on GPUs (there each draft step is a CUDA graph, and stopping early
-        would need a host sync per step); None or 0 = off.
+        "auto" = AUTO_MIN_CONFIDENCE on a CPU where the backend's `auto_adaptive` asks for it at this temperature
+        (llama.cpp, ONNX, Core ML; MLX at T = 0: where a verified token costs nearly a plain step, stopping a draft
+        early saves verifying it), off on GPUs (there each draft step is a CUDA graph, and stopping early would need a
+        host sync per step); None or 0 = off.
         draft_temperature (sampling only): drafts are drawn at temperature * this; None = the drafter's own
         calibrated factor. The output distribution is the target's either way.
+        branches (sampling, the torch backend): w first-draft candidates a round, each followed by its chain, verified
+        as one tree (runtime/tree.py); 1 = one chain. Greedy decoding always drafts one chain.
         """
         if min_confidence == "auto":
-            min_confidence = AUTO_MIN_CONFIDENCE if self.backend.info().on_cpu else None
+            tree = branches > 1 and temperature > 0  # a tree drafts every chain to k
+            wanted = self.backend.auto_adaptive[0 if temperature == 0 else 1]
+            min_confidence = AUTO_MIN_CONFIDENCE if wanted and self.backend.info().on_cpu and not tree else None
         params = GenerationParams(max_new_tokens, SamplingParams(temperature, top_p, top_k), num_draft_tokens, seed,
                                   min_confidence or None,
-                                  self.draft_temperature if draft_temperature is None else draft_temperature, gate)
+                                  self.draft_temperature if draft_temperature is None else draft_temperature, gate,
+                                  branches)
         ids = self._ids(prompt)
         st = stats if stats is not None else Stats()
         t0 = time.perf_counter()
@@ -174,7 +182,10 @@ class Session:
             yield r
 
     def _gate(self, params: GenerationParams) -> Gate:
-        key = params.sampling.greedy
+        greedy = params.sampling.greedy
+        key = (greedy, 1 if greedy else params.branches)  # a tree's rounds cost and yield other than a chain's
+        if key not in self.gates:
+            self.gates[key] = Gate(1, RoundCosts(), greedy)
         self.gates[key] = self.gates[key].for_k(params.num_draft_tokens)  # a new K keeps the round costs
         return self.gates[key]
 

@@ -110,3 +110,41 @@ def fails_cleanly(args: list[str], match: str, app=None) -> None:
     assert len(lines) == 1 and lines[0].startswith("error: "), res.output
     assert "Traceback" not in res.output
     assert match in lines[0], lines[0]
+
+
+class ReplayedCall:
+    """A CUDA graph's stand-in on a CPU: replay() calls the captured function again and copies what it returns into the
+    tensors capture returned, as replaying a graph rewrites its static outputs in place."""
+
+    def __init__(self, fn, inputs, out):
+        self.fn, self.inputs, self.out = fn, inputs, out
+
+    def replay(self) -> None:
+        _copy_into(self.out, self.fn(*self.inputs))
+
+
+def _copy_into(dst, src) -> None:
+    if isinstance(dst, torch.Tensor):
+        dst.copy_(src)
+    elif isinstance(dst, (tuple, list)):
+        for a, b in zip(dst, src, strict=True):
+            _copy_into(a, b)
+    elif isinstance(dst, dict):
+        for key in dst:
+            _copy_into(dst[key], src[key])
+
+
+def with_cpu_graphs(be):
+    """The torch backend `be` (on a CPU) running its CUDA-graph paths (runtime/torch_backend._Graphs: fused drafts,
+    plain chunks, acceptance, draft trees) with each graph a ReplayedCall: the graphs' buffer plumbing, tested without
+    a GPU. Returns be."""
+    from mtpkit.runtime.torch_backend import _Graphs
+
+    class CpuGraphs(_Graphs):
+        def _capture(self, fn, inputs):
+            for _ in range(2):  # the warm-up runs, as on CUDA
+                fn(*inputs)
+            out = fn(*inputs)
+            return ReplayedCall(fn, inputs, out), out
+    be._set_graphs(CpuGraphs(be))
+    return be

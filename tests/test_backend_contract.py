@@ -25,6 +25,7 @@ from mtpkit.runtime.draft import draft
 from mtpkit.runtime.loop import GenerationParams, generate
 from mtpkit.runtime.oracle import OracleDrafter
 from mtpkit.runtime.sampling import SamplingParams, accept_rejection, probs
+from mtpkit.runtime.tree import accept_tree, draft_tree, kept_rows
 from tests.conftest import tiny_drafter, tiny_target
 
 HEADS = ("dense", "centroid")
@@ -35,12 +36,13 @@ TARGET = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_l
               layer_types=[SLIDING, FULL, SLIDING, FULL], final_logit_softcapping=None)
 WINDOW = TARGET["sliding_window"]
 NEEDS = {"torch": "torch", "llamacpp": "llama_cpp", "mlx": "mlx_lm", "onnx": "onnxruntime", "torch_cuda": "torch",
-         "coreml": "coremltools"}
+         "coreml": "coremltools", "torch_graphs": "torch"}
 # parity with the float32 reference: relative to the largest |value| (llama.cpp keeps K/V in q8_0)
 TOL = {"torch": 1e-5, "llamacpp": 0.03, "mlx": 1e-4, "onnx": 1e-5, "torch_cuda": 1e-4,
-       "coreml": 5e-3}  # Core ML: float32 compute over its float16 K/V states
-# where a GPU is: the torch backend on CUDA too, through its CUDA graphs (the fused greedy and sampled drafts)
-RUNS = list(BACKENDS) + (["torch_cuda"] if torch.cuda.is_available() else [])
+       "coreml": 5e-3, "torch_graphs": 1e-5}  # Core ML: float32 compute over its float16 K/V states
+# where a GPU is: the torch backend on CUDA too, through its CUDA graphs (the fused greedy and sampled drafts);
+# everywhere: the torch backend's graph paths on a CPU with each graph a ReplayedCall (tests/conftest.py)
+RUNS = list(BACKENDS) + ["torch_graphs"] + (["torch_cuda"] if torch.cuda.is_available() else [])
 
 
 def _reference(head: str):
@@ -54,6 +56,11 @@ def _reference(head: str):
 def _make_torch(t, d, tmp, max_len, with_drafter):
     from mtpkit.runtime.torch_backend import TorchBackend
     return TorchBackend(t, d if with_drafter else None, max_len=max_len, max_draft=8)
+
+
+def _make_torch_graphs(t, d, tmp, max_len, with_drafter):
+    from tests.conftest import with_cpu_graphs
+    return with_cpu_graphs(_make_torch(t, d, tmp, max_len, with_drafter))
 
 
 def _make_torch_cuda(t, d, tmp, max_len, with_drafter):
@@ -118,7 +125,7 @@ def _make_coreml(t, d, tmp, max_len, with_drafter):
 
 def test_every_registered_backend_has_a_maker():
     assert set(BACKENDS) == {name.removeprefix("_make_") for name in globals()
-                             if name.startswith("_make_") and not name.endswith("_cuda")}
+                             if name.startswith("_make_") and not name.endswith(("_cuda", "_graphs"))}
 
 
 @pytest.fixture(scope="module")
@@ -298,6 +305,57 @@ def test_fused_accept_equals_the_generic_rule(pair):
     assert seen == {True, False}  # both all-accepted and rejected rounds were compared
 
 
+def test_tree_rows_equal_chains_and_keep_moves_the_branch(pair):
+    """A draft tree's verify (runtime/tree.py layout) gives each chain's rows as verifying that chain alone, and after
+    keep() the next step computes what it computes after that chain alone."""
+    be, bonus, h = _started_with(pair, "verify_tree")
+    ops, p0, tol = be.ops, be.length, TOL[pair[0]]
+    w, k = 3, 2
+    drafts = [280, 7, 291, 13, 40, 270]  # step-major: chain c = drafts[c::w]
+    tree = ops.cat([bonus, ops.tokens(drafts)])
+    lt, ht = be.verify_tree(tree, w)
+    for c in range(w):
+        be.rollback(p0)
+        lc, hc = be.verify(ops.cat([bonus, ops.tokens(drafts[c::w])]))
+        rows = [0, *kept_rows(w, c, k)]
+        _close(lt[rows], lc, tol, f"chain {c}'s logits")
+        _close(ht[rows], hc, tol, f"chain {c}'s hidden")
+    for c, n in [(0, 2), (1, 1), (2, 2), (1, 0)]:
+        be.rollback(p0)
+        be.verify_tree(tree, w)
+        be.keep(p0, kept_rows(w, c, n))
+        assert be.length == p0 + 1 + n
+        got = be.verify(ops.tokens([5, 6]))[0]
+        be.rollback(p0)
+        be.verify(ops.cat([bonus, ops.tokens(drafts[c::w][:n])]))
+        _close(got, be.verify(ops.tokens([5, 6]))[0], tol, f"after keeping chain {c}, {n} drafts")
+    be.rollback(p0)
+
+
+def test_fused_tree_draft_and_acceptance_equal_the_generic_policy(pair):
+    """Same uniforms -> the same tree (tokens, picks, ids, valid, q) from the backend's graphs as from tree.draft_tree's
+    steps, and the acceptance graph decides as tree.accept_tree, for accepted and rejected rounds."""
+    be, bonus, h = _started_with(pair, "fused_tree_draft")
+    ops, p0 = be.ops, be.length
+    seen = set()
+    for sp in (SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_p=0.9, top_k=20)):
+        for w, k, seed in [(2, 1, 0), (3, 3, 1), (4, 5, 2)]:
+            generic = draft_tree(be, bonus, h, k, w, sp, ops.generator(seed), fused=False)
+            fused = draft_tree(be, bonus, h, k, w, sp, ops.generator(seed))
+            for what in ("tokens", "picks", "ids", "valid"):
+                a, b = getattr(fused, what), getattr(generic, what)
+                assert (a is None) == (b is None) and (a is None or ops.to_list(a) == ops.to_list(b)), what
+            _close(fused.q, generic.q, 1e-6, "draft probabilities")
+            logits, _ = be.verify_tree(fused.verify_tokens(ops, bonus), w)
+            for s in range(5):
+                u = ops.rand(ops.generator(100 + s), w + k + 1, like=h) * (1 if s else 0)
+                want = ops.to_list(ops.cat(accept_tree(ops, fused, probs(ops, logits, sp), u)))
+                assert ops.to_list(ops.cat(be.fused_accept_tree(fused, logits, sp, u))) == want, (sp, w, k, s)
+                seen.add(want[0] < w)
+            be.rollback(p0)
+    assert seen == {True, False}
+
+
 def test_fused_plain_equals_single_steps(pair):
     """n plain steps with no host sync between them pick what n single verify steps pick from their logits (argmax,
     or ops.pick of probs with the same uniforms), advance the cache by n and return the last step's hidden."""
@@ -342,13 +400,17 @@ def chi2_999(df: int) -> float:
     return df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
 
 
-def test_sampled_loop_emits_the_backends_own_target_distribution(pair):
+@pytest.mark.parametrize("branches", [1, 3])
+def test_sampled_loop_emits_the_backends_own_target_distribution(pair, branches):
     """1,000 short generations, each: a sampled first token, then one speculative round of 3 drafts. The second
     emitted token must follow sum_t p(t) p(. | t), computed from the same backend's own logits. At T = 0.1 the
     tiny target puts ~0.4 on one token while its random drafter is flat: drafts are accepted sometimes (the
-    ratio test) and rejected often (the residual max(0, p - q), over the candidates only for the centroid head)."""
+    ratio test) and rejected often (the residual max(0, p - q), over the candidates only for the centroid head).
+    branches = 3: the round is a draft tree (runtime/tree.py), on backends that verify trees."""
     _, t, d, make = pair
     be = make(32)
+    if branches > 1 and be.verify_tree is None:
+        pytest.skip("this backend verifies no draft trees")
     sp = SamplingParams(temperature=0.1)
     prompt = [2, 270, 271]
     p1 = _np(probs(be.ops, be.start(prompt)[0], sp))
@@ -359,7 +421,7 @@ def test_sampled_loop_emits_the_backends_own_target_distribution(pair):
     counts = np.zeros_like(expected)
     accepted = 0
     for seed in range(n):
-        rounds = list(generate(be, prompt, GenerationParams(5, sp, 3, seed=seed), set()))
+        rounds = list(generate(be, prompt, GenerationParams(5, sp, 3, seed=seed, branches=branches), set()))
         counts[rounds[1].tokens[0]] += 1
         accepted += rounds[1].accepted
     assert accepted > 10  # the ratio test accepted drafts, the residual supplied the rest
@@ -373,7 +435,7 @@ def test_sampled_loop_emits_the_backends_own_target_distribution(pair):
 def test_backend_info_is_typed(pair):
     name, t, d, make = pair
     info = make().info()
-    assert info.name == name.removesuffix("_cuda") and info.target_config.vocab_size == 300 and info.drafter_head in HEADS
+    assert info.name == name.removesuffix("_cuda").removesuffix("_graphs") and info.target_config.vocab_size == 300 and info.drafter_head in HEADS
     assert info.target_params > 0 and info.drafter_bytes > 0
     json.dumps(info.to_dict())
 

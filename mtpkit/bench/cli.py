@@ -39,8 +39,10 @@ def bench_command(
                                              help="The most drafts per round (the gate picks 0..k; fixed k with --gate off)."),
         gate: str = typer.Option("on", help="on: the online gate picks each round's k (the default everywhere) | off: "
                                             "always k | both: also run `speculative_fixed_k` (always k) beside it."),
+        branches: int = typer.Option(1, "--branches", help="Sampling: draft trees of this many first-draft candidates "
+                                     "a round (torch backend); `speculative_chain` (one chain) runs beside them."),
         min_confidence: float = typer.Option(None, "--min-confidence",
-                                             help="Adaptive drafting threshold, as in `mtpkit run` (default: 0.3 on CPU, "
+                                             help="Adaptive drafting threshold, as in `mtpkit run` (default: per backend, "
                                                   "off on GPU; 0 = off)."),
         repeats: int = typer.Option(3, help="Timed runs per prompt and method (median reported; a warm-up run is extra)."),
         threads: int = typer.Option(None, help="CPU threads for torch and llama.cpp (default: torch's)."),
@@ -70,7 +72,7 @@ def bench_command(
                       limit=limit, max_new_tokens=max_new_tokens, temperature=temperature,
                       num_draft_tokens=num_draft_tokens, min_confidence="auto" if min_confidence is None else min_confidence,
                       repeats=repeats, seed=seed, threads=threads, baselines=baselines, lookup_tokens=lookup_tokens,
-                      compile=compile, gate=gate, llamacpp_bin=llamacpp_bin)
+                      compile=compile, gate=gate, branches=branches, llamacpp_bin=llamacpp_bin)
     doc = run_bench(cfg, note=lambda s: typer.echo(f"note: {s}", err=True), progress=not quiet)
     table = markdown(doc)
     if jp:

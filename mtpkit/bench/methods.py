@@ -174,9 +174,12 @@ def _lookup_class():
     return _CountingLookup
 
 
-def our_methods(session, gen: dict[str, Any], info: dict[str, Any], gate: str = "on") -> list[Method]:
+def our_methods(session, gen: dict[str, Any], info: dict[str, Any], gate: str = "on", branches: int = 1
+                ) -> list[Method]:
     """Plain and speculative decoding through our loop; `info` = session.backend.info(). gate: on = speculative
-    with the online gate (the default), off = speculative drafting k every round, both = the two side by side."""
+    with the online gate (the default), off = speculative drafting k every round, both = the two side by side.
+    branches > 1 (sampling): speculative drafts trees of that many branches, and `speculative_chain` (one chain a
+    round, same gate setting) runs beside it."""
     mb, dmb = info.target_bytes / 2**20, info.drafter_bytes / 2**20
     w = f"mtpkit {info.name} {info.dtype}"
     out: list[Method] = [OurLoop("plain", "mtpkit loop, no drafter (the baseline of every speedup)", w, mb,
@@ -190,6 +193,13 @@ def our_methods(session, gen: dict[str, Any], info: dict[str, Any], gate: str = 
                            "mtpkit shared-cache speculative loop, k drafts every round (no gate)",
                            f"{w} + drafter", mb + dmb, reference="plain", must_match=True, session=session,
                            use_drafter=True, gen=dict(gen, gate=False), device=info.device))
+    if branches > 1:
+        for m in out[1:]:
+            m.gen = dict(m.gen, branches=branches)
+            m.description += f", draft trees of {branches} branches"
+        out.append(OurLoop("speculative_chain", "mtpkit shared-cache speculative loop, one chain a round",
+                           f"{w} + drafter", mb + dmb, reference="plain", must_match=True, session=session,
+                           use_drafter=True, gen=dict(gen, gate=gate != "off"), device=info.device))
     return out
 
 

@@ -49,7 +49,7 @@ class BenchConfig:
     max_new_tokens: int = 128
     temperature: float = 0.0
     num_draft_tokens: int = 5
-    min_confidence: float | str | None = "auto"  # as `mtpkit run`: 0.3 on CPU, off on GPU
+    min_confidence: float | str | None = "auto"  # as `mtpkit run`: per backend (Backend.auto_adaptive)
     repeats: int = 3
     seed: int = 0
     threads: int | None = None  # CPU threads for torch and llama.cpp (None = torch's current setting)
@@ -57,6 +57,7 @@ class BenchConfig:
     lookup_tokens: int = LOOKUP_TOKENS
     compile: str | None = None  # torch on CUDA: torch.compile none | drafter | all captured steps (default all)
     gate: str = "on"  # on | off (fixed k) | both (speculative with the gate + speculative_fixed_k)
+    branches: int = 1  # sampling: speculative drafts trees of this many branches, `speculative_chain` beside it
     llamacpp_bin: str | None = None  # llama.cpp's programs (llama_server baseline); None = MTPKIT_LLAMACPP_BIN / build cache
 
     def check(self) -> None:
@@ -68,6 +69,10 @@ class BenchConfig:
             raise MtpkitError(f"--threads must be >= 1, got {self.threads}")
         if self.lookup_tokens < 1:
             raise MtpkitError(f"--lookup-tokens must be >= 1, got {self.lookup_tokens}")
+        if self.branches < 1:
+            raise MtpkitError(f"--branches must be >= 1, got {self.branches}")
+        if self.branches > 1 and self.temperature == 0:
+            raise MtpkitError("--branches applies to sampling (--temperature > 0): greedy decoding drafts one chain")
         if self.gate not in GATE:
             raise MtpkitError(f"--gate must be one of {', '.join(GATE)}, got {self.gate!r}")
         if self.llamacpp_bin is not None:
@@ -209,7 +214,7 @@ def _build_methods(cfg: BenchConfig, session, prompts_len: int, note: Callable[[
     gen = dict(temperature=cfg.temperature, seed=cfg.seed, num_draft_tokens=cfg.num_draft_tokens,
                min_confidence=cfg.min_confidence)
     info = session.backend.info()
-    methods = our_methods(session, gen, info, gate=cfg.gate)
+    methods = our_methods(session, gen, info, gate=cfg.gate, branches=cfg.branches)
     skipped: dict[str, str] = {}
     wanted, explicit = cfg.baseline_set()
     sampling = Sampling(cfg.temperature, cfg.seed, session.eos)

@@ -59,6 +59,15 @@ class KVCache:
         self.k[layer].index_copy_(2, slots, k.to(self.k[layer].dtype))
         self.v[layer].index_copy_(2, slots, v.to(self.v[layer].dtype))
 
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy the K/V written at positions src [n] to positions dst [n] in every layer (tensor ops only): a
+        draft tree's accepted branch into the positions its tokens hold (runtime/tree.py). The caller sets the
+        length after it (rollback); src and dst must be written positions the ring still holds."""
+        for i, size in enumerate(self.sizes):
+            s, d = src % size, dst % size
+            self.k[i].index_copy_(2, d, self.k[i].index_select(2, s))
+            self.v[i].index_copy_(2, d, self.v[i].index_select(2, s))
+
     def key_positions(self, layer: int, length: int | torch.Tensor | None = None) -> torch.Tensor:
         """[S] position held by each slot of `layer` when `length` positions are valid (< 0 = empty).
 

@@ -155,7 +155,7 @@ class GemmaModel(nn.Module):
         return Output(torch.cat([o.logits for o in outs], 1), torch.cat([o.hidden for o in outs], 1))
 
     def step(self, tokens: torch.Tensor, pos: torch.Tensor, cache: KVCache | None, logits: bool = True,
-             pad: torch.Tensor | None = None) -> Output:
+             pad: torch.Tensor | None = None, tree: tuple[torch.Tensor, torch.Tensor] | None = None) -> Output:
         """The raw forward: tokens [B, T] at positions pos [T] (contiguous), tensor ops only.
 
         Writes K/V into `cache` but leaves its bookkeeping (length) to the caller, so a backend can
@@ -163,15 +163,27 @@ class GemmaModel(nn.Module):
         `pad` [B] (batched generation of prompts of different lengths): keys at positions < pad[b] are
         hidden from row b, whose filler queries see only themselves; RoPE scores depend on relative
         positions only, so row b computes what it computes alone, shifted by pad[b] positions.
+        `tree` = (depth [T], see [T, T] bool), with a cache (B = 1): a draft tree verified in one forward. Row i
+        is written at slot position pos[i] but is a token at position pos[0] + depth[i]: RoPE and the window use
+        that, and it sees the cached keys before pos[0] and the rows j with see[i, j] (its ancestors and itself).
+        Only for sampled speculation: a tree row's keys sit at other slots than in plain decoding, so its result
+        is not bitwise a plain step's (runtime/tree.py).
         """
         x = self.embed(tokens)
         c = self.config
         length = pos[-1] + 1  # a tensor: no host sync, so the step can be CUDA-graphed
+        q_pos = pos if tree is None else pos[0] + tree[0]
         ropes, masks = {}, {}
         for kind in set(c.layer_types):  # RoPE tables and masks once per layer kind, not per layer
-            ropes[kind] = rope_table(pos, self.inv_freq_sliding if kind == SLIDING else self.inv_freq_full)
+            ropes[kind] = rope_table(q_pos, self.inv_freq_sliding if kind == SLIDING else self.inv_freq_full)
             k_pos = pos if cache is None else cache.key_positions(c.last_layer_of(kind), length)
-            masks[kind] = attention_mask(pos, k_pos, length, c.sliding_window if kind == SLIDING else None)
+            window = c.sliding_window if kind == SLIDING else None
+            if tree is None:
+                masks[kind] = attention_mask(pos, k_pos, length, window)
+            else:  # cached keys by the rows' token positions; this step's own rows by the tree
+                rel = k_pos - pos[0]
+                own = ((rel >= 0) & (rel < pos.numel()))[None, :] & tree[1][:, rel.clamp(0, pos.numel() - 1)]
+                masks[kind] = attention_mask(q_pos, k_pos, pos[0], window) | own
             if pad is not None:  # [B, 1, T, S]
                 real = (k_pos[None, :] >= pad[:, None])[:, None, None, :]
                 masks[kind] = (masks[kind] & real) | (k_pos[None, :] == pos[:, None])

@@ -101,6 +101,10 @@ class Backend:
     vocab_size: int
     max_len: int  # positions the cache holds (prompt + generated)
     has_drafter: bool = False
+    # where min_confidence="auto" turns adaptive drafting on (on a CPU; never on a GPU): (at T = 0, at T > 0). It pays
+    # where a verified token costs nearly a plain step (llama.cpp on this 2-core CPU), not where a verify of a few
+    # tokens costs one step (the torch backend's padded CPU steps, MLX at T > 0): bench/results/cpu_adaptive/
+    auto_adaptive: tuple[bool, bool] = (True, True)
     draft_temperature: float = 1.0  # the drafter's calibrated factor (DrafterConfig.draft_temperature)
     fused_greedy_draft = None  # optional: (token, h, k) -> tokens [k], equal to draft.draft(...) when greedy
     fused_sampled_draft = None  # optional: (token, h, k, sp, u) -> Draft, equal to draft.draft(...) when sampling
@@ -111,6 +115,15 @@ class Backend:
     # optional: (draft, logits [k + 1, V], sp, u [k + 1]) -> (n, next token) as 0-d arrays: what
     # sampling.accept_rejection(ops, ..., probs(ops, logits, sp), u) computes, run as one replayed graph
     fused_accept = None
+    # optional, sampled draft trees (runtime/tree.py): verify_tree(tokens [1 + w k], w, k_max) -> (logits, hidden) of
+    # the rows in the tree's layout (k_max: the longest chain of the generation); keep(start, rows): those rows become the positions after start, the cache ends
+    # there; draft_rows(tokens [w], h [w, d]) -> DraftStep of w rows: w draft steps side by side in the round that
+    # draft_step began
+    verify_tree = None
+    keep = None
+    draft_rows = None
+    fused_tree_draft = None  # optional: (token, h, k, w, sp, u [w k]) -> TreeDraft, equal to tree.draft_tree(...)
+    fused_accept_tree = None  # optional: (tree, logits, sp, u) -> (c, n, next): tree.accept_tree as one graph
 
     def clock(self) -> object:
         """A timestamp; `elapsed(a, b)` turns two of them into seconds (CUDA events on GPUs: no sync)."""

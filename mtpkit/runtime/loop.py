@@ -26,6 +26,7 @@ from mtpkit.runtime.backend import Backend, Draft
 from mtpkit.runtime.draft import draft
 from mtpkit.runtime.gate import Gate, RoundCosts
 from mtpkit.runtime.sampling import SamplingParams, accept_greedy, accept_rejection, probs
+from mtpkit.runtime.tree import TreeDraft, accept_tree, draft_tree, kept_rows
 
 PLAIN_CHUNK = 16  # fused plain decoding: steps queued per host sync (a chunk past EOS is wasted work)
 
@@ -51,6 +52,7 @@ class GenerationParams:
     min_confidence: float | None = None  # adaptive drafting: stop a draft when the drafter's top prob drops below
     draft_temperature: float = 1.0  # sampling: drafts are drawn at temperature T * this (DrafterConfig.draft_temperature)
     gate: bool = True  # pick each round's k in 0..num_draft_tokens (runtime/gate.py); False: always num_draft_tokens
+    branches: int = 1  # sampling: w first-draft candidates, each with its chain (runtime/tree.py); 1 = one chain
 
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:
@@ -59,6 +61,8 @@ class GenerationParams:
             raise MtpkitError(f"num_draft_tokens must be >= 1, got {self.num_draft_tokens}")
         if self.min_confidence is not None and not 0 < self.min_confidence < 1:
             raise MtpkitError(f"min_confidence must be in (0, 1), got {self.min_confidence}")
+        if self.branches < 1:
+            raise MtpkitError(f"branches must be >= 1, got {self.branches}")
         if not self.draft_temperature > 0:
             raise MtpkitError(f"draft_temperature must be positive, got {self.draft_temperature}")
 
@@ -90,6 +94,20 @@ def accept(backend: Backend, d: Draft, logits, sp: SamplingParams, rng) -> tuple
     return vals[0], vals[1], vals[2:]
 
 
+def accept_branches(backend: Backend, d: TreeDraft, logits, sp: SamplingParams, rng) -> tuple[int, int, int, list[int]]:
+    """(chain c, n accepted, next token, chain c's drafts) as host ints for a draft tree against the verify's logits
+    [1 + w k, V] (tree.accept_tree; the backend's fused_accept_tree when it has one): one host transfer."""
+    ops = backend.ops
+    w, k = d.shape
+    u = ops.rand(rng, w + k + 1, like=logits)
+    if backend.fused_accept_tree is not None:
+        c, n, nxt = backend.fused_accept_tree(d, logits, sp, u)
+    else:
+        c, n, nxt = accept_tree(ops, d, probs(ops, logits, sp), u)
+    vals = ops.to_list(ops.cat([c, n, nxt, ops.index(d.tokens, ops.clamp_max(c, w - 1))]))
+    return vals[0], vals[1], vals[2], vals[3:]
+
+
 def cut(tokens: list[int], eos: set[int], budget: int) -> tuple[list[int], str | None]:
     """Truncate emitted tokens at the first EOS (kept) or at the remaining budget."""
     for i, t in enumerate(tokens[:budget]):
@@ -118,6 +136,11 @@ def generate(backend: Backend, prompt: list[int], params: GenerationParams, eos:
     emitted = len(out)
     yield Round(out, 0, 0, verify_s=backend.elapsed(t0, backend.clock()), prefill=True, finish=finish)
     drafting = use_drafter and backend.has_drafter
+    tree = drafting and params.branches > 1 and not sp.greedy
+    if tree and backend.verify_tree is None:
+        raise MtpkitError(f"branches > 1 needs a backend with draft trees (torch); {type(backend).__name__} has none")
+    if tree and params.min_confidence is not None:
+        raise MtpkitError("branches > 1 drafts every chain to k: it does not take min_confidence")
     if not (drafting and params.gate):
         gate = None
     else:
@@ -131,6 +154,8 @@ def generate(backend: Backend, prompt: list[int], params: GenerationParams, eos:
         k = min(params.num_draft_tokens, params.max_new_tokens - emitted - 1, room) if drafting else 0
         if gate is not None:
             k = gate.choose(k)
+        if tree:  # a tree verify writes 1 + w k positions
+            k = min(k, room // params.branches)
         if k == 0 and backend.fused_plain is not None:  # plain steps, PLAIN_CHUNK of them per host sync
             m = min(PLAIN_CHUNK, params.max_new_tokens - emitted, room + 1)
             u = None if sp.greedy else ops.rand(rng, m, like=h)
@@ -148,14 +173,25 @@ def generate(backend: Backend, prompt: list[int], params: GenerationParams, eos:
             yield Round(out, 0, 0, verify_s=backend.elapsed(t0, t1), finish=finish, forwards=len(out))
             continue
         b = ops.tokens([bonus])
-        t0 = backend.clock()
-        d = draft(backend, b, h, k, dsp, rng, params.min_confidence)
-        t1 = backend.clock()
-        p0 = backend.length
-        logits, hidden = backend.verify(ops.cat([b, d.tokens]))
-        n, bonus, drafted = accept(backend, d, logits, sp, rng)
-        backend.rollback(p0 + n + 1)
-        h = hidden[n]
+        if tree and k > 0:  # sampled: w first drafts, each with a chain of k - 1 (runtime/tree.py)
+            t0 = backend.clock()
+            td = draft_tree(backend, b, h, k, params.branches, dsp, rng)
+            t1 = backend.clock()
+            p0 = backend.length
+            logits, hidden = backend.verify_tree(td.verify_tokens(ops, b), params.branches, params.num_draft_tokens)
+            c, n, bonus, drafted = accept_branches(backend, td, logits, sp, rng)
+            rows = kept_rows(params.branches, c, n)
+            backend.keep(p0, rows)
+            h = hidden[rows[-1] if rows else 0]
+        else:
+            t0 = backend.clock()
+            d = draft(backend, b, h, k, dsp, rng, params.min_confidence)
+            t1 = backend.clock()
+            p0 = backend.length
+            logits, hidden = backend.verify(ops.cat([b, d.tokens]))
+            n, bonus, drafted = accept(backend, d, logits, sp, rng)
+            backend.rollback(p0 + n + 1)
+            h = hidden[n]
         t2 = backend.clock()
         if gate is not None:  # acceptance synced the device
             now = time.perf_counter()

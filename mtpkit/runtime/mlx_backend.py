@@ -192,6 +192,8 @@ def _np(a) -> np.ndarray:
 
 
 class MLXBackend(Backend):
+    auto_adaptive = (True, False)  # Backend.auto_adaptive: at T > 0 stopping on the top probability cost 12-15 %
+
     def __init__(self, target_dir: str | Path, drafter_dir: str | Path | None = None, *, max_len: int = 4096,
                  threads: int | None = None):
         mx = _mx()

@@ -102,6 +102,31 @@ class NumpyOps:
         return np.int64(min(np.searchsorted(c, float(u) * c[-1], side="right"), c.size - 1))
 
     @classmethod
+    def pick_rows(cls, p, u) -> np.ndarray:
+        """[w] one `pick` per row of p [w, N] with uniforms u [w]."""
+        return np.stack([cls.pick(row, x) for row, x in zip(p, u, strict=True)])
+
+    @staticmethod
+    def zero_at(x, i) -> np.ndarray:
+        """A copy of the 1-D x with x[i] = 0 (i a 0-d index array)."""
+        x = x.copy()
+        x[int(i)] = 0
+        return x
+
+    @staticmethod
+    def column(x, i) -> np.ndarray:
+        """x[:, i] for a 0-d index array i."""
+        return x[:, int(i)]
+
+    @staticmethod
+    def where(cond, a, b) -> np.ndarray:
+        return np.where(cond, a, b)
+
+    @staticmethod
+    def full_like(x, value) -> np.ndarray:
+        return np.full_like(x, value)
+
+    @classmethod
     def sample(cls, p, rng: np.random.Generator) -> np.ndarray:
         """One index drawn from a 1-D probability vector (need not be normalized), as a 0-d int64 array."""
         return cls.pick(p, rng.random())

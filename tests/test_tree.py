@@ -1,0 +1,177 @@
+"""Sampled draft trees (runtime/tree.py): the layout, the torch backend's tree verify and keep, and acceptance that
+keeps the target's distribution (chi-square), for numpy's and torch's ops, dense and sparse q."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mtpkit.errors import MtpkitError
+from mtpkit.runtime.loop import GenerationParams, generate
+from mtpkit.runtime.ops import NumpyOps
+from mtpkit.runtime.sampling import SamplingParams, probs
+from mtpkit.runtime.torch_backend import TorchBackend
+from mtpkit.runtime.tree import TreeDraft, accept_tree, kept_rows, layout
+from tests.conftest import tiny_drafter, tiny_target
+from tests.test_loop import CHI2_999, _chi2, _run
+
+
+def test_layout_rows_see_their_chain_only():
+    depth, see = layout(2, 2)  # rows: b, c0 d0, c1 d0, c0 d1, c1 d1
+    assert depth == [0, 1, 1, 2, 2]
+    assert [[int(x) for x in row] for row in see] == [
+        [1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 1, 0, 1, 0], [1, 0, 1, 0, 1]]
+    assert kept_rows(2, 1, 2) == [2, 4] and kept_rows(3, 0, 0) == []
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_tree_rows_compute_what_each_chain_computes_and_keep_moves_the_branch(seed):
+    """A tree verify's rows equal each chain verified alone; after keep(), the cache is the accepted chain's: the next
+    step computes what it computes after verifying that chain alone (also across the sliding window's ring)."""
+    target = tiny_target(seed, sliding_window=4)
+    drafter = tiny_drafter(target, seed)
+    V = target.config.vocab_size
+    g = torch.Generator().manual_seed(seed)
+    be = TorchBackend(target, drafter, max_len=64, max_draft=8)
+    prompt = torch.randint(0, V, (9,), generator=g).tolist()
+    w, k = 3, 2
+    toks = torch.randint(0, V, (1 + w * k,), generator=g)
+    chain = lambda c: torch.cat([toks[:1], toks[1:].view(k, w)[:, c]])  # noqa: E731
+    with torch.no_grad():
+        be.start(prompt)
+        p0 = be.length
+        lt, ht = be.verify_tree(toks, w)
+        for c in range(w):
+            be.rollback(p0)
+            lc, hc = be.verify(chain(c))
+            rows = [0, *kept_rows(w, c, k)]
+            torch.testing.assert_close(lt[rows], lc, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(ht[rows], hc, rtol=1e-5, atol=1e-5)
+        for c in range(w):
+            for n in range(k + 1):
+                be.rollback(p0)
+                be.verify_tree(toks, w)
+                be.keep(p0, kept_rows(w, c, n))
+                assert be.length == p0 + 1 + n
+                got = be.verify(torch.tensor([5, 6]))[0]
+                be.rollback(p0)
+                be.verify(chain(c)[:n + 1])
+                torch.testing.assert_close(got, be.verify(torch.tensor([5, 6]))[0], rtol=1e-5, atol=1e-5)
+
+
+def _tree_round(g, q0, ids0, Q1, ids1, w):
+    """One sampled tree of w chains, 2 drafts each: roots from q0 without replacement, then a draft from Q1[root]."""
+    left, roots, valid = q0.copy(), [], []
+    for _ in range(w):
+        valid.append(left.sum() > 0)
+        j = NumpyOps.pick(left, g.random())
+        roots.append(int(j))
+        left[j] = 0
+    t0 = ids0[roots]
+    second = [int(NumpyOps.pick(Q1[t], g.random())) for t in t0]
+    t1 = ids1[t0, second]
+    tokens = np.stack([t0, t1], 1)
+    picks = np.stack([roots, second], 1)
+    q = np.stack([np.stack([q0, Q1[t]]) for t in t0])
+    ids = np.stack([np.stack([ids0, ids1[t]]) for t in t0])
+    return TreeDraft(tokens, picks, q, ids, np.array(valid))
+
+
+@pytest.mark.parametrize("ops_name,w", [("numpy", 3), ("torch", 3), ("numpy", 2), ("torch", 5)])
+def test_tree_acceptance_preserves_the_target_distribution(ops_name, w):
+    """40k rounds (numpy's ops; 15k with torch's, on the host) on an 8-token vocabulary, q over 5 candidates a step
+    (token 0 never one): the first emitted token is distributed as p, and the second, given the first x, as the
+    target's row after x. w = 5 drafts every candidate of the first step (the last one has no mass: never accepted)."""
+    V, N, n_rounds = 8, 5, 40_000 if ops_name == "numpy" else 15_000
+    g = np.random.default_rng(0)
+    P0 = g.random(V) ** 3
+    P0 /= P0.sum()
+    after = g.random((V, V)) ** 3  # the target's row after token x
+    after /= after.sum(-1, keepdims=True)
+    ids0 = g.permutation(np.arange(1, V))[:N]
+    q0 = g.random(N) ** 3
+    q0[-1] = 0  # a candidate the drafter gives no mass
+    q0 /= q0.sum()
+    ids1 = np.stack([g.permutation(np.arange(1, V))[:N] for _ in range(V)])
+    Q1 = g.random((V, N)) ** 3
+    Q1 /= Q1.sum(-1, keepdims=True)
+    ops = NumpyOps() if ops_name == "numpy" else TorchBackend(tiny_target(0), None, max_len=8).ops
+    arr = (lambda x: x) if ops_name == "numpy" else torch.from_numpy
+    rng = ops.generator(0)
+    first, second, given = np.zeros(V), np.zeros(V), np.zeros(V)
+    chosen = set()
+    for _ in range(n_rounds):
+        d = _tree_round(g, q0, ids0, Q1, ids1, w)
+        rows = np.concatenate([P0[None], after[d.tokens.T.reshape(-1)]]).astype(np.float32)
+        d = TreeDraft(*(arr(x) for x in (d.tokens, d.picks, d.q.astype(np.float32), d.ids, d.valid)))
+        c, n, nxt = ops.to_list(ops.cat(accept_tree(ops, d, arr(rows), ops.rand(rng, w + 3, like=arr(rows)))))
+        chosen.add(c)
+        toks = (d.tokens[c].tolist()[:n] if n else []) + [nxt]
+        first[toks[0]] += 1
+        if len(toks) > 1:
+            second[toks[1]] += 1
+            given += after[toks[0]]
+    assert _chi2(torch.from_numpy(first), n_rounds * torch.from_numpy(P0)) < CHI2_999[7]
+    assert _chi2(torch.from_numpy(second), torch.from_numpy(given)) < CHI2_999[7]
+    assert len(chosen) >= 3  # rounds accepted different chains, and some none (c = w)
+
+
+def test_sampled_tree_loop_matches_target_distribution():
+    """End to end on a 16-token tiny target, 3 branches: the 2nd generated token is distributed as the target's."""
+    target = tiny_target(3, vocab_size=16, final_logit_softcapping=None)
+    drafter = tiny_drafter(target, 3)
+    prompt = [1, 2, 3]
+    sp = SamplingParams(temperature=1.3, top_k=12)
+    be = TorchBackend(target, drafter, max_len=24, max_draft=3)
+    with torch.no_grad():
+        p1 = probs(be.ops, target(torch.tensor([prompt])).logits[0, -1], sp)
+        cont = torch.tensor([[*prompt, t] for t in range(16)])
+        p2 = probs(be.ops, target(cont).logits[:, -1], sp)
+    counts = torch.zeros(16)
+    N = 3000
+    for s in range(N):
+        out, rounds = _run(be, prompt, set(), max_new_tokens=3, num_draft_tokens=2, seed=s, sampling=sp, branches=3)
+        counts[out[1]] += 1
+    assert _chi2(counts, N * (p1[:, None] * p2).sum(0)) < CHI2_999[15]
+
+
+def test_greedy_decoding_keeps_to_chains():
+    """branches applies to sampling only: greedy output with branches = 3 is plain greedy output."""
+    target = tiny_target(1)
+    be = TorchBackend(target, tiny_drafter(target, 1), max_len=64, max_draft=4)
+    plain, _ = _run(be, [3, 4, 5], set(), max_new_tokens=30, num_draft_tokens=4, gate=True)
+    tree, _ = _run(be, [3, 4, 5], set(), max_new_tokens=30, num_draft_tokens=4, branches=3)
+    assert tree == plain
+
+
+def test_branches_errors():
+    target = tiny_target(1)
+    be = TorchBackend(target, tiny_drafter(target, 1), max_len=64, max_draft=4)
+    sp = SamplingParams(temperature=1.0)
+    with pytest.raises(MtpkitError, match="branches must be >= 1"):
+        GenerationParams(branches=0)
+    with pytest.raises(MtpkitError, match="min_confidence"):
+        list(generate(be, [1, 2], GenerationParams(sampling=sp, branches=2, min_confidence=0.5), set()))
+
+    class NoTrees(TorchBackend):
+        verify_tree = None
+    with pytest.raises(MtpkitError, match="draft trees"):
+        list(generate(NoTrees(target, tiny_drafter(target, 1), max_len=8), [1], GenerationParams(sampling=sp, branches=2), set()))
+
+
+@pytest.mark.parametrize("auto,temperature,branches,want", [
+    ((True, True), 0.0, 1, 0.3), ((True, True), 1.0, 1, 0.3), ((True, False), 0.0, 1, 0.3), ((True, False), 1.0, 1, None),
+    ((False, False), 0.0, 1, None), ((True, True), 1.0, 3, None)])
+def test_auto_adaptive_drafting_follows_the_backend(monkeypatch, auto, temperature, branches, want):
+    """min_confidence="auto": AUTO_MIN_CONFIDENCE on a CPU where the backend's auto_adaptive asks for it at that
+    temperature (the torch backend: never), never for a draft tree."""
+    from mtpkit.api import Session
+    target = tiny_target(1)
+    be = TorchBackend(target, tiny_drafter(target, 1), max_len=64, max_draft=4)
+    seen = []
+    monkeypatch.setattr("mtpkit.api.generate", lambda backend, ids, params, *a, **kw: seen.append(params) or iter(()))
+    be.auto_adaptive = auto
+    list(Session(be, None, target.config, None).stream([1, 2], temperature=temperature, branches=branches))
+    assert seen[0].min_confidence == want
+    assert TorchBackend.auto_adaptive == (False, False)
