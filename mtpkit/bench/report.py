@@ -68,7 +68,8 @@ def markdown(doc: dict[str, Any]) -> str:
                 f"--temperature {s['temperature']:g} -k {s['num_draft_tokens']} --repeats {s['repeats']}"
                 + (f" --device {s['device']}" if s["device"] else "") + (f" --threads {s['threads']}" if s["threads"] else "")
                 + (f" --compile {s['compile']}" if s.get("compile") else "")
-                + (f" --gate {s['gate']}" if s.get("gate", "on") != "on" else "") + "`")
+                + (f" --gate {s['gate']}" if s.get("gate", "on") != "on" else "")
+                + (f" --branches {s['branches']}" if s.get("branches", 1) != 1 else "") + "`")
     return "\n".join(out) + "\n"
 
 

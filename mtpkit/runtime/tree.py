@@ -105,7 +105,7 @@ def accept_tree(ops, d: TreeDraft, p: Any, u: Any) -> tuple[Any, Any, Any]:
     r = p[0]  # the first token's target: r_0 = p, then the residuals
     q = d.q[0, 0]
     ids0 = None if d.ids is None else d.ids[0, 0]
-    chosen, alive = ops.full_like(d.picks[0, 0], w), d.valid[0] | True
+    chosen, alive = ops.full_like(d.picks[0, 0], w), ops.full_like(d.valid[0], True)
     for c in range(w):
         qn = q / (q.sum() + 1e-30)
         j = d.picks[c, 0]
