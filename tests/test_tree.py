@@ -175,3 +175,31 @@ def test_auto_adaptive_drafting_follows_the_backend(monkeypatch, auto, temperatu
     list(Session(be, None, target.config, None).stream([1, 2], temperature=temperature, branches=branches))
     assert seen[0].min_confidence == want
     assert TorchBackend.auto_adaptive == (False, False)
+
+
+def test_padded_tree_graph_computes_the_tree_and_writes_nothing_past_it():
+    """The graph path (CPU stand-in) runs every tree of w chains padded to 1 + w k_max rows: its rows equal the eager
+    tree verify's, also at the end of the context, and the cache holds nothing new past the tree's own positions."""
+    from tests.conftest import with_cpu_graphs
+    target = tiny_target(2, sliding_window=4)
+    drafter = tiny_drafter(target, 2)
+    V, w = target.config.vocab_size, 3
+    g = torch.Generator().manual_seed(0)
+    eager = TorchBackend(target, drafter, max_len=24, max_draft=5)
+    graphs = with_cpu_graphs(TorchBackend(target, drafter, max_len=24, max_draft=5))
+    for plen, k in [(5, 1), (9, 2), (17, 2)]:  # 17 + 1 + 3 * 2 = 24: the tree ends at the context's end
+        prompt = torch.randint(0, V, (plen,), generator=g).tolist()
+        toks = torch.randint(0, V, (1 + w * k,), generator=g)
+        with torch.no_grad():
+            eager.start(prompt)
+            graphs.start(prompt)
+            before = [x.clone() for x in graphs.cache.k]
+            want = eager.verify_tree(toks, w)
+            got = graphs.verify_tree(toks, w, k_max=5)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert set(graphs._graphs.tree_graphs) == {1 + w * 5}  # one padded shape
+        end = plen + 1 + w * k
+        for layer, (old, new) in enumerate(zip(before, graphs.cache.k, strict=True)):
+            if not graphs.cache.is_ring(layer):
+                assert torch.equal(old[:, :, end:], new[:, :, end:]) and torch.equal(old[:, :, :plen], new[:, :, :plen])

@@ -128,6 +128,11 @@ def generate(backend: Backend, prompt: list[int], params: GenerationParams, eos:
         raise MtpkitError(f"prompt of {len(prompt)} tokens does not fit the context of {backend.max_len} positions "
                           "(mtpkit run --context N, mtpkit.load(max_len=N))")
     sp, dsp, ops = params.sampling, params.draft_sampling, backend.ops
+    tree = use_drafter and backend.has_drafter and params.branches > 1 and not sp.greedy  # checked before the prefill
+    if tree and backend.verify_tree is None:
+        raise MtpkitError(f"branches > 1 needs a backend with draft trees (torch); {type(backend).__name__} has none")
+    if tree and params.min_confidence is not None:
+        raise MtpkitError("branches > 1 drafts every chain to k: it does not take min_confidence")
     rng = None if sp.greedy else ops.generator(params.seed)
     t0 = backend.clock()
     logits, h = backend.start(list(prompt))
@@ -136,11 +141,6 @@ def generate(backend: Backend, prompt: list[int], params: GenerationParams, eos:
     emitted = len(out)
     yield Round(out, 0, 0, verify_s=backend.elapsed(t0, backend.clock()), prefill=True, finish=finish)
     drafting = use_drafter and backend.has_drafter
-    tree = drafting and params.branches > 1 and not sp.greedy
-    if tree and backend.verify_tree is None:
-        raise MtpkitError(f"branches > 1 needs a backend with draft trees (torch); {type(backend).__name__} has none")
-    if tree and params.min_confidence is not None:
-        raise MtpkitError("branches > 1 drafts every chain to k: it does not take min_confidence")
     if not (drafting and params.gate):
         gate = None
     else:

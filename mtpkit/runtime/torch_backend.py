@@ -690,22 +690,19 @@ class _Graphs:
     # ------------------------------------------------------------------ draft trees (runtime/tree.py), sampling
     def verify_tree(self, tokens: torch.Tensor, depth: torch.Tensor, see: torch.Tensor, start: int, w: int, width: int
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A tree verify as one graph per width (rows padded to `width`: one compiled shape for every k of a w; a padding
-        row repeats the last token at depth 0, sees the cache and itself only, and writes K/V past the rows keep()
-        keeps)."""
+        """A tree verify as one graph per width (rows padded to `width`: one compiled shape for every k of a w). A padding
+        row is a copy of the last row (its token, position, depth and ancestors; no row sees it), so it writes the K/V
+        the last row writes, where that row writes them: nothing past the tree's own positions."""
         n = tokens.numel()
         key = (w, n, width)
-        if key not in self.tree_layouts:
-            d = torch.zeros(width, dtype=depth.dtype, device=depth.device)
-            d[:n] = depth
-            sw = torch.eye(width, dtype=torch.bool, device=depth.device)
-            sw[:n, :n] = see
-            self.tree_layouts[key] = (d, sw)
-        d, sw = self.tree_layouts[key]
         rows = self.be._pad_rows(n, width)
+        if key not in self.tree_layouts:
+            sw = torch.zeros(width, width, dtype=torch.bool, device=depth.device)
+            sw[:, :n] = see[rows]
+            self.tree_layouts[key] = (depth[rows], sw)
+        d, sw = self.tree_layouts[key]
         if width not in self.tree_graphs:
-            static = (tokens.view(-1)[rows].view(1, width), torch.arange(width, device=self.be.device) + start,
-                      d.clone(), sw.clone())
+            static = (tokens.view(-1)[rows].view(1, width), rows + start, d.clone(), sw.clone())
 
             def fn(t, p, dd, ss):
                 o = self.step(t, p, self.be.cache, True, None, (dd, ss))
@@ -715,7 +712,7 @@ class _Graphs:
             self.tree_graphs[width] = (*self._capture(fn, static), static)
         g, (logits, hidden), (t_in, p_in, d_in, s_in) = self.tree_graphs[width]
         torch.index_select(tokens.view(-1), 0, rows, out=t_in.view(width))
-        torch.add(torch.arange(width, device=self.be.device), start, out=p_in)
+        torch.add(rows, start, out=p_in)
         d_in.copy_(d)
         s_in.copy_(sw)
         g.replay()
