@@ -27,14 +27,16 @@ def test_layout_rows_see_their_chain_only():
 
 @pytest.mark.parametrize("seed", range(3))
 def test_tree_rows_compute_what_each_chain_computes_and_keep_moves_the_branch(seed):
-    """A tree verify's rows equal each chain verified alone; after keep(), the cache is the accepted chain's: the next
-    step computes what it computes after verifying that chain alone (also across the sliding window's ring)."""
+    """The contract test's tree check (test_backend_contract) where the sliding layers' ring wraps inside the tree: a
+    ring of 4 + 64 slots, the tree at positions 66..72. A tree verify's rows equal each chain verified alone; after
+    keep(), the next step computes what it computes after verifying that chain alone."""
     target = tiny_target(seed, sliding_window=4)
     drafter = tiny_drafter(target, seed)
     V = target.config.vocab_size
     g = torch.Generator().manual_seed(seed)
-    be = TorchBackend(target, drafter, max_len=64, max_draft=8)
-    prompt = torch.randint(0, V, (9,), generator=g).tolist()
+    be = TorchBackend(target, drafter, max_len=256, max_draft=8)
+    assert be.cache.has_ring and be.cache.ring_size == 68
+    prompt = torch.randint(0, V, (66,), generator=g).tolist()
     w, k = 3, 2
     toks = torch.randint(0, V, (1 + w * k,), generator=g)
     chain = lambda c: torch.cat([toks[:1], toks[1:].view(k, w)[:, c]])  # noqa: E731
