@@ -29,7 +29,11 @@ the target's distribution, not its recorded sample): acceptance is right per pos
         [--temperature 0] [--max-new-tokens 128] [--num-draft-tokens 5] --out F.json
     python bench/gate_replay.py costs --target T [--backend ...] --suite S --out C.json
     python bench/gate_replay.py replay F.json [F2.json ...] [--gate FILE ...] [--costs C.json] [--by-length]
-        [--draft-cost C --verify-slope S] [--min-confidence 0.3] [--seeds 8] [--json OUT]
+        [--draft-cost C --verify-slope S] [--min-confidence 0.3] [--seeds 8] [--verify-rows all|lazy] [--json OUT]
+
+A backend with verify_rows (llama.cpp) also gets the costs of that path measured (`row_costs`: the verify's body
+without the head, the head's block costs, acceptance per row read); `replay --verify-rows lazy` prices drafting
+rounds with them (the head for the blocks ggml_head.plan_blocks picks for the gate's reach, read up to n).
 """
 
 from __future__ import annotations
@@ -125,7 +129,7 @@ def loop_costs(session, ids: list[int], k: int, temperature: float, n: int = 64)
         for _ in range(2):  # the first pass warms this k up
             last, rounds = None, []
             for r in session.stream(ids, max_new_tokens=n, temperature=temperature, use_drafter=kk > 0,
-                                    num_draft_tokens=max(kk, 1), gate=False):
+                                    num_draft_tokens=max(kk, 1), gate=False, lazy_rows=False):
                 now = time.perf_counter()
                 if not r.prefill:
                     rounds.append((r, now - last))
@@ -147,7 +151,36 @@ def loop_costs(session, ids: list[int], k: int, temperature: float, n: int = 64)
             verify[i] = verify[a] + (verify[b] - verify[a]) * (i - a) / (b - a)
     return {"plain": med["plain"], "verify1_bare": _verify1(session.backend, ids), "verify": verify, "verify_measured": [i in measured for i in range(k + 1)], "draft1": med.get("draft1", med.get("draft")),
             "draft": med.get("draft", med.get("draft1")), "overhead": med.get("overhead", 0.0),
-            "rounds": {key: len(v) for key, v in walls.items()}}
+            "rounds": {key: len(v) for key, v in walls.items()}, **row_costs(session.backend, ids, k, temperature)}
+
+
+def row_costs(backend, ids: list[int], k: int, temperature: float, reps: int = 9) -> dict:
+    """A backend with verify_rows (the head per row): its verify of n = 1..K + 1 tokens without any row read
+    ("body"), its head's block costs by width ("head", RowHead.cost), and what acceptance adds per row read
+    ("accept_row": argmax, or at T > 0 the row's probabilities). `replay --verify-rows lazy` prices rounds with them."""
+    if getattr(backend, "verify_rows", None) is None:
+        return {}
+    from mtpkit.runtime.sampling import SamplingParams, probs
+    backend.start(list(ids))
+    p0, body = backend.length, []
+    for m in range(1, k + 2):
+        walls = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            rows, _ = backend.verify_rows(np.array(ids[-m:], np.int64))
+            walls.append(time.perf_counter() - t0)
+            backend.rollback(p0)
+        body.append(statistics.median(walls))
+    rows, _ = backend.verify_rows(np.array(ids[-1:], np.int64))
+    x = rows(0)
+    backend.rollback(p0)
+    walls = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        int(x.argmax()) if temperature <= 0 else probs(NumpyOps, x, SamplingParams(temperature))
+        walls.append(time.perf_counter() - t0)
+    return {"body": body, "head": {str(w): c for w, c in backend._row_head.cost.items()},
+            "accept_row": statistics.median(walls)}
 
 
 def _session_and_costs(a, first_prompt: str):
@@ -157,7 +190,7 @@ def _session_and_costs(a, first_prompt: str):
     s = mtpkit.load(a.target, drafter=a.drafter, backend=a.backend, **opts)
     costs = loop_costs(s, s.tokenizer.encode(first_prompt), a.num_draft_tokens, a.temperature)
     print(json.dumps({"costs_ms": {k: ([round(1e3 * x, 2) for x in v] if isinstance(v, list) else round(1e3 * v, 2))
-                                   for k, v in costs.items() if k not in ("rounds", "verify_measured")},
+                                   for k, v in costs.items() if k not in ("rounds", "verify_measured", "head")},
                       "rounds": costs["rounds"]}), flush=True)
     return s, costs
 
@@ -218,13 +251,40 @@ def scaled(costs: dict, row: dict, by_length: bool) -> dict:
     if not by_length or "verify1_s" not in row or "verify1_bare" not in costs:
         return costs
     f = row["verify1_s"] / costs["verify1_bare"]
-    return {**costs, **{key: costs[key] * f for key in ("plain", "draft1", "draft", "overhead")},
-            "verify": [v * f for v in costs["verify"]]}
+    out = {**costs, **{key: costs[key] * f for key in ("plain", "draft1", "draft", "overhead")},
+           "verify": [v * f for v in costs["verify"]]}
+    if "body" in costs:  # verify_rows: the head does not grow with the context, the body takes all of the growth
+        head1 = costs["head"]["1"]
+        fb = (row["verify1_s"] - head1) / (costs["verify1_bare"] - head1)
+        out["body"] = [v * fb for v in costs["body"]]
+    return out
+
+
+def lazy_round_cost(costs: dict, drafted: int, steps: int, accepted: int, reach: list[float]) -> float:
+    """(seconds, rows computed) of a drafting round verified through verify_rows: the verify's body, then the head for
+    the blocks that acceptance reads (ggml_head.plan_blocks for the gate's `reach`, rows 0..accepted), then acceptance
+    on those rows."""
+    from mtpkit.runtime.ggml_head import plan_blocks
+    head = {int(w): c for w, c in costs["head"].items()}
+    wmax = max(head)
+
+    def seconds(m: int) -> float:
+        full, rest = divmod(m, wmax)
+        best = {r: min(head[w] for w in range(r, wmax + 1)) for r in range(1, wmax + 1)}
+        return full * best[wmax] + (best[rest] if rest else 0.0)
+    starts = plan_blocks(seconds, [1.0] + list(reach[1:drafted + 1]))
+    ends = starts[1:] + [drafted + 1]
+    read = [(b, e) for b, e in zip(starts, ends, strict=True) if b <= accepted]
+    cost = (costs["overhead"] + costs["body"][drafted] + sum(seconds(e - b) for b, e in read)
+            + (accepted + 1) * costs["accept_row"] + costs["draft1"] + (steps - 1) * costs["draft"])
+    return cost, read[-1][1]  # and the rows computed (the loop's head_rows)
 
 
 def replay_suite(mod, rows: list[dict], base: dict, k_max: int, min_conf: float | None, temperature: float,
-                 seed: int, jitter: float = 0.05, by_length: bool = False) -> dict[str, tuple[float, float]]:
-    """Per prompt id: (speculative seconds, plain seconds) for its recorded text, one gate across the prompts."""
+                 seed: int, jitter: float = 0.05, by_length: bool = False, lazy: bool = False
+                 ) -> dict[str, tuple[float, float]]:
+    """Per prompt id: (speculative seconds, plain seconds) for its recorded text, one gate across the prompts.
+    lazy: rounds verified through verify_rows (the costs' body, head and accept_row)."""
     rng = np.random.default_rng(seed)
     g = mod.Gate(k_max, mod.RoundCosts(), temperature <= 0) if _takes_greedy(mod) else mod.Gate(k_max, mod.RoundCosts())
     out = {}
@@ -252,8 +312,13 @@ def replay_suite(mod, rows: list[dict], base: dict, k_max: int, min_conf: float 
                 n = 0
                 while n < d and rng.random() < row["r"][t][n]:
                     n += 1
-            cost = round_cost(costs, d, d + stopped) * rng.lognormal(0, jitter)
-            g.observe(d, n, cost, chose=k)
+            if lazy and d > 0:
+                cost, rows_paid = lazy_round_cost(costs, d, d + stopped, n, g.reach(d))
+                cost *= rng.lognormal(0, jitter)
+                g.observe(d, n, cost, chose=k, head_rows=rows_paid)
+            else:
+                cost = round_cost(costs, d, d + stopped) * rng.lognormal(0, jitter)
+                g.observe(d, n, cost, chose=k)
             t, emitted, spec_s = t + n + 1, emitted + n + 1, spec_s + cost
         out[row["id"]] = (spec_s, (n_tok - 1) * plain_step)
     return out
@@ -307,7 +372,7 @@ def replay(a) -> None:
             spec, plain = defaultdict(float), defaultdict(float)
             for seed in range(a.seeds):
                 res = replay_suite(mod, rec["prompts"], costs, k_max, a.min_confidence, st["temperature"], seed,
-                                   by_length=a.by_length)
+                                   by_length=a.by_length, lazy=a.verify_rows == "lazy")
                 for row in rec["prompts"]:
                     sp, pl = res[row["id"]]
                     spec[row["category"]] += sp
@@ -352,6 +417,8 @@ def main() -> None:
     p.add_argument("--by-length", action="store_true", help="scale the costs per prompt by its one-token verify "
                    "(records that timed it)")
     p.add_argument("--seeds", type=int, default=8)
+    p.add_argument("--verify-rows", default="all", choices=["all", "lazy"],
+                   help="lazy: price drafting rounds as verify_rows pays them (costs measured with body/head)")
     p.add_argument("--json", default=None)
     a = ap.parse_args()
     if a.cmd == "replay" and not a.min_confidence:

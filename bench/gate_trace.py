@@ -11,7 +11,7 @@ early) with their median wall, draft and verify times, and for the drafting roun
 paid ("pays") or to probe or measure ("probe") the tokens it expected of them when it chose against those they gave.
 
     python bench/gate_trace.py --target T [--backend torch|llamacpp|mlx|onnx] [--device cpu|cuda] [--threads N]
-        [--suite S] [--limit N] [--temperature T] [--repeats R] [--json F]
+        [--suite S] [--limit N] [--temperature T] [--repeats R] [--verify-rows lazy|all] [--json F]
 
 Prints one JSON object: per prompt and in total.
 """
@@ -25,10 +25,12 @@ import time
 from collections import defaultdict
 
 
-def trace(session, ids: list[int], n: int, temperature: float, use_drafter: bool, chosen: list[dict]) -> list[dict]:
+def trace(session, ids: list[int], n: int, temperature: float, use_drafter: bool, chosen: list[dict],
+          lazy_rows: bool = True) -> list[dict]:
     """Rounds after the prefill: the gate's k (and what it expected of it), tokens emitted, wall seconds."""
     rounds, last = [], None
-    for r in session.stream(ids, max_new_tokens=n, temperature=temperature, use_drafter=use_drafter, num_draft_tokens=5):
+    for r in session.stream(ids, max_new_tokens=n, temperature=temperature, use_drafter=use_drafter, num_draft_tokens=5,
+                            lazy_rows=lazy_rows):
         now = time.perf_counter()
         if r.prefill:
             last = now
@@ -53,6 +55,7 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--verify-rows", default="lazy", choices=["lazy", "all"])
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
 
@@ -78,7 +81,7 @@ def main() -> None:
     prompts = spread(load_suite(a.suite), a.limit)
     ids0 = s.tokenizer.encode(prompts[0].text)
     for use in (False, True):  # warm-up: captures, first calls; the gate learns its costs as in the bench's warm-up
-        trace(s, ids0, 16, a.temperature, use, chosen)
+        trace(s, ids0, 16, a.temperature, use, chosen, a.verify_rows == "lazy")
 
     rows, tot = [], defaultdict(float)
     wall_by_k: dict[int, list[float]] = defaultdict(list)
@@ -90,7 +93,7 @@ def main() -> None:
         spec: dict[str, float] = defaultdict(float)
         for rep in range(a.repeats):
             for use in ((False, True) if rep % 2 == 0 else (True, False)):
-                rs = trace(s, ids, a.max_new_tokens, a.temperature, use, chosen)
+                rs = trace(s, ids, a.max_new_tokens, a.temperature, use, chosen, a.verify_rows == "lazy")
                 if not use:
                     plain_s += sum(r["s"] for r in rs)
                     plain_t += sum(r["tokens"] for r in rs)
@@ -129,7 +132,7 @@ def main() -> None:
         tot["draft_saved_s"] += spec["draft_tokens"] * rate - spec["draft_s"]
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
 
-    costs = s.gates[a.temperature <= 0].costs
+    costs = next(iter(s.gates.values())).costs  # one gate: this run's temperature, one chain, the default rows
     out = {
         "settings": vars(a),
         # speedup = plain decoding's time for the speculative runs' tokens / their time; the two terms are shares
@@ -139,7 +142,7 @@ def main() -> None:
                   "draft_gain": tot["draft_saved_s"] / (tot["plain_s"] + tot["draft_s"]),
                   "draft_share_of_tokens": tot["draft_tokens"] / max(tot["plain_tokens"] + tot["draft_tokens"], 1)},
         # the gate's R(k) (its last rounds at k, each priced by its outcome) vs the median wall time of rounds that chose k
-        "round_cost_ms": {k: {"gate": round(1e3 * costs.measured[k], 3) if k in costs.measured else None,
+        "round_cost_ms": {k: {"gate": round(1e3 * costs(k), 3) if k in costs.measured else None,
                               "wall": round(1e3 * statistics.median(v), 3), "rounds": len(v)}
                           for k, v in sorted(wall_by_k.items())},
         "gate_plain_step_ms": round(1e3 * costs.measured[0], 3) if 0 in costs.measured else None,

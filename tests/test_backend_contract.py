@@ -307,6 +307,26 @@ def test_fused_accept_equals_the_generic_rule(pair):
     assert seen == {True, False}  # both all-accepted and rejected rounds were compared
 
 
+def test_verify_rows_equal_verify(pair):
+    """Backend.verify_rows: the same cache and hidden as verify, and each row's logits, computed when read, verify's
+    (to the backend's tolerance; bit for bit on the real target's Q8_0 head, where sampled generations at a fixed k
+    through either then draw the same tokens: tests/test_real_target.py) and the same whichever rows are read first (a row's logits
+    do not depend on the block that computed it)."""
+    be, bonus, h = _started_with(pair, "verify_rows")
+    ops, p0 = be.ops, be.length
+    toks = ops.cat([bonus, ops.tokens([271, 5, 6, 7])])
+    want_logits, want_hidden = be.verify(toks)
+    seen = None
+    for order in ([0, 1, 2, 3, 4], [3, 0, 4, 1, 2], [1, 0], [2, 3, 4, 0]):  # any order: blocks and single rows
+        be.rollback(p0)
+        rows, hidden = be.verify_rows(toks)
+        assert be.length == p0 + 5 and np.array_equal(_np(hidden), _np(want_hidden))
+        got = {i: _np(rows(i)) for i in order}
+        seen = seen or got
+        assert all(np.array_equal(got[i], seen[i]) for i in order), order
+    _close(np.stack([seen[i] for i in range(5)]), want_logits, TOL[pair[0]], "rows vs verify")
+
+
 def test_tree_rows_equal_chains_and_keep_moves_the_branch(pair):
     """A draft tree's verify (runtime/tree.py layout) gives each chain's rows as verifying that chain alone, and after
     keep() the next step computes what it computes after that chain alone."""

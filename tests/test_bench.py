@@ -90,6 +90,7 @@ def test_bench_bad_input(pair, tmp_path):
     fails_cleanly(base + ["--baselines", "vllm"], "unknown baselines")
     fails_cleanly(base + ["--repeats", "0"], "--repeats")
     fails_cleanly(base + ["--limit", "0"], "--limit")
+    fails_cleanly(base + ["--verify-rows", "some"], "--verify-rows must be one of lazy, all, both")
     fails_cleanly(base[:-4] + ["--suite", "nope", "--device", "cpu"], "unknown suite")
     fails_cleanly(["bench", "--target", str(target), "--suite", str(suite), "--device", "cpu"], "no drafter")
     (tmp_path / "not.json").write_text('{"a": 1}')
@@ -113,6 +114,20 @@ def test_named_baseline_that_cannot_run_is_an_error(pair, tmp_path):
     notes = []
     methods, skipped = _build_methods(BenchConfig(baselines="auto"), s, 8, notes.append)
     assert "llamacpp" in skipped and "llamacpp" not in [m.name for m in methods] and notes
+
+
+def test_verify_rows_both_runs_the_head_on_every_row_beside(pair, tmp_path):
+    """--verify-rows both: `speculative_all_rows` (verify, every head row) beside `speculative` (verify_rows where the
+    backend has it), same gate; a backend without verify_rows gets a note that the two run the same path."""
+    import mtpkit
+    from mtpkit.bench.runner import BenchConfig, _build_methods
+    target, drafter, suite = pair
+    s = mtpkit.load(str(target), drafter=str(drafter), device="cpu")
+    notes = []
+    methods, _ = _build_methods(BenchConfig(baselines="none", verify_rows="both"), s, 8, notes.append)
+    assert [(m.name, m.gen["lazy_rows"]) for m in methods] == [("plain", True), ("speculative", True),
+                                                               ("speculative_all_rows", False)]
+    assert methods[2].must_match and any("verify_rows" in n for n in notes)  # torch has none
 
 
 def test_spread_takes_categories_in_turn():

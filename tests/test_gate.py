@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mtpkit.runtime.gate import Gate, RoundCosts
+from mtpkit.runtime.gate import WINDOW, Gate, RoundCosts
 
 
 def test_round_costs_drop_the_first_round_and_interpolate():
@@ -44,16 +44,50 @@ def test_a_mix_of_stopped_and_full_rounds_costs_the_mean_of_its_outcomes_medians
     assert r(2) == 2.0
 
 
+def test_rounds_whose_verify_computed_fewer_head_rows_are_their_own_outcome():
+    """verify_rows (llama.cpp on a CPU): a round's verify computes the head for the rows acceptance read, so a
+    rejected first draft is cheap and an accepted run dear. R(k) keeps the mix: the mean of each outcome's median."""
+    r = RoundCosts()
+    r.add(2, 99.0, 2, 1)  # warm-up
+    for seconds, rows in [(1.5, 1)] * 4 + [(2.5, 3)] * 5:
+        r.add(2, seconds, 2, rows)
+    assert r(2) == pytest.approx((4 * 1.5 + 5 * 2.5) / 9)  # the median of the mix would be 2.5
+    r.add(2, 9.0, 2, 2)
+    assert r(2) == pytest.approx((3 * 1.5 + 9.0 + 5 * 2.5) / 9)  # a new outcome enters, the window's oldest leaves
+
+
+def test_drafting_rounds_are_priced_in_plain_steps_of_their_time():
+    """A session's prompts differ in length and every step grows with the context: a drafting round's seconds count
+    against R(0) when it ran, so after a longer prompt made plain steps dearer R(k) grows with them (in seconds it
+    would stay at the shorter prompt's figure). Rounds measured before any plain round count in its first R(0)."""
+    r = RoundCosts()
+    for k, s in [(3, 99.0), (3, 2.0), (0, 99.0), (0, 1.0)]:  # warm-ups, then k = 3 before any plain round
+        r.add(k, s)
+    assert r(3) == pytest.approx(2.0) and r(0) == 1.0
+    for _ in range(WINDOW):  # a longer prompt: plain steps cost 1.5
+        r.add(0, 1.5)
+    assert r(0) == 1.5 and r(3) == pytest.approx(3.0)
+    r.add(3, 3.3)  # measured now: 2.2 plain steps
+    assert r(3) == pytest.approx(1.5 * (2.0 + 2.2) / 2)
+
+
 def test_round_costs_kept_up_to_date_round_by_round_equal_their_definition():
     import statistics
     rng = np.random.default_rng(0)
     r = RoundCosts()
     for _ in range(500):
         k = int(rng.integers(0, 6))
-        r.add(k, float(rng.random()), int(rng.integers(0, k + 1)))
-        price = {key: statistics.median(v) for key, v in r.by_outcome.items()}
-        want = {j: statistics.fmean(price[(x, x < j)] for x in runs) for j, runs in r.runs.items()}
-        assert r.measured == pytest.approx(want, rel=1e-12)
+        d = int(rng.integers(0, k + 1))
+        r0 = r.measured.get(0)
+        r.add(k, float(rng.random()), d, None if rng.random() < 0.5 else int(rng.integers(1, d + 2)))
+        if k == 0 or r0 is None:
+            continue
+        # drafting rounds in plain steps of R(0) when they ran; R(k) = mean of their outcomes' medians x R(0) now
+        price = {key: statistics.median(s / ref for s, ref in v) for key, v in r.by_outcome.items() if key != r.PLAIN}
+        price[r.PLAIN] = statistics.median(s for s, _ in r.by_outcome[r.PLAIN])
+        want = {j: statistics.fmean(price[(x, x < j, rows)] for x, rows in runs) * (r.measured[0] if j else 1.0)
+                for j, runs in r.runs.items()}
+        assert {j: r(j) for j in r.measured} == pytest.approx(want, rel=1e-12)
 
 
 def test_a_chunk_of_plain_steps_counts_as_that_many_plain_rounds():

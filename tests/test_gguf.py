@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from mtpkit.errors import MtpkitError
@@ -77,10 +78,32 @@ def test_llamacpp_loads_the_sibling_drafter_and_its_calibration(tmp_path, head):
     assert s.draft_temperature == pytest.approx(0.7)  # the drafter's calibration travels in the GGUF
     info = s.backend.info()
     assert info.name == "llamacpp" and info.threads == 1 and info.drafter_head == head
+    assert s.backend.verify_rows is not None, s.backend.row_head_off  # the head per row (runtime/ggml_head.py)
+    assert s.backend.auto_adaptive == (True, False)  # with it, adaptive drafting pays at T = 0 only
     plain = s.generate([2, 270, 271], max_new_tokens=20, use_drafter=False)
     assert s.generate([2, 270, 271], max_new_tokens=20, num_draft_tokens=3).tokens == plain.tokens
     with pytest.raises(MtpkitError, match="no option 'dtype'"):
         mtpkit.load(str(out / "target.gguf"), backend="llamacpp", dtype="float32")
+
+
+def test_our_gguf_reader_reads_what_ggufs_reads(tmp_path):
+    """model/files.open_gguf reads arrays in one go (gguf 0.19 parses them element by element: 25-40 s for the real
+    drafter): every field's contents and types, and every tensor, as gguf's own reader gives them."""
+    import gguf
+
+    from mtpkit.model.files import open_gguf
+    _, out = _export(tmp_path, _target(), dict(**CENTROID))
+    for f in ("target.gguf", "drafter.gguf"):
+        ours, theirs = open_gguf(out / f), gguf.GGUFReader(str(out / f))
+        assert list(ours.fields) == list(theirs.fields)
+        kinds = set()
+        for k, want in theirs.fields.items():
+            assert ours.fields[k].contents() == want.contents() and ours.fields[k].types == want.types, k
+            kinds.add(tuple(want.types))
+        T = gguf.GGUFValueType
+        assert {(T.ARRAY, T.STRING), (T.ARRAY, T.FLOAT32)} <= kinds or f == "target.gguf"  # both fast paths ran
+        assert [(t.name, t.tensor_type, np.asarray(t.data).tobytes()) for t in ours.tensors] == \
+            [(t.name, t.tensor_type, np.asarray(t.data).tobytes()) for t in theirs.tensors]
 
 
 def test_run_cli_on_llamacpp(tmp_path):

@@ -306,3 +306,46 @@ def test_the_gates_plain_steps_run_in_chunks(target):
     assert got == plain
     assert be.calls and any(r.forwards > 1 and r.drafted == 0 for r in rounds)
     assert any(r.drafted for r in rounds)  # the gate still drafts (first the longest draft, then probes)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0, 0.7])
+def test_accept_rows_reads_only_the_rows_acceptance_needs_and_equals_accept(temperature):
+    """loop.accept_rows (a verify whose head rows are computed when read: Backend.verify_rows) reads rows 0..n in
+    order, n the drafts it accepts, and decides exactly what loop.accept decides on all k + 1 rows, for the same
+    generator state (greedy; sampling with and without top-p / top-k, the centroid head's candidate ids or a dense q)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from mtpkit.runtime.backend import Draft
+    from mtpkit.runtime.loop import accept, accept_rows
+    from mtpkit.runtime.ops import NumpyOps
+    g = np.random.default_rng(2)
+    be = SimpleNamespace(ops=NumpyOps, fused_accept=None)
+    V, N = 40, 8
+    ns = set()
+    for trial in range(200):
+        sp = SamplingParams(temperature, top_p=0.9 if trial % 2 else 1.0, top_k=12 if trial % 3 == 0 else 0)
+        k = int(g.integers(1, 6))
+        logits = (g.standard_normal((k + 1, V)) * 3).astype(np.float32)
+        if sp.greedy:
+            drafts = logits[:k].argmax(-1)
+            drafts[g.random(k) < 0.3] = g.integers(0, V)  # some rejected
+            d = Draft(drafts.astype(np.int64))
+        else:
+            dense = trial % 4 == 0
+            ids = None if dense else np.stack([g.permutation(V)[:N] for _ in range(k)]).astype(np.int64)
+            q = g.random((k, V if dense else N)) ** 3
+            q = (q / q.sum(-1, keepdims=True)).astype(np.float32)
+            if trial % 5 == 0:  # drafts that the target likes: long accepted runs
+                q = probs(NumpyOps, logits[:k] if dense else np.take_along_axis(logits[:k], ids, -1), sp)
+            picks = np.array([g.choice(q.shape[1], p=qi / qi.sum(dtype=np.float64)) for qi in q])
+            d = Draft((picks if dense else ids[np.arange(k), picks]).astype(np.int64), picks, q, ids)
+        seed = int(g.integers(1 << 30))
+        want = accept(be, d, logits, sp, NumpyOps.generator(seed))
+        read = []
+        got = accept_rows(be, d, lambda i, read=read, x=logits: read.append(i) or x[i], sp, NumpyOps.generator(seed))
+        assert got == want, (trial, sp, k)
+        assert read == list(range(want[0] + 1)), (read, want)
+        ns.add(want[0] == k)
+    assert ns == {True, False}  # all-accepted and rejected rounds alike

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -219,7 +220,8 @@ def test_mlx_export_and_backend_on_the_real_target(real, tmp_path):
 def test_gguf_export_and_llamacpp_backend_on_the_real_target(real, tmp_path):
     """`mtpkit export --format gguf` of Gemma 3 270M (its own Q4_K_M tensors) + the shipped drafter: both load in
     llama.cpp, target logits and one drafter step close to the reference, greedy speculative == plain in llama.cpp
-    with drafts accepted, both heads."""
+    with drafts accepted, both heads; verify_rows (the head per row, runtime/ggml_head.py) gives verify's logits bit
+    for bit, so sampled generations through it and through verify (fixed k) are the same tokens."""
     pytest.importorskip("llama_cpp")
     import mtpkit
     from mtpkit.export.gguf import export
@@ -236,4 +238,17 @@ def test_gguf_export_and_llamacpp_backend_on_the_real_target(real, tmp_path):
             print(f"[llamacpp {head}] tau {spec.stats.tau:.2f}")
             assert spec.tokens == plain.tokens
         assert spec.stats.accepted > 0
-        s.backend.close()
+        be = s.backend
+        assert be.verify_rows is not None, be.row_head_off
+        be.start(s.tokenizer.encode("def add(a, b):"))
+        toks = np.array([2, 100, 200, 300, 400, 500, 600, 700, 800], np.int64)  # 9 rows: a block of 8 and one more
+        p0 = be.length
+        want, _ = be.verify(toks)
+        be.rollback(p0)
+        rows, _ = be.verify_rows(toks)
+        assert all(np.array_equal(rows(i), want[i]) for i in (0, 4, 1, 2, 3, 5, 6, 7, 8))
+        for sp in (dict(temperature=1.0), dict(temperature=0.8, top_p=0.9)):  # fixed k: the same drafts either way
+            runs = [s.generate("Write a short poem about the sea.", max_new_tokens=40, seed=3, lazy_rows=lazy,
+                               gate=False, num_draft_tokens=3, min_confidence=None, **sp) for lazy in (True, False)]
+            assert runs[0].tokens == runs[1].tokens and runs[0].stats.accepted > 0, sp
+        be.close()

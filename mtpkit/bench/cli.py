@@ -41,6 +41,9 @@ def bench_command(
                                             "always k | both: also run `speculative_fixed_k` (always k) beside it."),
         branches: int = typer.Option(1, "--branches", help="Sampling: draft trees of this many first-draft candidates "
                                      "a round (torch backend); `speculative_chain` (one chain) runs beside them."),
+        verify_rows: str = typer.Option("lazy", "--verify-rows", help="lazy: the target's head only for the rows "
+                                        "acceptance reads, where the backend can (llama.cpp) | all | both: also run "
+                                        "`speculative_all_rows` beside it."),
         min_confidence: float = typer.Option(None, "--min-confidence",
                                              help="Adaptive drafting threshold, as in `mtpkit run` (default: per backend, "
                                                   "off on GPU; 0 = off)."),
@@ -72,7 +75,8 @@ def bench_command(
                       limit=limit, max_new_tokens=max_new_tokens, temperature=temperature,
                       num_draft_tokens=num_draft_tokens, min_confidence="auto" if min_confidence is None else min_confidence,
                       repeats=repeats, seed=seed, threads=threads, baselines=baselines, lookup_tokens=lookup_tokens,
-                      compile=compile, gate=gate, branches=branches, llamacpp_bin=llamacpp_bin)
+                      compile=compile, gate=gate, branches=branches, llamacpp_bin=llamacpp_bin,
+                      verify_rows=verify_rows)
     doc = run_bench(cfg, note=lambda s: typer.echo(f"note: {s}", err=True), progress=not quiet)
     table = markdown(doc)
     if jp:

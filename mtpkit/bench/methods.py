@@ -174,13 +174,15 @@ def _lookup_class():
     return _CountingLookup
 
 
-def our_methods(session, gen: dict[str, Any], info: dict[str, Any], gate: str = "on", branches: int = 1
-                ) -> list[Method]:
+def our_methods(session, gen: dict[str, Any], info: dict[str, Any], gate: str = "on", branches: int = 1,
+                rows: str = "lazy") -> list[Method]:
     """Plain and speculative decoding through our loop; `info` = session.backend.info(). gate: on = speculative
     with the online gate (the default), off = speculative drafting k every round, both = the two side by side.
     branches > 1 (sampling): speculative drafts trees of that many branches, and `speculative_chain` (one chain a
-    round, same gate setting) runs beside it."""
+    round, same gate setting) runs beside it. rows: lazy = a verify computes the target's head for the rows acceptance
+    reads where the backend can (Backend.verify_rows), all = for every row, both = `speculative_all_rows` beside."""
     mb, dmb = info.target_bytes / 2**20, info.drafter_bytes / 2**20
+    gen = dict(gen, lazy_rows=rows != "all")
     w = f"mtpkit {info.name} {info.dtype}"
     out: list[Method] = [OurLoop("plain", "mtpkit loop, no drafter (the baseline of every speedup)", w, mb,
                                  session=session, use_drafter=False, gen=gen, device=info.device)]
@@ -200,6 +202,10 @@ def our_methods(session, gen: dict[str, Any], info: dict[str, Any], gate: str = 
         out.append(OurLoop("speculative_chain", "mtpkit shared-cache speculative loop, one chain a round",
                            f"{w} + drafter", mb + dmb, reference="plain", must_match=True, session=session,
                            use_drafter=True, gen=dict(gen, gate=gate != "off"), device=info.device))
+    if rows == "both":
+        out.append(OurLoop("speculative_all_rows", "mtpkit shared-cache speculative loop, the target's head on every "
+                           "verify row", f"{w} + drafter", mb + dmb, reference="plain", must_match=True, session=session,
+                           use_drafter=True, gen=dict(out[1].gen, lazy_rows=False), device=info.device))
     return out
 
 

@@ -35,6 +35,7 @@ from mtpkit.errors import MtpkitError
 
 BASELINES = ("hf", "llamacpp", "llama_server", "mlx_lm", "torch")
 GATE = ("on", "off", "both")
+ROWS = ("lazy", "all", "both")
 
 
 @dataclass
@@ -58,6 +59,7 @@ class BenchConfig:
     compile: str | None = None  # torch on CUDA: torch.compile none | drafter | all captured steps (default all)
     gate: str = "on"  # on | off (fixed k) | both (speculative with the gate + speculative_fixed_k)
     branches: int = 1  # sampling: speculative drafts trees of this many branches, `speculative_chain` beside it
+    verify_rows: str = "lazy"  # lazy (the backend's verify_rows where it has one) | all | both (+ speculative_all_rows)
     llamacpp_bin: str | None = None  # llama.cpp's programs (llama_server baseline); None = MTPKIT_LLAMACPP_BIN / build cache
 
     def check(self) -> None:
@@ -73,6 +75,8 @@ class BenchConfig:
             raise MtpkitError(f"--branches must be >= 1, got {self.branches}")
         if self.branches > 1 and self.temperature == 0:
             raise MtpkitError("--branches applies to sampling (--temperature > 0): greedy decoding drafts one chain")
+        if self.verify_rows not in ROWS:
+            raise MtpkitError(f"--verify-rows must be one of {', '.join(ROWS)}, got {self.verify_rows!r}")
         if self.gate not in GATE:
             raise MtpkitError(f"--gate must be one of {', '.join(GATE)}, got {self.gate!r}")
         if self.llamacpp_bin is not None:
@@ -214,7 +218,10 @@ def _build_methods(cfg: BenchConfig, session, prompts_len: int, note: Callable[[
     gen = dict(temperature=cfg.temperature, seed=cfg.seed, num_draft_tokens=cfg.num_draft_tokens,
                min_confidence=cfg.min_confidence)
     info = session.backend.info()
-    methods = our_methods(session, gen, info, gate=cfg.gate, branches=cfg.branches)
+    methods = our_methods(session, gen, info, gate=cfg.gate, branches=cfg.branches, rows=cfg.verify_rows)
+    if cfg.verify_rows != "lazy" and session.backend.verify_rows is None:
+        note(f"backend {info.name} has no verify_rows (the head per row read): --verify-rows {cfg.verify_rows} runs "
+             "the same verify as lazy")
     skipped: dict[str, str] = {}
     wanted, explicit = cfg.baseline_set()
     sampling = Sampling(cfg.temperature, cfg.seed, session.eos)

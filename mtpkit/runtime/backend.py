@@ -124,6 +124,12 @@ class Backend:
     draft_rows = None
     fused_tree_draft = None  # optional: (token, h, k, w, sp, u [w k]) -> TreeDraft, equal to tree.draft_tree(...)
     fused_accept_tree = None  # optional: (tree, logits, sp, u) -> (c, n, next): tree.accept_tree as one graph
+    # optional: (tokens [n], reach [n] or None) -> (rows, hidden [n, d]): verify() with each row's logits computed when
+    # first read, rows(i) -> [V], equal to verify()'s row i, rows.computed: the rows computed so far; acceptance reads
+    # rows 0..n only (loop.accept_rows); reach: the gate's chance that each row is read, for the backend to plan its
+    # work (it may compute a row before it is read). Where the head is most of a verify
+    # (llama.cpp on a CPU: runtime/ggml_head.py) a rejected draft then costs no head rows
+    verify_rows = None
 
     def clock(self) -> object:
         """A timestamp; `elapsed(a, b)` turns two of them into seconds (CUDA events on GPUs: no sync)."""

@@ -25,8 +25,8 @@ within a few rounds; while plain looks best it still drafts (the cheapest k) aft
 rounds (a probe), in case acceptance came back, but no more often than keeps the probes' expected loss under
 PROBE_BUDGET of the plain time.
 R(k) is the mean over the last rounds that chose k of each one's outcome priced at the median of recent rounds
-with that outcome (RoundCosts; a backend's first round at each k is not counted: it pays for CUDA-graph captures
-and warm-ups); where the backend runs plain steps in fused chunks, R(0) is a
+with that outcome, in plain steps of their time times R(0) now (RoundCosts; a backend's first round at each k is not
+counted: it pays for CUDA-graph captures and warm-ups); where the backend runs plain steps in fused chunks, R(0) is a
 chunk's time per step. R need not grow with k (on this repo's CPU torch's fp32 head GEMM takes 62 / 140 / 200 /
 113 ms for 1 / 2 / 3 / 4 rows: a verify of 6 tokens is cheaper than one of 3), so the
 gate measures k = K and k = 0 first, then, once drafting pays at a measured k, any other k that could beat it
@@ -67,50 +67,73 @@ class RoundCosts:
     """R(k): seconds per round by the k the gate chose, measured as the loop runs.
 
     Each of the last WINDOW rounds that chose k is priced at the median of the recent rounds with its outcome
-    (drafts proposed d, stopped early or not), and R(k) is their mean. Without adaptive drafting every round
-    that chose k proposes k, and R(k) is the median of those rounds. With it, a round may stop at its first
-    step (one draft step and a verify of one token) or propose all k (k steps, a verify of k + 1): 21.6 vs
-    ~41 ms on llama.cpp on this CPU. The median of such a mix is its cheap mode, which made drafting look
-    cheaper than it was (bench/results/cpu_llamacpp_cost); the mean of per-outcome medians keeps the mix's
-    shares and the medians' indifference to a slow outlier. Rounds that chose different k but ran the same
-    steps (stopped at the same d) share their outcome's median."""
+    (drafts proposed d, stopped early or not, and the head rows its verify computed where that depends on
+    acceptance: Backend.verify_rows), and R(k) is their mean. Without adaptive drafting every round that chose k
+    proposes k, and R(k) is the median of those rounds. With it, a round may stop at its first step (one draft
+    step and a verify of one token) or propose all k (k steps, a verify of k + 1): 21.6 vs ~41 ms on llama.cpp on
+    this CPU. The median of such a mix is its cheap mode, which made drafting look cheaper than it was
+    (bench/results/cpu_llamacpp_cost); the mean of per-outcome medians keeps the mix's shares and the medians'
+    indifference to a slow outlier. Rounds that chose different k but ran the same steps (stopped at the same d)
+    share their outcome's median.
+    A drafting round is priced in plain steps (its seconds over R(0) when it ran) and R(k) = that times R(0) now:
+    every step grows with the context, and a session's prompts differ in length, so seconds measured on the
+    previous (shorter) prompt made drafting look cheap beside a plain step measured on this one (llama.cpp on this
+    CPU, everyday summarization of ~2k-token articles: drafting rounds lost 3.5-5 %; bench/results/cpu_lazy_rows).
+    Before any plain round is measured, prices are in seconds (R(0) = 1 until then)."""
+
+    PLAIN = (0, False, None)  # the outcome of a plain round
 
     def __init__(self) -> None:
-        self.runs: dict[int, deque[int]] = {}  # chosen k -> drafts proposed, its last WINDOW rounds
-        self.by_outcome: dict[tuple[int, bool], deque[float]] = {}  # (proposed, stopped early) -> seconds
-        self.price: dict[tuple[int, bool], float] = {}  # ... their median
-        self.measured: dict[int, float] = {}  # R(k) of each measured k
+        self.runs: dict[int, deque[tuple[int, int | None]]] = {}  # chosen k -> (proposed, head rows), last WINDOW rounds
+        # outcome (proposed, stopped early, head rows or None) -> (seconds, R(0) then or None)
+        self.by_outcome: dict[tuple[int, bool, int | None], deque[tuple[float, float | None]]] = {}
+        self.price: dict[tuple[int, bool, int | None], float] = {}  # their median: plain in seconds, else in R(0)s
+        self.measured: dict[int, float] = {}  # k -> R(0) in seconds, R(k > 0) in R(0)s
         self.seen: set[int] = set()
         self.asked: Counter[int] = Counter()  # rounds the gate chose k to measure it
 
-    def add(self, k: int, seconds: float, drafted: int | None = None) -> None:
-        """A round that chose k, proposed `drafted` drafts (default k) and took `seconds`."""
+    def add(self, k: int, seconds: float, drafted: int | None = None, head_rows: int | None = None) -> None:
+        """A round that chose k, proposed `drafted` drafts (default k) and took `seconds`; `head_rows`: the target
+        head rows its verify computed when that depended on acceptance (Backend.verify_rows), part of its outcome."""
         if k not in self.seen:  # the first round at k: captures and warm-ups
             self.seen.add(k)
             return
         d = k if drafted is None else drafted
-        self.runs.setdefault(k, deque(maxlen=WINDOW)).append(d)
-        key = (d, d < k)
-        times = self.by_outcome.setdefault(key, deque(maxlen=WINDOW))
-        times.append(seconds)
-        self.price[key] = statistics.median(times)
+        if k == 0:
+            d, head_rows = 0, None
+        self.runs.setdefault(k, deque(maxlen=WINDOW)).append((d, head_rows))
+        key = (d, d < k, head_rows)
+        first_plain = k == 0 and 0 not in self.measured
+        self.by_outcome.setdefault(key, deque(maxlen=WINDOW)).append((seconds, self.measured.get(0)))
+        if first_plain:  # drafting rounds measured so far: in plain steps of this first R(0)
+            r0 = seconds
+            for key2, times in self.by_outcome.items():
+                times2 = [(s, r0 if ref is None and key2 != self.PLAIN else ref) for s, ref in times]
+                times.clear()
+                times.extend(times2)
+        for key2 in (list(self.by_outcome) if first_plain else [key]):
+            times = self.by_outcome[key2]
+            self.price[key2] = statistics.median(s if key2 == self.PLAIN else s / (ref or 1.0) for s, ref in times)
         for j, runs in self.runs.items():  # the k whose window holds this outcome (a few us a round)
-            if j == k or (d < j) == key[1] and d in runs:
-                self.measured[j] = sum(self.price[(x, x < j)] for x in runs) / len(runs)
+            if first_plain or j == k or (d < j) == key[1] and (d, head_rows) in runs:
+                self.measured[j] = sum(self.price[(x, x < j, r)] for x, r in runs) / len(runs)
 
     def known(self, k: int) -> bool:
         return k in self.measured
 
+    def _seconds(self, k: int) -> float:
+        return self.measured[k] if k == 0 else self.measured[k] * self.measured.get(0, 1.0)
+
     def __call__(self, k: int) -> float:
         """R(k): measured, or on the line through the nearest measured k on each side (or the two nearest)."""
         if k in self.measured:
-            return self.measured[k]
+            return self._seconds(k)
         ks = sorted(self.measured)  # the gate asks only once two k are measured
         if len(ks) == 1:
-            return self.measured[ks[0]]
+            return self._seconds(ks[0])
         lo, hi = [x for x in ks if x < k], [x for x in ks if x > k]
         a, b = (lo[-1], hi[0]) if lo and hi else (lo[-2], lo[-1]) if lo else (hi[0], hi[1])
-        ra, rb = self.measured[a], self.measured[b]
+        ra, rb = self._seconds(a), self._seconds(b)
         return max(ra + (rb - ra) * (k - a) / (b - a), 1e-9)
 
 
@@ -155,6 +178,13 @@ class Gate:
         acc, reached = self.accepted[self.after_full], self.reached[self.after_full]
         return [(a + p * STATE_WEIGHT) / (n + STATE_WEIGHT) for a, n, p in zip(acc, reached, pooled, strict=True)]
 
+    def reach(self, n: int) -> list[float]:
+        """The chance that a round of n drafts reads each of its n + 1 verify rows: 1, a_1, a_1 a_2, ..."""
+        out = [1.0]
+        for a in self.rates()[:n]:
+            out.append(out[-1] * a)
+        return out
+
     def choose(self, limit: int) -> int:
         """The round's k in 0..min(limit, max_k)."""
         limit = min(limit, self.max_k)
@@ -191,12 +221,13 @@ class Gate:
         self.idle, self.probe_every = 0, min(2 * self.probe_every, PROBE_MAX)
         return probe_k
 
-    def observe(self, drafted: int, accepted: int, seconds: float, steps: int = 1, chose: int | None = None) -> None:
+    def observe(self, drafted: int, accepted: int, seconds: float, steps: int = 1, chose: int | None = None,
+                head_rows: int | None = None) -> None:
         """A round's outcome; `steps` > 1: that many plain steps run as one chunk (loop.PLAIN_CHUNK), counted as
         that many plain rounds of seconds / steps each. `chose`: the round's k when adaptive drafting proposed
-        fewer (`drafted` < chose; module docstring); default `drafted`."""
+        fewer (`drafted` < chose; module docstring); default `drafted`. `head_rows`: RoundCosts.add's."""
         chose = drafted if chose is None else chose
-        self.costs.add(chose, seconds / steps, drafted)
+        self.costs.add(chose, seconds / steps, drafted, head_rows)
         if steps > 1:
             self.idle += steps - 1  # the chunk's other steps (choose() counts the plain round it picks)
         f = DECAY ** steps

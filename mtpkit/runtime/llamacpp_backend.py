@@ -4,6 +4,10 @@ llama-cpp-python's low-level API, the drafter context sharing the target's KV ca
 - Target context: flash attention, q8_0 K/V, full-size SWA cache (`swa_full`: every position of the sliding
   layers is kept, so rollback = `llama_memory_seq_rm` is exact past the window). `embeddings` gives the
   post-norm hidden of each output row; it is switched on only for the rows the loop needs.
+- `verify_rows` (the loop's default for drafting rounds): the verify's graph stops after the final norm (the
+  target context's eval callback) and each row's logits are computed when acceptance reads it, by ggml's own
+  mul_mat over the graph's own head weight, bit-identical to the graph's (runtime/ggml_head.py). The tied
+  262k-row head is ~55 % of a plain step on this repo's CPU; a round whose first draft is rejected pays one row.
 - Drafter context: `ctx_type = MTP`, `ctx_other = target`: llama.cpp's gemma4-assistant graph reads the
   target's last sliding and last full layer K/V in place (no copy, nothing written). Each draft step is one
   `llama_process` of one token at the bonus position with its h row set by `llama_batch_ext_set_embd_token`
@@ -184,7 +188,11 @@ class LlamaCppBackend(Backend):
         self.model = L.llama_model_load_from_file(str(self.path).encode(), mp)
         if not self.model:
             raise MtpkitError(f"llama.cpp cannot load {self.path}")
+        from mtpkit.runtime.ggml_head import HeadWatch
+        self._watch = HeadWatch()  # the target graph's eval callback: finds the head, stops before it for verify_rows
         self.cparams = self._cparams()
+        self.cparams.cb_eval = self._watch.callback
+        self.cparams.cb_eval_user_data = None
         self.ctx = L.llama_init_from_model(self.model, self.cparams)
         if not self.ctx:
             raise MtpkitError("llama.cpp could not create the target context")
@@ -200,6 +208,30 @@ class LlamaCppBackend(Backend):
         if drafter_gguf is not None:
             self._load_drafter(Path(drafter_gguf), head)
         self.has_drafter = self.dctx is not None
+        self._row_head, self.row_head_off = None, "no drafter"
+        self.verify_rows = self._verify_rows if self.has_drafter and self._setup_row_head() else None
+        # adaptive drafting ("auto"): a rejected draft costs no head row through verify_rows, and at T > 0 the stops
+        # cost more than they save (replay, bench/results/cpu_lazy_rows: T = 1 0.988 -> 0.995x MT-Bench, 0.993 ->
+        # 1.035x HumanEval without them); at T = 0 they still pay (1.017 vs 1.003x MT-Bench)
+        self.auto_adaptive = (True, False) if self.verify_rows is not None else (True, True)
+
+    def _setup_row_head(self) -> bool:
+        """One decode (after the drafter's context exists: creating it resets the shared KV cells) shows the graph's
+        head to the eval callback; the head computed here for that row must equal the graph's logits bit for bit."""
+        from mtpkit.runtime.ggml_head import RowHead
+        self._decode([0], outputs=True)
+        logits, hidden = self._rows(1)
+        self.L.llama_memory_clear(self.mem, True)
+        self._len = 0
+        if self._watch.weight is None:
+            self.row_head_off = self._watch.why or "the target graph has no result_output node"
+            return False
+        self._row_head = RowHead(self._watch, self.threads)
+        if not np.array_equal(self._row_head(hidden[0]), logits[0]):
+            self.row_head_off = "ggml's head product differs from the graph's logits"
+            return False
+        self.row_head_off = None
+        return True
 
     # ------------------------------------------------------------------ setup
     def _cparams(self):
@@ -304,6 +336,8 @@ class LlamaCppBackend(Backend):
 
     def close(self) -> None:
         L = self.L
+        if getattr(self, "_row_head", None) is not None:
+            self._row_head.close()
         if getattr(self, "dctx", None):
             L.llama_batch_ext_free(self.dbatch)
             L.llama_free(self.dctx)
@@ -328,7 +362,8 @@ class LlamaCppBackend(Backend):
                            self.config, None, int(L.llama_model_n_params(self.dmodel)) if self.dmodel else 0,
                            int(L.llama_model_size(self.dmodel)) if self.dmodel else 0, self.head,
                            extra={"llama_context": {"flash_attn": True, "type_k": "q8_0", "type_v": "q8_0",
-                                                    "swa_full": True}})
+                                                    "swa_full": True},
+                                  "verify_rows": self.verify_rows is not None, "verify_rows_off": self.row_head_off})
 
     # ------------------------------------------------------------------ target
     @property
@@ -380,6 +415,22 @@ class LlamaCppBackend(Backend):
         self._decode(ids, outputs=True)
         return self._rows(len(ids))
 
+    def _verify_rows(self, tokens: np.ndarray, reach: list[float] | None = None) -> tuple[_LazyRows, np.ndarray]:
+        """verify() with the head computed for the rows read, in blocks planned for `reach` (the chance that
+        acceptance reads each row): the graph stops after the final norm."""
+        ids = np.asarray(tokens).reshape(-1).tolist()
+        if self._len + len(ids) > self.max_len:
+            raise MtpkitError(f"context full: {self._len + len(ids)} positions > {self.max_len}")
+        w = self._watch
+        w.capture, w.norm = True, None
+        try:
+            self._decode(ids, outputs=True)
+        finally:
+            w.capture = False
+        if w.norm is None or w.norm.shape != (len(ids), self.d_model):
+            raise MtpkitError("llama.cpp's graph did not pass the final norm's rows to the eval callback")
+        return _LazyRows(self._row_head, w.norm, reach), w.norm
+
     def rollback(self, length: int) -> None:
         if not 0 <= length <= self._len:
             raise MtpkitError(f"rollback to {length}: the cache holds {self._len} positions")
@@ -422,6 +473,39 @@ class LlamaCppBackend(Backend):
             top = np.argpartition(-router, self.top_k - 1)[:self.top_k]
             top = top[np.argsort(-router[top], kind="stable")]  # clusters in router order, as the reference's topk
             return DraftStep(self.rows.logits(top, x), self.clusters[top].reshape(-1), self.post @ x)
+
+
+class _LazyRows:
+    """rows(i) -> logits [V] of verify row i (Backend.verify_rows), the head computed when a row is first read, in
+    the blocks ggml_head.plan_blocks picks for the loop's `reach` (the chance each row is read; default: each draft
+    accepted with probability DEFAULT_ACCEPT): the whole verify as one block where drafts are likely accepted (a
+    block of 4-8 rows costs little more than one), row 0 alone where they are likely rejected."""
+
+    DEFAULT_ACCEPT = 0.7
+
+    def __init__(self, head, norm: np.ndarray, reach: list[float] | None = None):
+        from mtpkit.runtime.ggml_head import plan_blocks
+        self.head, self.norm, self.done = head, norm, {}
+        n = norm.shape[0]
+        if reach is None or len(reach) != n:
+            reach = [self.DEFAULT_ACCEPT ** i for i in range(n)]
+        self.starts = plan_blocks(head.seconds, [1.0] + list(reach[1:]))
+
+    def __len__(self) -> int:
+        return self.norm.shape[0]
+
+    @property
+    def computed(self) -> int:
+        """Rows whose logits were computed so far (what the round paid for: its outcome for the gate's costs)."""
+        return len(self.done)
+
+    def __call__(self, i: int) -> np.ndarray:
+        if i not in self.done:
+            s = max(x for x in self.starts if x <= i)
+            e = min([x for x in self.starts if x > i] + [len(self)])
+            for j, row in enumerate(self.head(self.norm[s:e])):
+                self.done[s + j] = row
+        return self.done[i]
 
 
 def _ftype(path: Path) -> str:

@@ -13,6 +13,8 @@ Plain steps (plain decoding, or the gate's k = 0) on a backend with `fused_plain
 graphs) run PLAIN_CHUNK at a time with no host sync between them: the host queues the next steps while the GPU
 runs (one Round per chunk, `forwards` = its tokens); the tokens equal those of single steps (greedy), or are
 drawn from the same distribution (sampling).
+A backend with `verify_rows` (llama.cpp on a CPU) verifies drafting rounds with the target's head computed only
+for the rows acceptance reads (accept_rows: rows 0..n, the same outcome as accept on every row).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class GenerationParams:
     draft_temperature: float = 1.0  # sampling: drafts are drawn at temperature T * this (DrafterConfig.draft_temperature)
     gate: bool = True  # pick each round's k in 0..num_draft_tokens (runtime/gate.py); False: always num_draft_tokens
     branches: int = 1  # sampling: w first-draft candidates, each with its chain (runtime/tree.py); 1 = one chain
+    lazy_rows: bool = True  # verify through the backend's verify_rows where it has one (head rows as acceptance reads them)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:
@@ -90,6 +93,34 @@ def accept(backend: Backend, d: Draft, logits, sp: SamplingParams, rng) -> tuple
         n, nxt = backend.fused_accept(d, logits, sp, u)
     else:
         n, nxt = accept_rejection(ops, d.tokens, d.picks, d.q, d.ids, probs(ops, logits, sp), u)
+    vals = ops.to_list(ops.cat([n, nxt, d.tokens]))
+    return vals[0], vals[1], vals[2:]
+
+
+def accept_rows(backend: Backend, d: Draft, rows, sp: SamplingParams, rng) -> tuple[int, int, list[int]]:
+    """accept() for a verify whose logits rows are computed when read (Backend.verify_rows): rows in order while
+    drafts are accepted, then accept()'s own rule (accept_greedy / accept_rejection, the same uniforms) on them, the
+    rows after the first rejection zeros, which that rule never reads. Same outcome as accept() on verify()'s logits."""
+    ops = backend.ops
+    drafts = ops.to_list(d.tokens)
+    k = len(drafts)
+    u = None if sp.greedy else ops.rand(rng, k + 1, like=d.tokens)
+    got = []
+    for i in range(k + 1):
+        x = rows(i)
+        if sp.greedy:
+            got.append(x)
+            ok = i < k and ops.to_list(ops.argmax(x))[0] == drafts[i]
+        else:
+            got.append(probs(ops, x, sp))
+            ok = i < k and bool(u[i] * d.q[i, int(d.picks[i])] < got[i][drafts[i]])  # as accept_rejection's
+        if not ok:
+            break
+    rest = [got[0] * 0] * (k + 1 - len(got))
+    table = ops.stack(got + rest)
+    if sp.greedy:
+        return accept_greedy(ops, d.tokens, table)
+    n, nxt = accept_rejection(ops, d.tokens, d.picks, d.q, d.ids, table, u)
     vals = ops.to_list(ops.cat([n, nxt, d.tokens]))
     return vals[0], vals[1], vals[2:]
 
@@ -141,6 +172,7 @@ def generate(backend: Backend, prompt: list[int], params: GenerationParams, eos:
     emitted = len(out)
     yield Round(out, 0, 0, verify_s=backend.elapsed(t0, backend.clock()), prefill=True, finish=finish)
     drafting = use_drafter and backend.has_drafter
+    lazy = drafting and params.lazy_rows and backend.verify_rows is not None
     if not (drafting and params.gate):
         gate = None
     else:
@@ -173,6 +205,7 @@ def generate(backend: Backend, prompt: list[int], params: GenerationParams, eos:
             yield Round(out, 0, 0, verify_s=backend.elapsed(t0, t1), finish=finish, forwards=len(out))
             continue
         b = ops.tokens([bonus])
+        head_rows = None  # verify_rows: the head rows the round computed (part of its cost), else None: all of them
         if tree and k > 0:  # sampled: w first drafts, each with a chain of k - 1 (runtime/tree.py)
             t0 = backend.clock()
             td = draft_tree(backend, b, h, k, params.branches, dsp, rng)
@@ -188,14 +221,20 @@ def generate(backend: Backend, prompt: list[int], params: GenerationParams, eos:
             d = draft(backend, b, h, k, dsp, rng, params.min_confidence)
             t1 = backend.clock()
             p0 = backend.length
-            logits, hidden = backend.verify(ops.cat([b, d.tokens]))
-            n, bonus, drafted = accept(backend, d, logits, sp, rng)
+            if lazy and d.tokens.shape[0] > 0:
+                reach = None if gate is None else gate.reach(d.tokens.shape[0])
+                row_logits, hidden = backend.verify_rows(ops.cat([b, d.tokens]), reach)
+                n, bonus, drafted = accept_rows(backend, d, row_logits, sp, rng)
+                head_rows = row_logits.computed
+            else:
+                logits, hidden = backend.verify(ops.cat([b, d.tokens]))
+                n, bonus, drafted = accept(backend, d, logits, sp, rng)
             backend.rollback(p0 + n + 1)
             h = hidden[n]
         t2 = backend.clock()
         if gate is not None:  # acceptance synced the device
             now = time.perf_counter()
-            gate.observe(len(drafted), n, now - last, chose=k)
+            gate.observe(len(drafted), n, now - last, chose=k, head_rows=head_rows)
             last = now
         out, finish = cut(drafted[:n] + [bonus], eos, params.max_new_tokens - emitted)
         emitted += len(out)

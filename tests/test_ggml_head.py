@@ -1,0 +1,50 @@
+"""The llama.cpp backend's head per row (runtime/ggml_head.py): how a verify's rows are split into blocks. The rows
+themselves (bit for bit the graph's) are checked in tests/test_backend_contract.py and tests/test_real_target.py."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from mtpkit.runtime.ggml_head import plan_blocks
+
+# what ggml's Q8_0 head cost on this repo's 2-core CPU for 1..8 rows (ms): not linear (tile shapes)
+MEASURED = {1: 6.4, 2: 15.7, 3: 19.1, 4: 19.3, 5: 32.1, 6: 34.7, 7: 36.9, 8: 25.5}
+
+
+def _seconds(table):
+    def seconds(m):  # blocks of up to 8 rows, each padded to its cheapest width
+        full, rest = divmod(m, 8)
+        best = {r: min(table[w] for w in range(r, 9)) for r in range(1, 9)}
+        return full * best[8] + (best[rest] if rest else 0.0)
+    return seconds
+
+
+def _expected(starts, n, reach, seconds):
+    ends = starts[1:] + [n]
+    return sum(reach[s] * seconds(e - s) for s, e in zip(starts, ends, strict=True))
+
+
+def test_plan_is_the_cheapest_split_in_expectation():
+    """Against every split of up to 9 rows, for random cost tables and acceptance."""
+    g = np.random.default_rng(0)
+    for _ in range(150):
+        n = int(g.integers(1, 10))
+        table = {w: float(g.uniform(1, 10)) for w in range(1, 9)}
+        a = g.uniform(0, 1, n)
+        reach = [1.0] + list(np.cumprod(a[1:]))
+        sec = _seconds(table)
+        got = plan_blocks(sec, reach)
+        assert got[0] == 0 and got == sorted(set(got)) and got[-1] < n
+        best = min(_expected([0, *cut], n, reach, sec)
+                   for r in range(n) for cut in itertools.combinations(range(1, n), r))
+        assert _expected(got, n, reach, sec) == pytest.approx(best)
+
+
+def test_high_acceptance_computes_the_verify_as_one_block_and_low_row_0_alone():
+    sec = _seconds(MEASURED)
+    assert plan_blocks(sec, [0.95 ** i for i in range(6)]) == [0]  # 6 rows padded to 8: 25.5 ms, not 6 x 6.4
+    assert plan_blocks(sec, [0.3 ** i for i in range(6)]) == [0, 1, 2, 3, 4, 5]  # row 0 alone, rarely more
+    assert plan_blocks(sec, [1.0, 0.9, 0.8, 0.7, 0.6]) == [0, 4]  # 4 rows for the price of 3, then the 5th alone
