@@ -264,14 +264,10 @@ def lazy_round_cost(costs: dict, drafted: int, steps: int, accepted: int, reach:
     """(seconds, rows computed) of a drafting round verified through verify_rows: the verify's body, then the head for
     the blocks that acceptance reads (ggml_head.plan_blocks for the gate's `reach`, rows 0..accepted), then acceptance
     on those rows."""
-    from mtpkit.runtime.ggml_head import plan_blocks
-    head = {int(w): c for w, c in costs["head"].items()}
-    wmax = max(head)
+    from functools import partial
 
-    def seconds(m: int) -> float:
-        full, rest = divmod(m, wmax)
-        best = {r: min(head[w] for w in range(r, wmax + 1)) for r in range(1, wmax + 1)}
-        return full * best[wmax] + (best[rest] if rest else 0.0)
+    from mtpkit.runtime.ggml_head import plan_blocks, rows_seconds
+    seconds = partial(rows_seconds, {int(w): c for w, c in costs["head"].items()})
     starts = plan_blocks(seconds, [1.0] + list(reach[1:drafted + 1]))
     ends = starts[1:] + [drafted + 1]
     read = [(b, e) for b, e in zip(starts, ends, strict=True) if b <= accepted]

@@ -4,22 +4,19 @@ themselves (bit for bit the graph's) are checked in tests/test_backend_contract.
 from __future__ import annotations
 
 import itertools
+from functools import partial
 
 import numpy as np
 import pytest
 
-from mtpkit.runtime.ggml_head import plan_blocks
+from mtpkit.runtime.ggml_head import cheapest_block, plan_blocks, rows_seconds
 
 # what ggml's Q8_0 head cost on this repo's 2-core CPU for 1..8 rows (ms): not linear (tile shapes)
 MEASURED = {1: 6.4, 2: 15.7, 3: 19.1, 4: 19.3, 5: 32.1, 6: 34.7, 7: 36.9, 8: 25.5}
 
 
-def _seconds(table):
-    def seconds(m):  # blocks of up to 8 rows, each padded to its cheapest width
-        full, rest = divmod(m, 8)
-        best = {r: min(table[w] for w in range(r, 9)) for r in range(1, 9)}
-        return full * best[8] + (best[rest] if rest else 0.0)
-    return seconds
+def _seconds(table):  # blocks of up to 8 rows, each padded to its cheapest width
+    return partial(rows_seconds, table)
 
 
 def _expected(starts, n, reach, seconds):
@@ -41,6 +38,12 @@ def test_plan_is_the_cheapest_split_in_expectation():
         best = min(_expected([0, *cut], n, reach, sec)
                    for r in range(n) for cut in itertools.combinations(range(1, n), r))
         assert _expected(got, n, reach, sec) == pytest.approx(best)
+
+
+def test_rows_are_priced_in_blocks_of_their_cheapest_width():
+    assert cheapest_block(MEASURED, 5) == (8, 25.5) and cheapest_block(MEASURED, 3) == (3, 19.1)
+    assert rows_seconds(MEASURED, 6) == 25.5 and rows_seconds(MEASURED, 11) == 25.5 + 19.1  # 8 + 3
+    assert cheapest_block({1: 1.0, 2: float("inf"), 3: 2.0}, 2) == (3, 2.0)  # a width never used is priced inf
 
 
 def test_high_acceptance_computes_the_verify_as_one_block_and_low_row_0_alone():

@@ -201,15 +201,16 @@ class RowHead:
             # a width whose kernel rounds a row otherwise than alone is never used (float32 heads: tiled GEMMs)
             same = all(np.array_equal(y[i], alone[i]) for i in range(w))
             self.cost[w] = best if same else float("inf")
+        self._block = {m: cheapest_block(self.cost, m) for m in range(1, self.MAX_WIDTH + 1)}  # read every round
 
     def block(self, m: int) -> tuple[int, float]:
         """(width, seconds): the cheapest block that holds m <= MAX_WIDTH rows."""
-        return min(((w, self.cost[w]) for w in range(m, self.MAX_WIDTH + 1)), key=lambda wc: wc[1])
+        return self._block[m]
 
     def seconds(self, m: int) -> float:
         """What m rows cost through __call__ (blocks of at most MAX_WIDTH)."""
         full, rest = divmod(m, self.MAX_WIDTH)
-        return full * self.block(self.MAX_WIDTH)[1] + (self.block(rest)[1] if rest else 0.0)
+        return full * self._block[self.MAX_WIDTH][1] + (self._block[rest][1] if rest else 0.0)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """[m, d] -> [m, V] (a [d] row -> [V])."""
@@ -230,6 +231,19 @@ class RowHead:
             self.close()
         except Exception:
             pass
+
+
+def cheapest_block(cost: dict[int, float], m: int) -> tuple[int, float]:
+    """(width, seconds): of the block widths `cost` prices (seconds by width), the cheapest that holds m rows."""
+    return min(((w, cost[w]) for w in range(m, max(cost) + 1)), key=lambda wc: wc[1])
+
+
+def rows_seconds(cost: dict[int, float], m: int) -> float:
+    """What m rows cost in blocks of at most the widest priced width, each the cheapest that holds its rows
+    (RowHead.seconds for a cost table: bench/gate_replay.py prices recorded rounds with it)."""
+    wmax = max(cost)
+    full, rest = divmod(m, wmax)
+    return full * cheapest_block(cost, wmax)[1] + (cheapest_block(cost, rest)[1] if rest else 0.0)
 
 
 def plan_blocks(seconds, reach: list[float]) -> list[int]:

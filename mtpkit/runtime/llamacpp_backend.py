@@ -408,19 +408,22 @@ class LlamaCppBackend(Backend):
         logits, hidden = self._rows(1)
         return logits[0], hidden[0]
 
-    def verify(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _fits(self, tokens: np.ndarray) -> list[int]:
+        """A verify's token ids, if they fit the context."""
         ids = np.asarray(tokens).reshape(-1).tolist()
         if self._len + len(ids) > self.max_len:
             raise MtpkitError(f"context full: {self._len + len(ids)} positions > {self.max_len}")
+        return ids
+
+    def verify(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ids = self._fits(tokens)
         self._decode(ids, outputs=True)
         return self._rows(len(ids))
 
     def _verify_rows(self, tokens: np.ndarray, reach: list[float] | None = None) -> tuple[_LazyRows, np.ndarray]:
         """verify() with the head computed for the rows read, in blocks planned for `reach` (the chance that
         acceptance reads each row): the graph stops after the final norm."""
-        ids = np.asarray(tokens).reshape(-1).tolist()
-        if self._len + len(ids) > self.max_len:
-            raise MtpkitError(f"context full: {self._len + len(ids)} positions > {self.max_len}")
+        ids = self._fits(tokens)
         w = self._watch
         w.capture, w.norm = True, None
         try:
