@@ -66,6 +66,12 @@ class Dist:
             p.grad = flat[off:off + n].view_as(p).clone()
             off += n
 
-    def close(self) -> None:
+    def close(self, ok: bool = True) -> None:
+        """Tear the group down. After a run that ended normally every process first meets at a barrier: a
+        process that destroys its gloo pairs while a peer still has a collective in flight can make the peer
+        abort (`terminate called without an active exception`). After an error there is no barrier (the
+        other processes may never get there)."""
         if self._owns_group and tdist.is_initialized():
+            if ok:
+                tdist.barrier()
             tdist.destroy_process_group()

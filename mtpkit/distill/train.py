@@ -267,10 +267,13 @@ def run_distill(cfg: DistillConfig, out: str | Path, opts: RunOptions) -> dict[s
     if opts.device not in ("cpu", "cuda"):
         raise MtpkitError(f"--device must be cpu or cuda, got {opts.device!r}")
     dist = Dist(opts.device)
+    ok = False
     try:
-        return _run(cfg, Path(out), opts, dist, t0, deadline)
+        res = _run(cfg, Path(out), opts, dist, t0, deadline)
+        ok = True
+        return res
     finally:
-        dist.close()
+        dist.close(ok)
 
 
 def _run(cfg: DistillConfig, out: Path, opts: RunOptions, dist: Dist, t0: float, deadline: float | None) -> dict[str, Any]:
