@@ -5,7 +5,8 @@
 #                trees against the eager path, the chi-square of the sampled loop with and without trees)
 #   part N       carry [.stage/g3.partNN]: the target GGUF (PyPI's Q4_K_M file) in 7 parts; the 7th checks it
 #   series "bench NAME SUITE LIMIT T [OPTIONS]; ..."  benches in the background, one after the other -> /tmp/tree/NAME.json
-#   wait SECONDS [grab]  until the running series is done (or SECONDS pass); the log's tail; grab: results -> $OUT
+#   wait SECONDS [grab]  until the running series is done (or SECONDS pass); the log's tail; grab: results (JSON,
+#                Markdown, the log) -> $OUT/tree.tgz (one file: $OUT takes 8)
 # Every bench: `mtpkit bench --device cuda` (compile all, the shipped v3 drafter, gate on, k <= 5, 128 tokens,
 # 2 repeats, no baselines) with --branches W at T = 1: plain, speculative (trees) and speculative_chain interleaved.
 set -euo pipefail
@@ -38,6 +39,7 @@ case "$1" in
   wait)
     for _ in $(seq "$2"); do [ -e "$R/done" ] && break; sleep 1; done
     tail -n 40 "$R/bench.log" 2>/dev/null; cat "$R/errors" 2>/dev/null || true
-    if [ -e "$R/done" ] || [ "${3:-}" = grab ]; then cp "$R"/*.json "$R"/*.md "$R/bench.log" "$OUT/" 2>/dev/null || true; fi ;;
+    if [ -e "$R/done" ] || [ "${3:-}" = grab ]; then
+      (cd "$R" && tar czf "$OUT/tree.tgz" $(ls *.json *.md bench.log 2>/dev/null)) && ls -la "$OUT"; fi ;;
   *) echo "unknown step $1" >&2; exit 2 ;;
 esac
