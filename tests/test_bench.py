@@ -118,16 +118,24 @@ def test_named_baseline_that_cannot_run_is_an_error(pair, tmp_path):
 
 def test_verify_rows_both_runs_the_head_on_every_row_beside(pair, tmp_path):
     """--verify-rows both: `speculative_all_rows` (verify, every head row) beside `speculative` (verify_rows where the
-    backend has it), same gate; a backend without verify_rows gets a note that the two run the same path."""
+    backend has it), same gate; a backend without verify_rows gets a note that the two run the same path. `plain` is
+    the backend's own step; with verify_rows (and not --verify-rows all) `plain_rows` decodes plainly through it."""
     import mtpkit
     from mtpkit.bench.runner import BenchConfig, _build_methods
     target, drafter, suite = pair
     s = mtpkit.load(str(target), drafter=str(drafter), device="cpu")
     notes = []
     methods, _ = _build_methods(BenchConfig(baselines="none", verify_rows="both"), s, 8, notes.append)
-    assert [(m.name, m.gen["lazy_rows"]) for m in methods] == [("plain", True), ("speculative", True),
+    assert [(m.name, m.gen["lazy_rows"]) for m in methods] == [("plain", False), ("speculative", True),
                                                                ("speculative_all_rows", False)]
     assert methods[2].must_match and any("verify_rows" in n for n in notes)  # torch has none
+    # a backend with verify_rows (llama.cpp): plain decoding through it too, greedy-checked against the stock step
+    s.backend.verify_rows = s.backend.verify
+    for rows, want in (("lazy", ["plain", "plain_rows", "speculative"]), ("all", ["plain", "speculative"])):
+        methods, _ = _build_methods(BenchConfig(baselines="none", verify_rows=rows), s, 8, notes.append)
+        assert [m.name for m in methods] == want, rows
+    pr = _build_methods(BenchConfig(baselines="none"), s, 8, notes.append)[0][1]
+    assert pr.gen["lazy_rows"] and not pr.use_drafter and pr.must_match and pr.reference == "plain"
 
 
 def test_spread_takes_categories_in_turn():

@@ -220,8 +220,8 @@ def test_mlx_export_and_backend_on_the_real_target(real, tmp_path):
 def test_gguf_export_and_llamacpp_backend_on_the_real_target(real, tmp_path):
     """`mtpkit export --format gguf` of Gemma 3 270M (its own Q4_K_M tensors) + the shipped drafter: both load in
     llama.cpp, target logits and one drafter step close to the reference, greedy speculative == plain in llama.cpp
-    with drafts accepted, both heads; verify_rows (the head per row, runtime/ggml_head.py) gives verify's logits bit
-    for bit, so sampled generations through it and through verify (fixed k) are the same tokens."""
+    with drafts accepted, both heads; verify_rows (the head per row, runtime/ggml_head.py, and its q8_head.c) gives verify's
+    logits bit for bit, so sampled generations through it and through verify (fixed k) are the same tokens."""
     pytest.importorskip("llama_cpp")
     import mtpkit
     from mtpkit.export.gguf import export
@@ -245,8 +245,13 @@ def test_gguf_export_and_llamacpp_backend_on_the_real_target(real, tmp_path):
         p0 = be.length
         want, _ = be.verify(toks)
         be.rollback(p0)
-        rows, _ = be.verify_rows(toks)
+        rows, norm = be.verify_rows(toks)
         assert all(np.array_equal(rows(i), want[i]) for i in (0, 4, 1, 2, 3, 5, 6, 7, 8))
+        rh = be._row_head  # q8_head.c (on a CPU with VNNI) gives the graph's rows at every block width
+        from tests.test_ggml_head import _vnni
+        assert (rh.kernel is not None) == _vnni(), rh.kernel_off
+        for w in range(1, 9) if rh.kernel is not None else ():
+            assert np.array_equal(rh._run(norm[:w], w, "q8_head"), want[:w]), w
         for sp in (dict(temperature=1.0), dict(temperature=0.8, top_p=0.9)):  # fixed k: the same drafts either way
             runs = [s.generate("Write a short poem about the sea.", max_new_tokens=40, seed=3, lazy_rows=lazy,
                                gate=False, num_draft_tokens=3, min_confidence=None, **sp) for lazy in (True, False)]

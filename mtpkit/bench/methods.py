@@ -180,12 +180,19 @@ def our_methods(session, gen: dict[str, Any], info: dict[str, Any], gate: str = 
     with the online gate (the default), off = speculative drafting k every round, both = the two side by side.
     branches > 1 (sampling): speculative drafts trees of that many branches, and `speculative_chain` (one chain a
     round, same gate setting) runs beside it. rows: lazy = a verify computes the target's head for the rows acceptance
-    reads where the backend can (Backend.verify_rows), all = for every row, both = `speculative_all_rows` beside."""
+    reads where the backend can (Backend.verify_rows), all = for every row, both = `speculative_all_rows` beside.
+    `plain` is the backend's own step (llama.cpp's decode: lazy_rows off); where the backend has verify_rows and rows
+    is not all, `plain_rows` = plain decoding through it (llama.cpp: the head by q8_head.c), greedy-checked against
+    plain: speculation's own gain is speculative over plain_rows."""
     mb, dmb = info.target_bytes / 2**20, info.drafter_bytes / 2**20
     gen = dict(gen, lazy_rows=rows != "all")
     w = f"mtpkit {info.name} {info.dtype}"
     out: list[Method] = [OurLoop("plain", "mtpkit loop, no drafter (the baseline of every speedup)", w, mb,
-                                 session=session, use_drafter=False, gen=gen, device=info.device)]
+                                 session=session, use_drafter=False, gen=dict(gen, lazy_rows=False), device=info.device)]
+    if rows != "all" and session.backend.verify_rows is not None:  # llama.cpp: plain steps with mtpkit's row head
+        out.append(OurLoop("plain_rows", "mtpkit loop, no drafter, each step's head by the backend's row head "
+                           "(verify_rows: q8_head.c on llama.cpp)", w, mb, reference="plain", must_match=True,
+                           session=session, use_drafter=False, gen=gen, device=info.device))
     if gate in ("on", "both"):
         out.append(OurLoop("speculative", "mtpkit shared-cache speculative loop, online gate picks k per round",
                            f"{w} + drafter", mb + dmb, reference="plain", must_match=True, session=session,
@@ -195,8 +202,9 @@ def our_methods(session, gen: dict[str, Any], info: dict[str, Any], gate: str = 
                            "mtpkit shared-cache speculative loop, k drafts every round (no gate)",
                            f"{w} + drafter", mb + dmb, reference="plain", must_match=True, session=session,
                            use_drafter=True, gen=dict(gen, gate=False), device=info.device))
+    spec = [m for m in out if m.use_drafter]
     if branches > 1:
-        for m in out[1:]:
+        for m in spec:
             m.gen = dict(m.gen, branches=branches)
             m.description += f", draft trees of {branches} branches"
         out.append(OurLoop("speculative_chain", "mtpkit shared-cache speculative loop, one chain a round",
@@ -205,7 +213,7 @@ def our_methods(session, gen: dict[str, Any], info: dict[str, Any], gate: str = 
     if rows == "both":
         out.append(OurLoop("speculative_all_rows", "mtpkit shared-cache speculative loop, the target's head on every "
                            "verify row", f"{w} + drafter", mb + dmb, reference="plain", must_match=True, session=session,
-                           use_drafter=True, gen=dict(out[1].gen, lazy_rows=False), device=info.device))
+                           use_drafter=True, gen=dict(spec[0].gen, lazy_rows=False), device=info.device))
     return out
 
 

@@ -10,6 +10,12 @@ of the head weight (the tensor the graph's own `result_output` multiplies: read 
 i of the norm's output, on the same thread count. Same kernel, same inputs: the logits are bit-identical to the
 graph's (checked at load and in tests/test_backend_contract.py).
 
+A Q8_0 head (the source GGUF's) also has `q8_head.c`: the same rows bit for bit, several at once from one pass over
+the weights (ggml computes one row per pass, and its tiled kernels for several rows round otherwise), built once
+with the system C compiler into the user cache. On this repo's CPU, 1..8 rows: 6.2 / 7.2 / 10.9 / 11.8 / 12.3 / 12.9 /
+14.9 / 17.2 ms, against ggml's 7.1 / 16.3 / 18.6 / 20.6 / 32.7 / 39.7 / 38.5 / 25.9 (bench/results/cpu_lazy_rows/NOTES.md).
+RowHead times both at load and uses, per block width, the cheaper one whose rows equal ggml's row alone.
+
 ggml's tensor struct is read through ctypes; the layout below is llama-cpp-python 0.3.36's ggml (checked against
 `ggml_tensor_overhead()` and a tensor made here before anything is read through it).
 """
@@ -17,6 +23,13 @@ ggml's tensor struct is read through ctypes; the layout below is llama-cpp-pytho
 from __future__ import annotations
 
 import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
 from ctypes import POINTER, c_bool, c_char, c_char_p, c_float, c_int, c_int32, c_int64, c_size_t, c_void_p
 from pathlib import Path
 
@@ -25,6 +38,9 @@ import numpy as np
 from mtpkit.errors import MtpkitError
 
 GGML_TYPE_F32 = 0
+GGML_TYPE_Q8_0 = 8
+Q8_0_BLOCK = (32, 34)  # values, bytes
+KERNEL_SOURCE = Path(__file__).with_name("q8_head.c")
 NORM_NAMES = (b"result_norm", b"result_embd_pooled")  # the final norm's output (renamed when embeddings are on)
 
 
@@ -42,9 +58,46 @@ class _InitParams(ctypes.Structure):
 OBJECT_SIZE = 32  # struct ggml_object, which precedes every tensor in a context
 
 
-def _libs():
+def _lib_dir() -> Path:
     import llama_cpp
-    d = Path(llama_cpp.__file__).parent / "lib"
+    return Path(llama_cpp.__file__).parent / "lib"
+
+
+def q8_kernel():
+    """q8_head.c's `mtpkit_q8_head`, compiled once per (source, ggml library, CPU) into the user cache and loaded;
+    RuntimeError(why) where it cannot be (not Linux x86-64, no C compiler, a CPU without VNNI)."""
+    from mtpkit.paths import atomic_file, cache_dir
+    if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
+        raise RuntimeError("the Q8_0 head kernel is built for Linux x86-64 only")
+    lib_dir = _lib_dir()
+    src = KERNEL_SOURCE.read_text()
+    try:
+        flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = ""
+    key = hashlib.sha256("\0".join([src, str(lib_dir), flags]).encode()).hexdigest()[:16]
+    out = cache_dir() / "q8_head" / key / "libmtpkit_q8_head.so"
+    if not out.is_file():
+        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        if cc is None:
+            raise RuntimeError("no C compiler (cc/gcc) to build the Q8_0 head kernel")
+        with atomic_file(out) as lib, tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            c = Path(tmp) / "q8_head.c"
+            c.write_text(src)
+            r = subprocess.run([cc, "-O2", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-fopenmp", str(c),
+                                "-o", str(lib), f"-L{lib_dir}", "-lggml-cpu", f"-Wl,-rpath,{lib_dir}"],
+                               capture_output=True, text=True)
+            if r.returncode:
+                err = [ln for ln in r.stderr.splitlines() if "error" in ln] or r.stderr.strip().splitlines() or ["?"]
+                raise RuntimeError(f"the Q8_0 head kernel did not build: {err[0].strip()}")
+    fn = ctypes.CDLL(str(out)).mtpkit_q8_head
+    fn.argtypes = [c_void_p, c_int64, c_int, c_void_p, c_int, c_void_p, c_int]
+    fn.restype = c_int
+    return fn
+
+
+def _libs():
+    d = _lib_dir()
     names = {"base": ["libggml-base.so", "libggml-base.dylib", "ggml-base.dll"],
              "cpu": ["libggml-cpu.so", "libggml-cpu.dylib", "ggml-cpu.dll"]}
     out = {}
@@ -140,12 +193,13 @@ class HeadWatch:
 
 
 class RowHead:
-    """logits [m, V] = x [m, d] @ head weight^T through ggml's CPU mul_mat on `threads` threads, in blocks of the
-    widths it is cheapest at. ggml's kernels are not linear in the rows: on this repo's 2-core x86 CPU the Q8_0 head
-    took 6.4 / 16.3 / 18.1 / 19.7 / 31.9 / 35.6 / 37.1 / 25.7 ms for 1..8 rows (tile shapes), so 5 rows cost less
-    padded to 8. `cost[w]` (seconds, measured at load: the best of two runs each) says what a block of w rows costs,
-    infinite where a row's logits in it differ from the row's alone (then blocks of that width are never used): every
-    row's logits are those of a plain decoding step."""
+    """logits [m, V] = x [m, d] @ head weight^T on `threads` threads, in blocks of the widths they are cheapest at,
+    each block through ggml's CPU mul_mat or (a Q8_0 head) q8_head.c, whichever is cheaper at that width. ggml's
+    kernels are not linear in the rows: on this repo's 2-core x86 CPU the Q8_0 head took 6.4 / 16.3 / 18.1 / 19.7 /
+    31.9 / 35.6 / 37.1 / 25.7 ms for 1..8 rows (tile shapes), so 5 rows cost less padded to 8. `cost[w]` (seconds,
+    measured at load: the best of two runs each) says what a block of w rows costs, infinite where a row's logits in
+    it differ from the row's alone through ggml (then that width is never used): every row's logits are those of a
+    plain decoding step. `kernel_off`: why q8_head.c is not in use (None: it is, at the widths in `engine`)."""
 
     MAX_WIDTH = 8
 
@@ -157,6 +211,16 @@ class RowHead:
         self.d, self.vocab = int(w.ne[0]), int(w.ne[1])
         self.graphs: dict[int, tuple] = {}  # width -> (ctx, graph, x [w, d], y [w, V])
         self.cost: dict[int, float] = {}
+        self.engine: dict[int, str] = {}  # width -> "ggml" or "q8_head"
+        self.kernel, self.kernel_off = None, None
+        if w.type != GGML_TYPE_Q8_0 or w.nb[0] != Q8_0_BLOCK[1] or w.nb[1] != self.d // Q8_0_BLOCK[0] * Q8_0_BLOCK[1]:
+            self.kernel_off = "the head's weights are not contiguous Q8_0 rows"
+        else:
+            try:
+                self.kernel = q8_kernel()
+                self._w_data = w.data
+            except (RuntimeError, OSError) as e:
+                self.kernel_off = str(e)
         self.calibrate()
 
     def _graph(self, width: int):
@@ -178,7 +242,16 @@ class RowHead:
             self.graphs[width] = (ctx, graph, xv, yv)
         return self.graphs[width]
 
-    def _run(self, x: np.ndarray, width: int) -> np.ndarray:
+    def _run(self, x: np.ndarray, width: int, engine: str | None = None) -> np.ndarray:
+        if (engine or self.engine.get(width)) == "q8_head":
+            m = x.shape[0]
+            xs = np.zeros((width, self.d), np.float32)
+            xs[:m] = x
+            y = np.empty((width, self.vocab), np.float32)
+            rc = self.kernel(self._w_data, self.vocab, self.d, xs.ctypes.data, width, y.ctypes.data, self.threads)
+            if rc != 0:
+                raise MtpkitError(f"the Q8_0 head kernel refused a block of {width} rows (status {rc})")
+            return y[:m]
         ctx, graph, xv, yv = self._graph(width)
         m = x.shape[0]
         xv[:m] = x
@@ -191,16 +264,18 @@ class RowHead:
     def calibrate(self) -> None:
         import time
         x = np.random.default_rng(0).standard_normal((self.MAX_WIDTH, self.d)).astype(np.float32)
-        alone = [self._run(x[i:i + 1], 1)[0] for i in range(self.MAX_WIDTH)]  # (also warms the caches up)
+        alone = [self._run(x[i:i + 1], 1, "ggml")[0] for i in range(self.MAX_WIDTH)]  # (also warms the caches up)
         for w in range(1, self.MAX_WIDTH + 1):
-            best = float("inf")
-            for _ in range(2):
-                t0 = time.perf_counter()
-                y = self._run(x[:w], w)
-                best = min(best, time.perf_counter() - t0)
-            # a width whose kernel rounds a row otherwise than alone is never used (float32 heads: tiled GEMMs)
-            same = all(np.array_equal(y[i], alone[i]) for i in range(w))
-            self.cost[w] = best if same else float("inf")
+            self.cost[w] = float("inf")
+            for engine in ("ggml", "q8_head") if self.kernel is not None else ("ggml",):
+                best = float("inf")
+                for _ in range(2):
+                    t0 = time.perf_counter()
+                    y = self._run(x[:w], w, engine)
+                    best = min(best, time.perf_counter() - t0)
+                # a width whose kernel rounds a row otherwise than ggml's row alone is never used (tiled GEMMs)
+                if all(np.array_equal(y[i], alone[i]) for i in range(w)) and best < self.cost[w]:
+                    self.cost[w], self.engine[w] = best, engine
         self._block = {m: cheapest_block(self.cost, m) for m in range(1, self.MAX_WIDTH + 1)}  # read every round
 
     def block(self, m: int) -> tuple[int, float]:

@@ -6,8 +6,11 @@ llama-cpp-python's low-level API, the drafter context sharing the target's KV ca
   post-norm hidden of each output row; it is switched on only for the rows the loop needs.
 - `verify_rows` (the loop's default for drafting rounds): the verify's graph stops after the final norm (the
   target context's eval callback) and each row's logits are computed when acceptance reads it, by ggml's own
-  mul_mat over the graph's own head weight, bit-identical to the graph's (runtime/ggml_head.py). The tied
-  262k-row head is ~55 % of a plain step on this repo's CPU; a round whose first draft is rejected pays one row.
+  mul_mat over the graph's own head weight, bit-identical to the graph's (runtime/ggml_head.py), or for a Q8_0
+  head by q8_head.c: the same rows bit for bit, several from one pass over the weights (4 rows 11.8 ms vs ggml's
+  20.6 ms here). The tied 262k-row head is ~55 % of a plain step on this repo's CPU; a round whose first draft is
+  rejected pays one row. A speculative generation's plain steps (the gate's k = 0) go the same way; plain decoding
+  without a drafter is llama.cpp's own step.
 - Drafter context: `ctx_type = MTP`, `ctx_other = target`: llama.cpp's gemma4-assistant graph reads the
   target's last sliding and last full layer K/V in place (no copy, nothing written). Each draft step is one
   `llama_process` of one token at the bonus position with its h row set by `llama_batch_ext_set_embd_token`
@@ -357,13 +360,16 @@ class LlamaCppBackend(Backend):
 
     def info(self) -> BackendInfo:
         L = self.L
+        rh = self._row_head if self.verify_rows is not None else None
         return BackendInfo("llamacpp", "cpu", _ftype(self.path), self.threads, int(L.llama_model_n_params(self.model)),
                            int(L.llama_model_size(self.model)), self.config.vocab_size * self.config.hidden_size,
                            self.config, None, int(L.llama_model_n_params(self.dmodel)) if self.dmodel else 0,
                            int(L.llama_model_size(self.dmodel)) if self.dmodel else 0, self.head,
                            extra={"llama_context": {"flash_attn": True, "type_k": "q8_0", "type_v": "q8_0",
                                                     "swa_full": True},
-                                  "verify_rows": self.verify_rows is not None, "verify_rows_off": self.row_head_off})
+                                  "verify_rows": self.verify_rows is not None, "verify_rows_off": self.row_head_off,
+                                  "head_blocks": None if rh is None else {w: rh.engine[w] for w in sorted(rh.engine)},
+                                  "q8_head_off": None if rh is None else rh.kernel_off})
 
     # ------------------------------------------------------------------ target
     @property

@@ -13,8 +13,10 @@ Plain steps (plain decoding, or the gate's k = 0) on a backend with `fused_plain
 graphs) run PLAIN_CHUNK at a time with no host sync between them: the host queues the next steps while the GPU
 runs (one Round per chunk, `forwards` = its tokens); the tokens equal those of single steps (greedy), or are
 drawn from the same distribution (sampling).
-A backend with `verify_rows` (llama.cpp on a CPU) verifies drafting rounds with the target's head computed only
-for the rows acceptance reads (accept_rows: rows 0..n, the same outcome as accept on every row).
+A backend with `verify_rows` (llama.cpp on a CPU) runs every step through it (`lazy_rows`, the default), plain ones
+too: the target's head computed only for the rows acceptance reads (accept_rows: rows 0..n, the same outcome as
+accept on every row), by its row head (q8_head.c: bit for bit llama.cpp's rows, cheaper); lazy_rows=False keeps
+the backend's own step (llama.cpp's decode: the bench's `plain`, the stock baseline).
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ class GenerationParams:
     draft_temperature: float = 1.0  # sampling: drafts are drawn at temperature T * this (DrafterConfig.draft_temperature)
     gate: bool = True  # pick each round's k in 0..num_draft_tokens (runtime/gate.py); False: always num_draft_tokens
     branches: int = 1  # sampling: w first-draft candidates, each with its chain (runtime/tree.py); 1 = one chain
-    lazy_rows: bool = True  # verify through the backend's verify_rows where it has one (head rows as acceptance reads them)
+    lazy_rows: bool = True  # steps through the backend's verify_rows where it has one (head rows as acceptance reads them)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:
@@ -172,7 +174,7 @@ def generate(backend: Backend, prompt: list[int], params: GenerationParams, eos:
     emitted = len(out)
     yield Round(out, 0, 0, verify_s=backend.elapsed(t0, backend.clock()), prefill=True, finish=finish)
     drafting = use_drafter and backend.has_drafter
-    lazy = drafting and params.lazy_rows and backend.verify_rows is not None
+    lazy = params.lazy_rows and backend.verify_rows is not None
     if not (drafting and params.gate):
         gate = None
     else:
@@ -221,7 +223,7 @@ def generate(backend: Backend, prompt: list[int], params: GenerationParams, eos:
             d = draft(backend, b, h, k, dsp, rng, params.min_confidence)
             t1 = backend.clock()
             p0 = backend.length
-            if lazy and d.tokens.shape[0] > 0:
+            if lazy:  # (k = 0 too: the gate's plain steps get the backend's row head, q8_head.c on llama.cpp)
                 reach = None if gate is None else gate.reach(d.tokens.shape[0])
                 row_logits, hidden = backend.verify_rows(ops.cat([b, d.tokens]), reach)
                 n, bonus, drafted = accept_rows(backend, d, row_logits, sp, rng)
