@@ -163,8 +163,9 @@ class Session:
         calibrated factor. The output distribution is the target's either way.
         branches (sampling, the torch backend): w first-draft candidates a round, each followed by its chain, verified
         as one tree (runtime/tree.py); 1 = one chain. Greedy decoding always drafts one chain.
-        lazy_rows (default): where the backend has `verify_rows` (llama.cpp on a CPU) a verify computes the target's
-        head only for the rows acceptance reads; False: every row, as `verify` does (for A/B benches).
+        lazy_rows (default): where the backend has `verify_rows` (llama.cpp on a CPU) every step (plain ones too,
+        use_drafter=False included) computes the target's head only for the rows acceptance reads, by the backend's
+        row head (q8_head.c); False: the backend's own step, every row (llama.cpp's decode: the bench's baseline).
         """
         if min_confidence == "auto":
             tree = branches > 1 and temperature > 0  # a tree drafts every chain to k
