@@ -173,3 +173,27 @@ def atomic_entries(dest: Path, names: Sequence[str]) -> Iterator[Path]:
                 dest.rmdir()  # only if still empty
         raise
     shutil.rmtree(stage, ignore_errors=True)
+
+
+def compiled_library(what: str, name: str, source: str, args: Sequence[str], key: str = "") -> Path:
+    """C `source` built by the system compiler (`$CC`, cc or gcc) with `args` (flags and libraries) into a shared
+    library in the user cache, once per (source, args, key): cache_dir()/name/<hash>/libmtpkit_<name>.so, written
+    atomically. RuntimeError naming `what` when there is no compiler or the build fails (its first error line)."""
+    import hashlib
+    import subprocess
+    digest = hashlib.sha256("\0".join([source, *args, key]).encode()).hexdigest()[:16]
+    out = cache_dir() / name / digest / f"libmtpkit_{name}.so"
+    if out.is_file():
+        return out
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError(f"no C compiler (cc/gcc) to build {what}")
+    with atomic_file(out) as lib, tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        src = Path(tmp) / f"{name}.c"
+        src.write_text(source)
+        r = subprocess.run([cc, "-O2", "-shared", "-fPIC", str(src), "-o", str(lib), *args], capture_output=True,
+                           text=True)
+        if r.returncode:
+            err = [ln for ln in r.stderr.splitlines() if "error" in ln] or r.stderr.strip().splitlines() or ["?"]
+            raise RuntimeError(f"{what} did not build: {err[0].strip()}")
+    return out

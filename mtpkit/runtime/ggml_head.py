@@ -23,13 +23,8 @@ ggml's tensor struct is read through ctypes; the layout below is llama-cpp-pytho
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
 import platform
-import shutil
-import subprocess
 import sys
-import tempfile
 from ctypes import POINTER, c_bool, c_char, c_char_p, c_float, c_int, c_int32, c_int64, c_size_t, c_void_p
 from pathlib import Path
 
@@ -66,30 +61,17 @@ def _lib_dir() -> Path:
 def q8_kernel():
     """q8_head.c's `mtpkit_q8_head`, compiled once per (source, ggml library, CPU) into the user cache and loaded;
     RuntimeError(why) where it cannot be (not Linux x86-64, no C compiler, a CPU without VNNI)."""
-    from mtpkit.paths import atomic_file, cache_dir
+    from mtpkit.paths import compiled_library
     if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
         raise RuntimeError("the Q8_0 head kernel is built for Linux x86-64 only")
     lib_dir = _lib_dir()
-    src = KERNEL_SOURCE.read_text()
-    try:
+    try:  # -march=native: one build per CPU
         flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags"))
     except (OSError, StopIteration):
         flags = ""
-    key = hashlib.sha256("\0".join([src, str(lib_dir), flags]).encode()).hexdigest()[:16]
-    out = cache_dir() / "q8_head" / key / "libmtpkit_q8_head.so"
-    if not out.is_file():
-        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-        if cc is None:
-            raise RuntimeError("no C compiler (cc/gcc) to build the Q8_0 head kernel")
-        with atomic_file(out) as lib, tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-            c = Path(tmp) / "q8_head.c"
-            c.write_text(src)
-            r = subprocess.run([cc, "-O2", "-march=native", "-ffp-contract=off", "-shared", "-fPIC", "-fopenmp", str(c),
-                                "-o", str(lib), f"-L{lib_dir}", "-lggml-cpu", f"-Wl,-rpath,{lib_dir}"],
-                               capture_output=True, text=True)
-            if r.returncode:
-                err = [ln for ln in r.stderr.splitlines() if "error" in ln] or r.stderr.strip().splitlines() or ["?"]
-                raise RuntimeError(f"the Q8_0 head kernel did not build: {err[0].strip()}")
+    out = compiled_library("the Q8_0 head kernel", "q8_head", KERNEL_SOURCE.read_text(),
+                           ["-march=native", "-ffp-contract=off", "-fopenmp", f"-L{lib_dir}", "-lggml-cpu",
+                            f"-Wl,-rpath,{lib_dir}"], key=flags)
     fn = ctypes.CDLL(str(out)).mtpkit_q8_head
     fn.argtypes = [c_void_p, c_int64, c_int, c_void_p, c_int, c_void_p, c_int]
     fn.restype = c_int

@@ -4,13 +4,13 @@ llama-cpp-python's low-level API, the drafter context sharing the target's KV ca
 - Target context: flash attention, q8_0 K/V, full-size SWA cache (`swa_full`: every position of the sliding
   layers is kept, so rollback = `llama_memory_seq_rm` is exact past the window). `embeddings` gives the
   post-norm hidden of each output row; it is switched on only for the rows the loop needs.
-- `verify_rows` (the loop's default for drafting rounds): the verify's graph stops after the final norm (the
+- `verify_rows` (the loop's default for every step, plain ones too): the verify's graph stops after the final norm (the
   target context's eval callback) and each row's logits are computed when acceptance reads it, by ggml's own
   mul_mat over the graph's own head weight, bit-identical to the graph's (runtime/ggml_head.py), or for a Q8_0
   head by q8_head.c: the same rows bit for bit, several from one pass over the weights (4 rows 11.8 ms vs ggml's
   20.6 ms here). The tied 262k-row head is ~55 % of a plain step on this repo's CPU; a round whose first draft is
-  rejected pays one row. A speculative generation's plain steps (the gate's k = 0) go the same way; plain decoding
-  without a drafter is llama.cpp's own step.
+  rejected pays one row. Set up only with a drafter loaded; without one, or with lazy_rows off (the bench's `plain`),
+  a step is llama.cpp's own decode.
 - Drafter context: `ctx_type = MTP`, `ctx_other = target`: llama.cpp's gemma4-assistant graph reads the
   target's last sliding and last full layer K/V in place (no copy, nothing written). Each draft step is one
   `llama_process` of one token at the bonus position with its h row set by `llama_batch_ext_set_embd_token`

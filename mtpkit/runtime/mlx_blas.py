@@ -15,16 +15,12 @@ reason is printed once on stderr: nothing falls back to the slow path silently.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from mtpkit.errors import MtpkitError
-from mtpkit.paths import atomic_file, cache_dir
+from mtpkit.paths import compiled_library
 
 SHIM = r"""
 typedef int I;
@@ -40,21 +36,8 @@ _state: dict[str, object] = {}  # "lib": the loaded shim, or "why": the reason i
 
 def _build(lib_dir: str) -> Path:
     """Compile the shim against `lib_dir`/libscipy_openblas.so once per (source, library dir)."""
-    key = hashlib.sha256((SHIM + lib_dir).encode()).hexdigest()[:16]
-    out = cache_dir() / "mlx_blas" / key / "libmtpkit_cblas.so"
-    if out.is_file():
-        return out
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise RuntimeError("no C compiler (cc/gcc) to build the OpenBLAS shim")
-    with atomic_file(out) as lib, tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        src = Path(tmp) / "shim.c"
-        src.write_text(SHIM)
-        r = subprocess.run([cc, "-O2", "-shared", "-fPIC", str(src), "-o", str(lib), f"-L{lib_dir}", "-lscipy_openblas",
-                            f"-Wl,-rpath,{lib_dir}"], capture_output=True, text=True)
-        if r.returncode:
-            raise RuntimeError(f"building the OpenBLAS shim failed: {r.stderr.strip().splitlines()[-1:]}")
-    return out
+    return compiled_library("the OpenBLAS shim", "mlx_blas", SHIM,
+                            [f"-L{lib_dir}", "-lscipy_openblas", f"-Wl,-rpath,{lib_dir}"])
 
 
 def use_openblas() -> bool:
