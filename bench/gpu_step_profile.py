@@ -156,16 +156,18 @@ def timeline(be: TorchBackend, k: int, drafter: bool, rounds: int = 10) -> dict:
 
 def round_costs(be: TorchBackend, k: int, rounds: int = 150, repeats: int = 3) -> dict:
     """Wall ms per speculative round with k drafts (gate off, so every round drafts k whatever is accepted), greedy
-    and sampled at T = 1 with sampled acceptance as one graph (fused_accept) and eager (the generic rule, host-synced
-    twice), alternated `repeats` times (median)."""
+    and sampled at T = 1: rounds queued ahead of the host (the default: loop.pipelined) and one at a time (`_sync`),
+    sampled acceptance as one graph (fused_accept) and eager (the generic rule, host-synced twice), alternated
+    `repeats` times (median)."""
     from mtpkit.runtime.sampling import SamplingParams
     torch.manual_seed(5)
     prompt = torch.randint(0, 200_000, (100,)).tolist()
     fused = be.fused_accept
 
-    def per_round(sp: SamplingParams, fa) -> float:
+    def per_round(sp: SamplingParams, fa, pipeline: bool) -> float:
         be.fused_accept = fa
-        params = GenerationParams(max_new_tokens=(rounds + 10) * (k + 1), sampling=sp, num_draft_tokens=k, gate=False)
+        params = GenerationParams(max_new_tokens=(rounds + 10) * (k + 1), sampling=sp, num_draft_tokens=k, gate=False,
+                                  pipeline=pipeline)
         gen = generate(be, prompt, params, set())
         for _ in range(5):  # the prefill, then rounds that capture graphs
             next(gen)
@@ -176,12 +178,14 @@ def round_costs(be: TorchBackend, k: int, rounds: int = 150, repeats: int = 3) -
         torch.cuda.synchronize()
         gen.close()
         return (time.perf_counter() - t0) * 1e3 / rounds
-    variants = {"greedy": (SamplingParams(), fused), "t1_fused_accept": (SamplingParams(temperature=1.0), fused),
-                "t1_eager_accept": (SamplingParams(temperature=1.0), None)}
+    t1 = SamplingParams(temperature=1.0)
+    variants = {"greedy": (SamplingParams(), fused, True), "greedy_sync": (SamplingParams(), fused, False),
+                "t1_fused_accept": (t1, fused, True), "t1_fused_accept_sync": (t1, fused, False),
+                "t1_eager_accept_sync": (t1, None, False)}
     runs: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
-        for name, (sp, fa) in variants.items():
-            runs[name].append(per_round(sp, fa))
+        for name, v in variants.items():
+            runs[name].append(per_round(*v))
     be.fused_accept = fused
     return {name: statistics.median(v) for name, v in runs.items()} | {"k": k, "rounds": rounds, "runs": runs}
 
@@ -272,8 +276,9 @@ def main() -> None:
         f"{n} round {t['wall_ms_per_round']:.3f} ms, GPU busy {t['gpu_busy_ms_per_round']:.3f} ms"
         for n, t in res["timeline"].items()))
     rc = res["round_costs"]
-    print(f"  a round of {a.k} drafts (gate off): greedy {rc['greedy']:.3f} ms, T = 1 {rc['t1_fused_accept']:.3f} ms "
-          f"(acceptance as a graph), {rc['t1_eager_accept']:.3f} ms (eager)")
+    print(f"  a round of {a.k} drafts (gate off), queued ahead / one at a time: greedy {rc['greedy']:.3f} / "
+          f"{rc['greedy_sync']:.3f} ms, T = 1 {rc['t1_fused_accept']:.3f} / {rc['t1_fused_accept_sync']:.3f} ms "
+          f"(acceptance as a graph), one at a time with eager acceptance {rc['t1_eager_accept_sync']:.3f} ms")
 
 
 if __name__ == "__main__":

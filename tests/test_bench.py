@@ -91,6 +91,7 @@ def test_bench_bad_input(pair, tmp_path):
     fails_cleanly(base + ["--repeats", "0"], "--repeats")
     fails_cleanly(base + ["--limit", "0"], "--limit")
     fails_cleanly(base + ["--verify-rows", "some"], "--verify-rows must be one of lazy, all, both")
+    fails_cleanly(base + ["--pipeline", "maybe"], "--pipeline must be one of on, off, both")
     fails_cleanly(base[:-4] + ["--suite", "nope", "--device", "cpu"], "unknown suite")
     fails_cleanly(["bench", "--target", str(target), "--suite", str(suite), "--device", "cpu"], "no drafter")
     (tmp_path / "not.json").write_text('{"a": 1}')
@@ -116,26 +117,48 @@ def test_named_baseline_that_cannot_run_is_an_error(pair, tmp_path):
     assert "llamacpp" in skipped and "llamacpp" not in [m.name for m in methods] and notes
 
 
+def _session(pair):
+    import mtpkit
+    target, drafter, _ = pair
+    return mtpkit.load(str(target), drafter=str(drafter), device="cpu")
+
+
+def _methods(session, notes: list, **cfg):
+    """The methods `mtpkit bench` builds with these settings and no baselines (its notes appended to `notes`)."""
+    from mtpkit.bench.runner import BenchConfig, _build_methods
+    return _build_methods(BenchConfig(baselines="none", **cfg), session, 8, notes.append)[0]
+
+
 def test_verify_rows_both_runs_the_head_on_every_row_beside(pair, tmp_path):
     """--verify-rows both: `speculative_all_rows` (verify, every head row) beside `speculative` (verify_rows where the
     backend has it), same gate; a backend without verify_rows gets a note that the two run the same path. `plain` is
     the backend's own step; with verify_rows (and not --verify-rows all) `plain_rows` decodes plainly through it."""
-    import mtpkit
-    from mtpkit.bench.runner import BenchConfig, _build_methods
-    target, drafter, suite = pair
-    s = mtpkit.load(str(target), drafter=str(drafter), device="cpu")
-    notes = []
-    methods, _ = _build_methods(BenchConfig(baselines="none", verify_rows="both"), s, 8, notes.append)
+    s, notes = _session(pair), []
+    methods = _methods(s, notes, verify_rows="both")
     assert [(m.name, m.gen["lazy_rows"]) for m in methods] == [("plain", False), ("speculative", True),
                                                                ("speculative_all_rows", False)]
     assert methods[2].must_match and any("verify_rows" in n for n in notes)  # torch has none
     # a backend with verify_rows (llama.cpp): plain decoding through it too, greedy-checked against the stock step
     s.backend.verify_rows = s.backend.verify
     for rows, want in (("lazy", ["plain", "plain_rows", "speculative"]), ("all", ["plain", "speculative"])):
-        methods, _ = _build_methods(BenchConfig(baselines="none", verify_rows=rows), s, 8, notes.append)
-        assert [m.name for m in methods] == want, rows
-    pr = _build_methods(BenchConfig(baselines="none"), s, 8, notes.append)[0][1]
+        assert [m.name for m in _methods(s, notes, verify_rows=rows)] == want, rows
+    pr = _methods(s, notes)[1]
     assert pr.gen["lazy_rows"] and not pr.use_drafter and pr.must_match and pr.reference == "plain"
+
+
+def test_pipeline_both_runs_one_round_at_a_time_beside(pair):
+    """--pipeline both: `speculative_sync` (pipeline off) beside `speculative`, same gate and rows; a backend without
+    pipelined rounds (torch on a CPU) gets a note that the two run the same loop. The session keeps one gate each."""
+    s, notes = _session(pair), []
+    methods = _methods(s, notes, pipeline="both")
+    assert [(m.name, m.gen["pipeline"]) for m in methods] == [("plain", True), ("speculative", True),
+                                                              ("speculative_sync", False)]
+    assert methods[2].must_match and methods[2].gen["gate"] and any("pipelined" in n for n in notes)
+    for m in methods[1:]:
+        m.run([2, 3, 4], 4)
+    assert sorted(k[-1] for k in s.gates) == [False, True]  # a pipelined round costs less: its own round costs
+    methods = _methods(s, notes, pipeline="off")
+    assert [(m.name, m.gen["pipeline"]) for m in methods] == [("plain", False), ("speculative", False)]
 
 
 def test_spread_takes_categories_in_turn():

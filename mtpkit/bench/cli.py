@@ -44,6 +44,8 @@ def bench_command(
         verify_rows: str = typer.Option("lazy", "--verify-rows", help="lazy: the target's head only for the rows "
                                         "acceptance reads, where the backend can (llama.cpp) | all | both: also run "
                                         "`speculative_all_rows` beside it."),
+        pipeline: str = typer.Option("on", "--pipeline", help="on: drafting rounds queued ahead of the host where the "
+                                     "backend can (torch on CUDA) | off | both: also run `speculative_sync` beside it."),
         min_confidence: float = typer.Option(None, "--min-confidence",
                                              help="Adaptive drafting threshold, as in `mtpkit run` (default: per backend, "
                                                   "off on GPU; 0 = off)."),
@@ -76,7 +78,7 @@ def bench_command(
                       num_draft_tokens=num_draft_tokens, min_confidence="auto" if min_confidence is None else min_confidence,
                       repeats=repeats, seed=seed, threads=threads, baselines=baselines, lookup_tokens=lookup_tokens,
                       compile=compile, gate=gate, branches=branches, llamacpp_bin=llamacpp_bin,
-                      verify_rows=verify_rows)
+                      verify_rows=verify_rows, pipeline=pipeline)
     doc = run_bench(cfg, note=lambda s: typer.echo(f"note: {s}", err=True), progress=not quiet)
     table = markdown(doc)
     if jp:

@@ -175,7 +175,7 @@ def _lookup_class():
 
 
 def our_methods(session, gen: dict[str, Any], info: dict[str, Any], gate: str = "on", branches: int = 1,
-                rows: str = "lazy") -> list[Method]:
+                rows: str = "lazy", pipeline: str = "on") -> list[Method]:
     """Plain and speculative decoding through our loop; `info` = session.backend.info(). gate: on = speculative
     with the online gate (the default), off = speculative drafting k every round, both = the two side by side.
     branches > 1 (sampling): speculative drafts trees of that many branches, and `speculative_chain` (one chain a
@@ -183,9 +183,11 @@ def our_methods(session, gen: dict[str, Any], info: dict[str, Any], gate: str = 
     reads where the backend can (Backend.verify_rows), all = for every row, both = `speculative_all_rows` beside.
     `plain` is the backend's own step (llama.cpp's decode: lazy_rows off); where the backend has verify_rows and rows
     is not all, `plain_rows` = plain decoding through it (llama.cpp: the head by q8_head.c), greedy-checked against
-    plain: speculation's own gain is speculative over plain_rows."""
+    plain: speculation's own gain is speculative over plain_rows. pipeline: on = drafting rounds queued ahead of the
+    host where the backend can (Backend.pipeline: CUDA graphs), off = one round at a time, both = `speculative_sync`
+    (one at a time) beside."""
     mb, dmb = info.target_bytes / 2**20, info.drafter_bytes / 2**20
-    gen = dict(gen, lazy_rows=rows != "all")
+    gen = dict(gen, lazy_rows=rows != "all", pipeline=pipeline != "off")
     w = f"mtpkit {info.name} {info.dtype}"
     out: list[Method] = [OurLoop("plain", "mtpkit loop, no drafter (the baseline of every speedup)", w, mb,
                                  session=session, use_drafter=False, gen=dict(gen, lazy_rows=False), device=info.device)]
@@ -214,6 +216,10 @@ def our_methods(session, gen: dict[str, Any], info: dict[str, Any], gate: str = 
         out.append(OurLoop("speculative_all_rows", "mtpkit shared-cache speculative loop, the target's head on every "
                            "verify row", f"{w} + drafter", mb + dmb, reference="plain", must_match=True, session=session,
                            use_drafter=True, gen=dict(spec[0].gen, lazy_rows=False), device=info.device))
+    if pipeline == "both":
+        out.append(OurLoop("speculative_sync", "mtpkit shared-cache speculative loop, one round at a time (no rounds "
+                           "queued ahead of the host)", f"{w} + drafter", mb + dmb, reference="plain", must_match=True,
+                           session=session, use_drafter=True, gen=dict(spec[0].gen, pipeline=False), device=info.device))
     return out
 
 

@@ -70,7 +70,8 @@ def markdown(doc: dict[str, Any]) -> str:
                 + (f" --compile {s['compile']}" if s.get("compile") else "")
                 + (f" --gate {s['gate']}" if s.get("gate", "on") != "on" else "")
                 + (f" --branches {s['branches']}" if s.get("branches", 1) != 1 else "")
-                + (f" --verify-rows {s['verify_rows']}" if s.get("verify_rows", "lazy") != "lazy" else "") + "`")
+                + (f" --verify-rows {s['verify_rows']}" if s.get("verify_rows", "lazy") != "lazy" else "")
+                + (f" --pipeline {s['pipeline']}" if s.get("pipeline", "on") != "on" else "") + "`")
     return "\n".join(out) + "\n"
 
 

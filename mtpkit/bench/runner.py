@@ -36,6 +36,7 @@ from mtpkit.errors import MtpkitError
 BASELINES = ("hf", "llamacpp", "llama_server", "mlx_lm", "torch")
 GATE = ("on", "off", "both")
 ROWS = ("lazy", "all", "both")
+PIPELINE = ("on", "off", "both")
 
 
 @dataclass
@@ -60,6 +61,7 @@ class BenchConfig:
     gate: str = "on"  # on | off (fixed k) | both (speculative with the gate + speculative_fixed_k)
     branches: int = 1  # sampling: speculative drafts trees of this many branches, `speculative_chain` beside it
     verify_rows: str = "lazy"  # lazy (the backend's verify_rows where it has one) | all | both (+ speculative_all_rows)
+    pipeline: str = "on"  # on (rounds queued ahead of the host where the backend can) | off | both (+ speculative_sync)
     llamacpp_bin: str | None = None  # llama.cpp's programs (llama_server baseline); None = MTPKIT_LLAMACPP_BIN / build cache
 
     def check(self) -> None:
@@ -77,6 +79,8 @@ class BenchConfig:
             raise MtpkitError("--branches applies to sampling (--temperature > 0): greedy decoding drafts one chain")
         if self.verify_rows not in ROWS:
             raise MtpkitError(f"--verify-rows must be one of {', '.join(ROWS)}, got {self.verify_rows!r}")
+        if self.pipeline not in PIPELINE:
+            raise MtpkitError(f"--pipeline must be one of {', '.join(PIPELINE)}, got {self.pipeline!r}")
         if self.gate not in GATE:
             raise MtpkitError(f"--gate must be one of {', '.join(GATE)}, got {self.gate!r}")
         if self.llamacpp_bin is not None:
@@ -218,7 +222,11 @@ def _build_methods(cfg: BenchConfig, session, prompts_len: int, note: Callable[[
     gen = dict(temperature=cfg.temperature, seed=cfg.seed, num_draft_tokens=cfg.num_draft_tokens,
                min_confidence=cfg.min_confidence)
     info = session.backend.info()
-    methods = our_methods(session, gen, info, gate=cfg.gate, branches=cfg.branches, rows=cfg.verify_rows)
+    methods = our_methods(session, gen, info, gate=cfg.gate, branches=cfg.branches, rows=cfg.verify_rows,
+                          pipeline=cfg.pipeline)
+    if cfg.pipeline != "on" and session.backend.pipeline is None:
+        note(f"backend {info.name} has no pipelined rounds (CUDA graphs only): --pipeline {cfg.pipeline} runs the same "
+             "loop as on")
     if cfg.verify_rows != "lazy" and session.backend.verify_rows is None:
         note(f"backend {info.name} has no verify_rows (the head per row read): --verify-rows {cfg.verify_rows} runs "
              "the same verify as lazy")

@@ -130,6 +130,12 @@ class Backend:
     # work (it may compute a row before it is read). Where the head is most of a verify
     # (llama.cpp on a CPU: runtime/ggml_head.py) a rejected draft then costs no head rows
     verify_rows = None
+    # optional: (bonus, h) -> a pipeline whose launch(k, draft_sp, sp, u_draft, u_accept) queues a whole round (draft,
+    # verify, acceptance, and the next round's bonus, h and cache length written on the device) without a host sync
+    # and returns a Launched whose result() -> (n, next token, drafts, draft_s, verify_s) waits for it (rounds are
+    # read in launch order; each commits the host's cache length), abandon() forgets one launched past the end.
+    # The loop (loop.pipelined) then queues round r + 1 before it reads round r: the host's work overlaps the GPU's
+    pipeline = None
 
     def clock(self) -> object:
         """A timestamp; `elapsed(a, b)` turns two of them into seconds (CUDA events on GPUs: no sync)."""

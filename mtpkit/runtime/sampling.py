@@ -66,6 +66,13 @@ def accept_greedy(ops, drafts, target_logits) -> tuple[int, int, list[int]]:
     return n, t[n], d
 
 
+def accept_greedy_device(ops, drafts, target_logits):
+    """accept_greedy's (n, next) as 0-d backend arrays, with no host sync (a pipelined round: loop.pipelined)."""
+    tgt = ops.argmax(target_logits)
+    n = ops.leading_count(drafts == tgt[:drafts.shape[0]])
+    return n, ops.index(tgt, n)
+
+
 def accept_rejection(ops, drafts, picks, q, ids, p, u):
     """drafts [k] drawn from q [k, N] (draft i = ids[i, picks[i]], or picks[i] when ids is None);
     p [k + 1, V] target probabilities; u [k + 1] uniforms -> (n_accepted, next token) as 0-d backend arrays.

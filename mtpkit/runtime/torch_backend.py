@@ -4,7 +4,8 @@ On CUDA (`cuda_graphs=True`) each verify width 1..k+1 (one padded width when com
 steps (greedy, and sampled per sampling settings, with uniforms drawn ahead) are captured once as CUDA graphs
 over the static KV cache and replayed: one launch per target forward, one per draft step plus one per round for
 the drafter's attention inputs, one for sampled acceptance (sampling.accept_rejection, per k), and one host sync per
-round (acceptance's result: n, the next token and the drafts in one transfer). Positions and
+round (acceptance's result: n, the next token and the drafts in one transfer; `Pipeline`: an async copy, read one
+round later, while the next round runs). Positions and
 lengths enter the graphs as device tensors (GemmaModel.step and the cache's ring arithmetic are tensor-only).
 `compile` runs captured steps through torch.compile first (inductor, no cudagraphs of its own): a step
 of a small model is hundreds of tiny kernels, and fusing them is most of its time. "drafter" compiles
@@ -35,7 +36,7 @@ from mtpkit.model.gemma import GemmaModel
 from mtpkit.model.layers import weight_major
 from mtpkit.progress import note
 from mtpkit.runtime.backend import Backend, BackendInfo, Draft, DraftStep, Loaded
-from mtpkit.runtime.sampling import SamplingParams, accept_rejection, probs
+from mtpkit.runtime.sampling import SamplingParams, accept_greedy_device, accept_rejection, probs
 
 COMPILE = ("none", "drafter", "all")  # what TorchBackend(compile=...) compiles
 # On a CPU every target step after the prefill runs this many rows (padded like the compiled CUDA steps; a verify
@@ -263,6 +264,7 @@ class TorchBackend(Backend):
         self.fused_tree_draft = (lambda token, h, k, w, sp, u: graphs.draft_tree(token, h, k, w, self.cache.length, sp,
                                                                                  u)) if on else None
         self.fused_accept_tree = graphs.accept_tree if on else None
+        self.pipeline = (lambda bonus, h: Pipeline(self, bonus, h)) if on else None
 
     def _next_positions(self, n: int) -> int:
         """The first of n positions a target step is about to write (raises if they do not fit); ends the draft round."""
@@ -484,6 +486,92 @@ class TorchBackend(Backend):
         return b - a
 
 
+def _set_length(dst: torch.Tensor, length: int | torch.Tensor) -> None:
+    """Write a position into a graph's [1] input: a host int, or a device tensor (no host sync)."""
+    if isinstance(length, torch.Tensor):
+        dst.copy_(length.view(1))
+    else:
+        dst.fill_(length)
+
+
+@dataclass
+class Launched:
+    """A round queued by Pipeline.launch: its outcome lands in `host` ([n, next, drafts...], pinned memory on CUDA)
+    once the device has passed its last mark."""
+    pipe: Pipeline
+    k: int
+    host: torch.Tensor
+    marks: tuple  # clock() at the draft's start, after the draft, after acceptance and commit
+
+    def result(self) -> tuple[int, int, list[int], float, float]:
+        """(n accepted, next token, the k drafts, draft seconds, verify seconds): waits for the round; commits the
+        cache's host-side length (rounds must be read in launch order)."""
+        be = self.pipe.be
+        t0, t1, t2 = self.marks
+        verify_s = be.elapsed(t1, t2)  # (syncs on the round's last mark)
+        vals = self.host.tolist()
+        n = vals[0]
+        start = be.cache.length
+        be.cache.advance(start, self.k + 1)
+        be.rollback(start + n + 1)
+        return n, vals[1], vals[2:], be.elapsed(t0, t1), verify_s
+
+    def abandon(self) -> None:
+        """A round launched past the generation's end: record its writes, keep the length."""
+        be = self.pipe.be
+        start = be.cache.length
+        be.cache.advance(start, self.k + 1)
+        be.rollback(start)
+
+
+class Pipeline:
+    """Speculative rounds queued ahead of the host (the torch backend's CUDA graphs; Backend.pipeline). The bonus
+    token, h and the cache length live on the device: a round drafts from them, verifies, accepts (greedy on the
+    device, or the sampled acceptance graph) and writes the next round's, so launching round r + 1 needs nothing of
+    round r's outcome on the host. The host reads each round through one async copy into pinned memory. Positions
+    enter every graph as device tensors already; the host's cache length follows when a round is read."""
+
+    SLOTS = 4  # pinned result buffers, reused in turn (loop.pipelined keeps at most 2 rounds in flight)
+
+    def __init__(self, be: TorchBackend, bonus: int, h: torch.Tensor):
+        self.be, g = be, be._graphs
+        if g.pipe_state is None:  # once per backend: the device state and the pinned result slots
+            dev, pin = be.device, be.device.type == "cuda"
+            g.pipe_state = (torch.zeros(1, dtype=torch.long, device=dev), torch.zeros_like(h),
+                            torch.zeros(1, dtype=torch.long, device=dev),
+                            [torch.zeros(be.max_draft + 2, dtype=torch.long, pin_memory=pin) for _ in range(self.SLOTS)])
+        self.tok, self.h, self.len, self.slots = g.pipe_state
+        self.tok.fill_(bonus)  # (host scalars into device buffers: no sync)
+        self.len.fill_(be.cache.length)
+        if h.data_ptr() != self.h.data_ptr():
+            self.h.copy_(h)
+        self.turn = 0
+
+    @torch.inference_mode()
+    def launch(self, k: int, dsp: SamplingParams, sp: SamplingParams, u_draft: torch.Tensor | None,
+               u_accept: torch.Tensor | None) -> Launched:
+        be, g = self.be, self.be._graphs
+        if not 1 <= k <= be.max_draft:
+            raise MtpkitError(f"a pipelined round drafts 1..{be.max_draft} tokens, got {k}")
+        t0 = be.clock()
+        d = Draft(g.draft(self.tok, self.h, k, self.len)) if sp.greedy else g.draft_sampled(self.tok, self.h, k,
+                                                                                             self.len, dsp, u_draft)
+        t1 = be.clock()
+        logits, hidden = g.verify(torch.cat([self.tok, d.tokens]), self.len)
+        if sp.greedy:
+            n, nxt = accept_greedy_device(be.ops, d.tokens, logits)
+        else:
+            n, nxt = g.accept(d, logits, sp, u_accept)
+        vals = torch.cat([n.view(1), nxt.view(1), d.tokens])
+        self.len.add_(n + 1)  # the next round's bonus, h and length
+        self.tok.copy_(nxt.view(1))
+        self.h.copy_(hidden.index_select(0, n.view(1))[0])
+        host = self.slots[self.turn][:k + 2]
+        self.turn = (self.turn + 1) % self.SLOTS
+        host.copy_(vals, non_blocking=True)
+        return Launched(self, k, host, (t0, t1, be.clock()))
+
+
 class _Graphs:
     """Lazily captured CUDA graphs: one per verify width; for drafting, one for a round's attention inputs
     and one per draft step i, which reads step i - 1's outputs.
@@ -521,6 +609,7 @@ class _Graphs:
         self.tree_accepts: dict[tuple, tuple] = {}  # per (sp, w, k): (graph, out, static inputs)
         self.keeps: dict[int, tuple] = {}  # per kept rows m: (graph, src [m] input, dst start input)
         self.uniforms_tree: dict[int, torch.Tensor] = {}  # per w: a tree draft's w max_draft uniforms
+        self.pipe_state: tuple | None = None  # Pipeline's (bonus [1], h [d], length [1], pinned result slots)
         if be.compile == "all":
             self.step = torch.compile(self.step, fullgraph=True, dynamic=False)
         if be.compile:
@@ -610,15 +699,17 @@ class _Graphs:
             fg.replay()
         return picked[:n], hidden[0]
 
-    def _prep(self, token: torch.Tensor, h: torch.Tensor, length: int) -> tuple:
-        """Replay the round's attention-input graph on the bonus token and h -> (kv, attn, (token, h, q_pos) inputs)."""
+    def _prep(self, token: torch.Tensor, h: torch.Tensor, length: int | torch.Tensor) -> tuple:
+        """Replay the round's attention-input graph on the bonus token and h -> (kv, attn, (token, h, q_pos) inputs).
+        length: the bonus's position, a host int or a [1] device tensor (a pipelined round's)."""
         if self.draft_prep is None:
-            static = (token.reshape(()).clone(), h.clone(), torch.full((1,), length, device=self.be.device))
+            static = (token.reshape(()).clone(), h.clone(), torch.zeros(1, dtype=torch.long, device=self.be.device))
+            _set_length(static[2], length)
             self.draft_prep = (*self._capture(self.draft_inputs, static[2:]), static)
         g, (kv, attn), (t_in, h_in, q_in) = self.draft_prep
         t_in.copy_(token.reshape(()))
         h_in.copy_(h)
-        q_in.fill_(length)
+        _set_length(q_in, length)
         g.replay()
         return kv, attn, (t_in, h_in, q_in)
 
