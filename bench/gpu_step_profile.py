@@ -102,7 +102,34 @@ def steps(be: TorchBackend, k: int) -> dict:
     res["plain_chunk16_synced_ms_per_token"] = gpu_ms(lambda: (chunk(), torch.cuda.synchronize()), 20) / 16
     res["c_graph"] = res[f"draft{k}"]["ms"] / k / res["plain"]["ms"]
     res["verify_rel_graph"] = res[f"verify{k + 1}"]["ms"] / res["plain"]["ms"]
+    try:
+        res |= sampled_steps(be, tok, h, k, p0)
+    except Exception as e:  # (a measuring aid: the rest of the profile stands without it)
+        res["sampled_error"] = f"{type(e).__name__}: {e}"
     return res
+
+
+def sampled_steps(be: TorchBackend, tok: torch.Tensor, h: torch.Tensor, k: int, p0: int) -> dict:
+    """What a T = 1 round adds to a greedy one: the sampled draft graphs and the sampled acceptance graph (probs on
+    k + 1 rows of the vocabulary, the residual, the pick), beside acceptance at T = 0 on the device."""
+    from mtpkit.runtime.sampling import SamplingParams, accept_greedy_device
+    t1 = SamplingParams(temperature=1.0)
+    d = be.fused_sampled_draft(tok, h, k, t1, torch.rand(k, device="cuda"))  # captures the sampled steps
+    logits, _ = be.verify(torch.cat([tok.view(1), d.tokens]))
+    be.rollback(p0)
+    be.fused_accept(d, logits, t1, torch.rand(k + 1, device="cuda"))  # captures the acceptance graph
+    gr = be._graphs
+
+    def draft():
+        gr.draft_prep[0].replay()
+        for g, _ in gr.sampled_steps[t1][:k]:
+            g.replay()
+    out = {}
+    for name, fn in [(f"draft{k}_t1", draft), (f"accept{k + 1}_t1", gr.accepts[t1, k][0].replay),
+                     (f"accept{k + 1}_greedy_device", lambda: accept_greedy_device(be.ops, d.tokens, logits))]:
+        n, busy, top = kernels(fn)
+        out[name] = {"ms": gpu_ms(fn), "kernels": n, "kernel_ms": busy, "top": top}
+    return out
 
 
 def invariance(be: TorchBackend, k: int) -> dict:
@@ -275,6 +302,8 @@ def main() -> None:
     print(f"  verify vs single steps: {res['invariance']} | " + " | ".join(
         f"{n} round {t['wall_ms_per_round']:.3f} ms, GPU busy {t['gpu_busy_ms_per_round']:.3f} ms"
         for n, t in res["timeline"].items()))
+    print("  T = 1 parts: " + (s.get("sampled_error") or " | ".join(
+        f"{n} {s[n]['ms']:.3f} ms ({s[n]['kernels']} kernels)" for n in s if n.endswith(("_t1", "_greedy_device")))))
     rc = res["round_costs"]
     print(f"  a round of {a.k} drafts (gate off), queued ahead / one at a time: greedy {rc['greedy']:.3f} / "
           f"{rc['greedy_sync']:.3f} ms, T = 1 {rc['t1_fused_accept']:.3f} / {rc['t1_fused_accept_sync']:.3f} ms "
