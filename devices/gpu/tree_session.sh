@@ -37,7 +37,7 @@ case "$1" in
     esac ;;
   part)
     n=$(printf %02d "$2") && cp ".stage/g3.part$n" /tmp/stage/ && ls /tmp/stage
-    if [ "$2" = "$3" ]; then cat /tmp/stage/g3.part* > /tmp/g3.gguf && echo "$SHA  /tmp/g3.gguf" | sha256sum -c; fi ;;
+    if [ "$2" = "${3:-}" ]; then cat /tmp/stage/g3.part* > /tmp/g3.gguf && echo "$SHA  /tmp/g3.gguf" | sha256sum -c; fi ;;
   series)  # "bench NAME SUITE LIMIT T [OPTIONS]; bench ..." run in the background, one after the other
     rm -f "$R/done"; mkdir -p "$R"
     setsid nohup bash -c "source $0 fns; $2; touch $R/done" > "$R/series.log" 2>&1 < /dev/null &
