@@ -212,14 +212,14 @@ def our_methods(session, gen: dict[str, Any], info: dict[str, Any], gate: str = 
         out.append(OurLoop("speculative_chain", "mtpkit shared-cache speculative loop, one chain a round",
                            f"{w} + drafter", mb + dmb, reference="plain", must_match=True, session=session,
                            use_drafter=True, gen=dict(gen, gate=gate != "off"), device=info.device))
-    if rows == "both":
-        out.append(OurLoop("speculative_all_rows", "mtpkit shared-cache speculative loop, the target's head on every "
-                           "verify row", f"{w} + drafter", mb + dmb, reference="plain", must_match=True, session=session,
-                           use_drafter=True, gen=dict(spec[0].gen, lazy_rows=False), device=info.device))
-    if pipeline == "both":
-        out.append(OurLoop("speculative_sync", "mtpkit shared-cache speculative loop, one round at a time (no rounds "
-                           "queued ahead of the host)", f"{w} + drafter", mb + dmb, reference="plain", must_match=True,
-                           session=session, use_drafter=True, gen=dict(spec[0].gen, pipeline=False), device=info.device))
+    for name, what, flags, on in (
+            ("speculative_all_rows", "the target's head on every verify row", {"lazy_rows": False}, rows == "both"),
+            ("speculative_sync", "one round at a time (no rounds queued ahead of the host)", {"pipeline": False},
+             pipeline == "both")):
+        if on:  # `speculative` with one setting changed
+            out.append(OurLoop(name, f"mtpkit shared-cache speculative loop, {what}", f"{w} + drafter", mb + dmb,
+                               reference="plain", must_match=True, session=session, use_drafter=True,
+                               gen=dict(spec[0].gen, **flags), device=info.device))
     return out
 
 

@@ -55,16 +55,13 @@ static inline void rows_r(const blk *W, int64_t i0, int64_t i1, int nb, const ui
   }
 }
 
-typedef struct { const blk *W; int64_t i0, i1; int nb; const uint8_t *xu; const float *dx; int R; float *out; int64_t V; } job;
-
-static void *run(void *p) {
-  const job *j = (const job *)p;
-  switch (j->R) {  /* R a constant in each case: the accumulators stay in registers */
-#define ROWS(n) case n: rows_r(j->W, j->i0, j->i1, j->nb, j->xu, j->dx, n, j->out, j->V); break;
+static void rows(const blk *W, int64_t i0, int64_t i1, int nb, const uint8_t *xu, const float *dx, int R, float *out,
+                 int64_t V) {
+  switch (R) {  /* R a constant in each case: the accumulators stay in registers */
+#define ROWS(n) case n: rows_r(W, i0, i1, nb, xu, dx, n, out, V); break;
     ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8)
 #undef ROWS
   }
-  return 0;
 }
 
 /* out [R, V] = x [R, n] (float32) . W [V, n] (Q8_0 rows, contiguous)^T on `threads` OpenMP threads. 0 = done. */
@@ -89,8 +86,7 @@ int mtpkit_q8_head(const void *W, int64_t V, int n, const float *x, int R, float
   {
     const int t = omp_get_thread_num(), nt = omp_get_num_threads();
     const int64_t per = (V + nt - 1) / nt, a = t * per < V ? t * per : V, z = (t + 1) * per < V ? (t + 1) * per : V;
-    const job j = {(const blk *)W, a, z, nb, xs, ds, R, out, V};
-    run((void *)&j);
+    rows((const blk *)W, a, z, nb, xs, ds, R, out, V);
   }
   return 0;
 }

@@ -510,18 +510,20 @@ class Launched:
         t0, t1, t2 = self.marks
         verify_s = be.elapsed(t1, t2)  # (syncs on the round's last mark)
         vals = self.host.tolist()
-        n = vals[0]
-        start = be.cache.length
-        be.cache.advance(start, self.k + 1)
-        be.rollback(start + n + 1)
-        return n, vals[1], vals[2:], be.elapsed(t0, t1), verify_s
+        self._commit(vals[0] + 1)
+        return vals[0], vals[1], vals[2:], be.elapsed(t0, t1), verify_s
 
     def abandon(self) -> None:
         """A round launched past the generation's end: record its writes, keep the length."""
-        be = self.pipe.be
-        start = be.cache.length
-        be.cache.advance(start, self.k + 1)
-        be.rollback(start)
+        self._commit(0)
+
+    def _commit(self, kept: int) -> None:
+        """The host's cache length after this round: its k + 1 positions written (the ring's rollback check sees
+        them), `kept` of them kept."""
+        cache = self.pipe.be.cache
+        start = cache.length
+        cache.advance(start, self.k + 1)
+        self.pipe.be.rollback(start + kept)
 
 
 class Pipeline:
