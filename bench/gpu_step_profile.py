@@ -125,7 +125,7 @@ def sampled_steps(be: TorchBackend, tok: torch.Tensor, h: torch.Tensor, k: int, 
         for g, _ in gr.sampled_steps[t1][:k]:
             g.replay()
     out = {}
-    for name, fn in [(f"draft{k}_t1", draft), (f"accept{k + 1}_t1", gr.accepts[t1, k][0].replay),
+    for name, fn in [(f"draft{k}_t1", draft), (f"accept{k + 1}_t1", gr.accepts[t1][0].replay),
                      (f"accept{k + 1}_greedy_device", lambda: accept_greedy_device(be.ops, d.tokens, logits))]:
         n, busy, top = kernels(fn)
         out[name] = {"ms": gpu_ms(fn), "kernels": n, "kernel_ms": busy, "top": top}

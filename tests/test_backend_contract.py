@@ -24,7 +24,7 @@ from mtpkit.runtime import BACKENDS
 from mtpkit.runtime.draft import draft
 from mtpkit.runtime.loop import GenerationParams, generate
 from mtpkit.runtime.oracle import OracleDrafter
-from mtpkit.runtime.sampling import SamplingParams, accept_rejection, probs
+from mtpkit.runtime.sampling import SamplingParams, accept_rejection_logits, probs
 from mtpkit.runtime.tree import accept_tree, draft_tree, kept_rows
 from tests.conftest import tiny_drafter, tiny_target
 
@@ -285,7 +285,7 @@ def test_fused_sampled_draft_equals_the_generic_policy(pair):
 
 
 def test_fused_accept_equals_the_generic_rule(pair):
-    """Sampled acceptance as the backend's graph = sampling.accept_rejection with the same uniforms, for drafts from
+    """Sampled acceptance as the backend's graph = sampling.accept_rejection_logits with the same uniforms, for drafts from
     the fused draft (read in place) and from the generic policy (copied in), all-accepted and rejected rounds alike."""
     be, bonus, h = _started_with(pair, "fused_accept")
     ops, p0 = be.ops, be.length
@@ -298,8 +298,7 @@ def test_fused_accept_equals_the_generic_rule(pair):
                 u = ops.rand(ops.generator(100 + s), d.tokens.numel() + 1, like=h)
                 if s == 0:
                     u = u * 0  # a draft is accepted wherever the target gives it any probability
-                want = ops.to_list(ops.cat(accept_rejection(ops, d.tokens, d.picks, d.q, d.ids,
-                                                            probs(ops, logits, sp), u)))
+                want = ops.to_list(ops.cat(accept_rejection_logits(ops, d.tokens, d.picks, d.q, d.ids, logits, sp, u)))
                 got = ops.to_list(ops.cat(be.fused_accept(d, logits, sp, u)))
                 assert got == want, (sp, k, s)
                 seen.add(want[0] == d.tokens.numel())

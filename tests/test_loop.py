@@ -143,6 +143,50 @@ def test_rejection_rule_without_branches_matches_the_textbook_one():
     assert outcomes == {True, False}
 
 
+def test_rejection_from_logits_is_the_rule_on_probs():
+    """accept_rejection_logits (p only at the drafts and the one row drawn from, via each row's log-sum-exp) decides
+    what accept_rejection does on probs() of the same logits, with numpy's and torch's ops, for temperature alone and
+    with top-k / top-p, k = 0..4, rounds that accept all and rounds that reject."""
+    import numpy as np
+
+    from mtpkit.runtime.ops import NumpyOps
+    from mtpkit.runtime.sampling import accept_rejection_logits
+    g = np.random.default_rng(3)
+    V, N = 40, 6
+    tops = TorchBackend(tiny_target(0), None, max_len=8).ops
+    t = torch.from_numpy
+    outcomes = set()
+    for trial in range(300):
+        sp = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.6, top_k=9),
+              SamplingParams(temperature=1.3, top_p=0.8)][trial % 3]
+        k = int(g.integers(0, 5))
+        logits = (g.standard_normal((k + 1, V)) * 2).astype(np.float32)
+        ids = np.array([g.permutation(V)[:N] for _ in range(k)], dtype=np.int64).reshape(k, N)
+        ids[:, 0] = logits[:k].argmax(-1)  # a candidate the target likes, so some rounds accept all
+        q = g.random((k, N)).astype(np.float32) ** 4
+        q /= q.sum(-1, keepdims=True)
+        picks = np.array([g.choice(N, p=qi / qi.sum(dtype=np.float64)) for qi in q], dtype=np.int64)
+        drafts = ids[np.arange(k), picks]
+        u = g.random(k + 1).astype(np.float32) * (trial % 4 != 0)  # every fourth trial: u = 0 before the last
+        u[k] = g.random()
+        want = NumpyOps.to_list(NumpyOps.cat(accept_rejection(NumpyOps, drafts, picks, q, ids,
+                                                               probs(NumpyOps, logits, sp), u)))
+        got_np = NumpyOps.to_list(NumpyOps.cat(accept_rejection_logits(NumpyOps, drafts, picks, q, ids, logits, sp, u)))
+        got_t = tops.to_list(tops.cat(accept_rejection_logits(tops, t(drafts), t(picks), t(q), t(ids), t(logits), sp,
+                                                              t(u))))
+        assert got_np == got_t == want, (trial, got_np, got_t, want)
+        # padded to K = 4 drafts (rows past k random), k a 0-d array: what one CUDA graph for every k computes
+        K = 4
+        pad = lambda x, rows: t(np.concatenate([x, rows[x.shape[0]:]]).astype(x.dtype))  # noqa: E731
+        junk = lambda *shape: (g.random(shape) * 5).astype(np.float32)  # noqa: E731
+        padded = accept_rejection_logits(tops, pad(drafts, g.integers(0, V, K)), pad(picks, g.integers(0, N, K)),
+                                         pad(q, junk(K, N)), pad(ids, g.integers(0, V, (K, N))),
+                                         pad(logits, junk(K + 1, V)), sp, pad(u, junk(K + 1)), torch.tensor(k))
+        assert tops.to_list(tops.cat(padded)) == want, (trial, "padded")
+        outcomes.add((k, want[0] == k))
+    assert {(k, True) for k in range(5)} <= outcomes and {(k, False) for k in range(1, 5)} <= outcomes
+
+
 @pytest.mark.parametrize("ops_name,sparse", [("numpy", False), ("numpy", True), ("torch", False), ("torch", True)])
 def test_rejection_sampling_preserves_the_target_distribution(ops_name, sparse):
     """60k rounds on an 8-token vocabulary, with numpy's and torch's ops, q dense or over 5 candidates per step

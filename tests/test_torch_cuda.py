@@ -62,3 +62,17 @@ def test_compiled_target_keeps_greedy_output():
     fused, be.fused_plain = be.fused_plain, None
     assert _tokens(be, prompt, 40, 4, drafter=False) == plain
     assert fused is not None and be._graphs.width == 5 and set(be._graphs.verify_graphs) == {5}
+
+
+def test_compiled_sampling_for_many_settings_in_one_process():
+    """A compiled step is compiled again per sampling settings: more settings than torch.compile's default of 8
+    variants (a hard error with fullgraph) still run, and every k of a setting shares its one acceptance graph."""
+    from mtpkit.runtime.sampling import SamplingParams
+    target, drafter, prompt = _models(2)
+    be = TorchBackend(target, drafter, max_len=256, max_draft=4, compile="drafter")
+    for i in range(10):
+        sp = SamplingParams(temperature=0.5 + 0.1 * i, top_k=20 * (i % 2))
+        for k in (1, 4):
+            params = GenerationParams(max_new_tokens=12, sampling=sp, num_draft_tokens=k, gate=False, seed=i)
+            assert len([t for r in generate(be, prompt, params, set()) for t in r.tokens]) == 12
+    assert len(be._graphs.accepts) == 10

@@ -38,9 +38,10 @@ case "$1" in
   part)
     n=$(printf %02d "$2") && cp ".stage/g3.part$n" /tmp/stage/ && ls /tmp/stage
     if [ "$2" = "${3:-}" ]; then cat /tmp/stage/g3.part* > /tmp/g3.gguf && echo "$SHA  /tmp/g3.gguf" | sha256sum -c; fi ;;
-  series)  # "bench NAME SUITE LIMIT T [OPTIONS]; bench ..." run in the background, one after the other
-    rm -f "$R/done"; mkdir -p "$R"
-    setsid nohup bash -c "source $0 fns; $2; touch $R/done" > "$R/series.log" 2>&1 < /dev/null &
+  series)  # "bench NAME SUITE LIMIT T [OPTIONS]; bench ..." run in the background, one after the other, from a copy
+    # of the tree (each later `run` copies the working tree here again: a bench importing mtpkit meanwhile failed)
+    rm -f "$R/done"; mkdir -p "$R"; rm -rf /tmp/snap && cp -a . /tmp/snap
+    setsid nohup bash -c "cd /tmp/snap && export PYTHONPATH=/tmp/site:/tmp/snap && source devices/gpu/tree_session.sh fns; $2; touch $R/done" > "$R/series.log" 2>&1 < /dev/null &
     sleep 3; cat "$R/series.log" ;;
   fns) ;;  # sourced by a series: the functions only
   wait)

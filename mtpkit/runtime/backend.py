@@ -113,7 +113,7 @@ class Backend:
     # ops.pick(probs, u[i])); h = the last step's post-norm hidden. Greedy: what n verify([token]) steps give.
     fused_plain = None
     # optional: (draft, logits [k + 1, V], sp, u [k + 1]) -> (n, next token) as 0-d arrays: what
-    # sampling.accept_rejection(ops, ..., probs(ops, logits, sp), u) computes, run as one replayed graph
+    # sampling.accept_rejection_logits(ops, ..., logits, sp, u) computes, run as one replayed graph
     fused_accept = None
     # optional, sampled draft trees (runtime/tree.py): verify_tree(tokens [1 + w k], w, k_max) -> (logits, hidden) of
     # the rows in the tree's layout (k_max: the longest chain of the generation); keep(start, rows): those rows become the positions after start, the cache ends

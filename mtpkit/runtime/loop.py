@@ -36,7 +36,7 @@ from mtpkit.errors import MtpkitError
 from mtpkit.runtime.backend import Backend, Draft
 from mtpkit.runtime.draft import draft
 from mtpkit.runtime.gate import Gate, RoundCosts
-from mtpkit.runtime.sampling import SamplingParams, accept_greedy, accept_rejection, probs
+from mtpkit.runtime.sampling import SamplingParams, accept_greedy, accept_rejection, accept_rejection_logits, probs
 from mtpkit.runtime.tree import TreeDraft, accept_tree, draft_tree, kept_rows
 
 PLAIN_CHUNK = 16  # fused plain decoding: steps queued per host sync (a chunk past EOS is wasted work)
@@ -102,7 +102,7 @@ def accept(backend: Backend, d: Draft, logits, sp: SamplingParams, rng) -> tuple
     if backend.fused_accept is not None:
         n, nxt = backend.fused_accept(d, logits, sp, u)
     else:
-        n, nxt = accept_rejection(ops, d.tokens, d.picks, d.q, d.ids, probs(ops, logits, sp), u)
+        n, nxt = accept_rejection_logits(ops, d.tokens, d.picks, d.q, d.ids, logits, sp, u)
     vals = ops.to_list(ops.cat([n, nxt, d.tokens]))
     return vals[0], vals[1], vals[2:]
 

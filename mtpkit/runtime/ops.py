@@ -69,6 +69,20 @@ class NumpyOps:
         return e / e.sum(-1, keepdims=True)
 
     @staticmethod
+    def arange(n: int, like=None) -> np.ndarray:
+        return np.arange(n)
+
+    @staticmethod
+    def logsumexp(x) -> np.ndarray:
+        """log(sum(exp(x))) along the last axis (-inf entries allowed, not all of a row)."""
+        m = x.max(-1, keepdims=True)
+        return (np.log(np.exp(x - m).sum(-1, keepdims=True)) + m)[..., 0]
+
+    @staticmethod
+    def exp(x) -> np.ndarray:
+        return np.exp(x)
+
+    @staticmethod
     def cumsum(x) -> np.ndarray:
         return np.cumsum(x, axis=-1)
 

@@ -39,8 +39,9 @@ class SamplingParams:
         return self.temperature == 0
 
 
-def probs(ops, logits, sp: SamplingParams):
-    """[..., N] logits -> [..., N] float32 probabilities after temperature, top-k, top-p."""
+def scaled(ops, logits, sp: SamplingParams):
+    """[..., N] logits -> [..., N] float32 logits after temperature, -inf outside top-k / top-p: probs() is their
+    softmax."""
     x = ops.float32(logits) / sp.temperature
     n = x.shape[-1]
     if sp.top_k and sp.top_k < n:
@@ -50,7 +51,12 @@ def probs(ops, logits, sp: SamplingParams):
         ps = ops.softmax(s)
         keep = (ops.cumsum(ps) - ps) < sp.top_p  # the smallest prefix whose mass reaches top_p (never empty)
         x = ops.mask_below(x, ops.take_along(s, ops.count(keep) - 1))
-    return ops.softmax(x)
+    return x
+
+
+def probs(ops, logits, sp: SamplingParams):
+    """[..., N] logits -> [..., N] float32 probabilities after temperature, top-k, top-p."""
+    return ops.softmax(scaled(ops, logits, sp))
 
 
 def accept_greedy(ops, drafts, target_logits) -> tuple[int, int, list[int]]:
@@ -80,11 +86,35 @@ def accept_rejection(ops, drafts, picks, q, ids, p, u):
     (Backend.fused_accept): u[:k] decide the drafts, u[k] draws the next token from the residual at the first
     rejection (from p[k] when all k are accepted: q's row is zeroed there)."""
     k = drafts.shape[0]
-    if k == 0:  # nothing drafted (adaptive drafting stopped at its first step): n is a 0-d zero
-        return ops.leading_count(u[:0] > 1), ops.pick(p[0], u[0])
     pd = ops.take_along(p[:k], drafts[:, None])[:, 0]
+    return _reject(ops, picks, q, ids, pd, lambda n: ops.index(p, n), u)
+
+
+def accept_rejection_logits(ops, drafts, picks, q, ids, logits, sp: SamplingParams, u, k=None):
+    """accept_rejection(ops, drafts, picks, q, ids, probs(ops, logits, sp), u) computing p only where the rule reads
+    it: each row's log-sum-exp, p at the drafts, and the one row the next token is drawn from (k + 1 rows of a 262k
+    vocabulary otherwise cost a softmax each). The same decisions up to float rounding.
+    k: None, or a 0-d array when the inputs are padded to K = drafts.shape[0] drafts (K + 1 logits rows, K + 1
+    uniforms) of which the first k are live: one shape for every k (a compiled CUDA graph); u[k] draws the next token."""
+    x = scaled(ops, logits, sp)
+    lse = ops.logsumexp(x)  # [K + 1]
+    K = drafts.shape[0]
+    pd = ops.exp(ops.take_along(x[:K], drafts[:, None])[:, 0] - lse[:K])
+    return _reject(ops, picks, q, ids, pd, lambda n: ops.exp(ops.index(x, n) - ops.index(lse, n)), u, k)
+
+
+def _reject(ops, picks, q, ids, pd, row, u, k=None):
+    """The rejection rule on p at the drafts pd [K] and row(n) -> p [V] of row n; k: the live drafts (None: all K)."""
+    K = pd.shape[0]
+    if K == 0:  # nothing drafted (adaptive drafting stopped at its first step): n is a 0-d zero
+        n = ops.leading_count(u[:0] > 1)
+        return n, ops.pick(row(n), u[0])
     qd = ops.take_along(q, picks[:, None])[:, 0]
-    n = ops.leading_count(u[:k] * qd < pd)  # u < p/q without dividing by a tiny q
-    j = ops.clamp_max(n, k - 1)  # the rejected draft's row; when n == k any row, zeroed
-    dist = ops.residual(ops.index(p, n), ops.index(q, j) * (n < k), None if ids is None else ops.index(ids, j))
-    return n, ops.pick(dist, u[k])
+    ok = u[:K] * qd < pd  # u < p/q without dividing by a tiny q
+    if k is not None:
+        ok = ok & (ops.arange(K, like=pd) < k)
+    n = ops.leading_count(ok)
+    j = ops.clamp_max(n, K - 1)  # the rejected draft's row; when n == k any row, zeroed
+    live = n < (K if k is None else k)
+    dist = ops.residual(row(n), ops.index(q, j) * live, None if ids is None else ops.index(ids, j))
+    return n, ops.pick(dist, u[K] if k is None else ops.index(u, k))

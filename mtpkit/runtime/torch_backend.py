@@ -3,13 +3,16 @@
 On CUDA (`cuda_graphs=True`) each verify width 1..k+1 (one padded width when compiled, below) and the draft
 steps (greedy, and sampled per sampling settings, with uniforms drawn ahead) are captured once as CUDA graphs
 over the static KV cache and replayed: one launch per target forward, one per draft step plus one per round for
-the drafter's attention inputs, one for sampled acceptance (sampling.accept_rejection, per k), and one host sync per
-round (acceptance's result: n, the next token and the drafts in one transfer; `Pipeline`: an async copy, read one
-round later, while the next round runs). Positions and
-lengths enter the graphs as device tensors (GemmaModel.step and the cache's ring arithmetic are tensor-only).
+the drafter's attention inputs, one for sampled acceptance (sampling.accept_rejection_logits: one graph per sampling
+settings for every k, its inputs padded to max_draft), and one host sync per round (acceptance's result: n, the
+next token and the drafts in one transfer; `Pipeline`: an async copy, read one round later, while the next round
+runs). Positions and lengths enter the graphs as device tensors (GemmaModel.step and the cache's ring arithmetic
+are tensor-only).
 `compile` runs captured steps through torch.compile first (inductor, no cudagraphs of its own): a step
 of a small model is hundreds of tiny kernels, and fusing them is most of its time. "drafter" compiles
-the draft steps only; "all" (the default on CUDA) the target's steps too. Compiled kernels are chosen per
+the draft steps, sampled acceptance and a sampled plain step's pick (H100: 0.15 -> 0.04 ms and 0.10 -> 0.03 ms
+over the 262k vocabulary, bench/sampling_profile.py); "all" (the default on CUDA) the target's steps too.
+Compiled kernels are chosen per
 shape, so with "all" every target step, plain and verify, runs one padded width (max_draft + 1 rows; padding
 rows repeat the last token at its position): a verify row then computes bitwise what a plain step computes,
 and greedy speculative output stays equal to plain (H200: 16/16, 16/16, 48/48 on HumanEval / MT-Bench /
@@ -36,9 +39,10 @@ from mtpkit.model.gemma import GemmaModel
 from mtpkit.model.layers import weight_major
 from mtpkit.progress import note
 from mtpkit.runtime.backend import Backend, BackendInfo, Draft, DraftStep, Loaded
-from mtpkit.runtime.sampling import SamplingParams, accept_greedy_device, accept_rejection, probs
+from mtpkit.runtime.sampling import SamplingParams, accept_greedy_device, accept_rejection_logits, probs
 
 COMPILE = ("none", "drafter", "all")  # what TorchBackend(compile=...) compiles
+RECOMPILE_LIMIT = 64  # compiled variants of one step (one per sampling settings, per shape) a process may hold
 # On a CPU every target step after the prefill runs this many rows (padded like the compiled CUDA steps; a verify
 # of more tokens runs in steps of this many): a step's GEMMs then stream each weight once for all its rows
 # (layers.weight_major), and a verify row computes bitwise what a plain step computes. This repo's 2-core CPU,
@@ -101,6 +105,18 @@ class TorchOps:
     @staticmethod
     def softmax(x: torch.Tensor) -> torch.Tensor:
         return x.softmax(-1)
+
+    @staticmethod
+    def arange(n: int, like: torch.Tensor) -> torch.Tensor:
+        return torch.arange(n, device=like.device)
+
+    @staticmethod
+    def logsumexp(x: torch.Tensor) -> torch.Tensor:
+        return x.logsumexp(-1)
+
+    @staticmethod
+    def exp(x: torch.Tensor) -> torch.Tensor:
+        return x.exp()
 
     @staticmethod
     def cumsum(x: torch.Tensor) -> torch.Tensor:
@@ -593,7 +609,7 @@ class _Graphs:
         self.draft_steps: list[tuple] = []  # step i: (graph, (token, h) outputs)
         self.sampled_steps: dict[SamplingParams, list[tuple]] = {}  # per sampling settings, step i: (graph, outputs)
         self.sampled_out: dict[SamplingParams, tuple] = {}  # per sampling settings: (tokens, picks, q, ids) [max_draft, ..]
-        self.accepts: dict[tuple, tuple] = {}  # sampled acceptance per (sampling settings, k): (graph, out, inputs)
+        self.accepts: dict[SamplingParams, tuple] = {}  # sampled acceptance, every k: (graph, out, inputs)
         self.uniforms_accept = torch.zeros(be.max_draft + 1, device=be.device)
         self.uniforms = torch.zeros(be.max_draft, device=be.device)  # the sampled steps' u, written per round
         # compiled target steps all run one padded width (plain and verify): compiled kernels are chosen per
@@ -603,6 +619,7 @@ class _Graphs:
         self.uniforms_plain = torch.zeros(be.max_len, device=be.device)  # sampled plain decoding's u, per call
         self.step, self.draft_inputs, self.draft_step = be.target.step, be._draft_inputs, be._greedy_step
         self.sampled_step = be._sampled_step
+        self.accept_rule, self.sample = self._accept_rule, self._sample  # sampled acceptance; a sampled plain pick
         self.tree_first, self.tree_rows = be._tree_first, be._tree_rows
         self.tree_graphs: dict[int, tuple] = {}  # tree verify per padded width
         self.tree_layouts: dict[tuple, tuple] = {}  # padded (depth, see) per layout
@@ -620,12 +637,16 @@ class _Graphs:
             self.sampled_step = torch.compile(self.sampled_step, fullgraph=True, dynamic=False)
             self.tree_first = torch.compile(self.tree_first, fullgraph=True, dynamic=False)
             self.tree_rows = torch.compile(self.tree_rows, fullgraph=True, dynamic=False)
+            self.accept_rule = torch.compile(self.accept_rule, fullgraph=True, dynamic=False)
+            self.sample = torch.compile(self.sample, fullgraph=True, dynamic=False)
 
     def _capture(self, fn, inputs: tuple[torch.Tensor, ...]):
-        """Warm up on a side stream, then capture fn(*inputs) -> (graph, outputs)."""
+        """Warm up on a side stream, then capture fn(*inputs) -> (graph, outputs). A compiled step is compiled again
+        per sampling settings (and shape): torch.compile's default of 8 variants of a function, a hard error with
+        fullgraph, is raised to RECOMPILE_LIMIT for the captures."""
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
+        with torch.cuda.stream(s), torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
             for _ in range(2):
                 fn(*inputs)
         torch.cuda.current_stream().wait_stream(s)
@@ -685,7 +706,7 @@ class _Graphs:
                 if sp.greedy:
                     j = logits[0].argmax()
                 else:
-                    j = self.be.ops.pick(probs(self.be.ops, logits[0], sp), self.uniforms_plain.gather(0, at)[0])
+                    j = self.sample(logits[0], self.uniforms_plain.gather(0, at)[0], sp)
                 picked.index_copy_(0, at, j.view(1))
                 t_in.copy_(j.expand_as(t_in))
                 p_in.add_(1)
@@ -757,28 +778,47 @@ class _Graphs:
                 buf[i].copy_(x)
         return out
 
+    def _accept_rule(self, lg: torch.Tensor, toks: torch.Tensor, picks: torch.Tensor, q: torch.Tensor,
+                     ids: torch.Tensor | None, u: torch.Tensor, k: torch.Tensor, sp: SamplingParams) -> torch.Tensor:
+        """[n, next]: sampling.accept_rejection_logits on inputs padded to max_draft drafts, k of them live (the
+        acceptance graph; compiled with the steps)."""
+        return torch.stack(accept_rejection_logits(self.be.ops, toks, picks, q, ids, lg, sp, u, k))
+
+    def _sample(self, logits: torch.Tensor, u: torch.Tensor, sp: SamplingParams) -> torch.Tensor:
+        """A sampled plain step's pick from its logits [V] with uniform u, as the plain chunk's graph captures it."""
+        return self.be.ops.pick(probs(self.be.ops, logits, sp), u)
+
     @torch.inference_mode()
     def accept(self, d: Draft, logits: torch.Tensor, sp: SamplingParams, u: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """sampling.accept_rejection(ops, d..., probs(ops, logits, sp), u) as one graph per (sp, k): the draft's and
-        the verify's outputs are read where the graphs left them (copied in only when they are other tensors)."""
+        """sampling.accept_rejection_logits(ops, d..., logits, sp, u) as one graph per sampling settings, for every k:
+        its inputs padded to max_draft drafts, k a device scalar. It reads the sampled draft's buffers and the verify
+        graph's logits where those graphs wrote them (rows copied in only when they are other tensors)."""
         k = d.tokens.numel()
-        given = (logits, d.tokens, d.picks, d.q, d.ids, u)
-        if (sp, k) not in self.accepts:
-            ops = self.be.ops
-
-            def fn(lg, toks, picks, q, ids, uu):
-                n, nxt = accept_rejection(ops, toks, picks, q, ids, probs(ops, lg, sp), uu)
-                return torch.stack([n, nxt])
-            static = (*given[:5], self.uniforms_accept[:k + 1])
-            static[5].copy_(u)
-            self.accepts[sp, k] = (*self._capture(fn, static), static)
-        g, out, static = self.accepts[sp, k]
-        for dst, src in zip(static, given, strict=True):
+        if sp not in self.accepts:
+            static = self._accept_inputs(sp, d, logits)
+            k_in = torch.zeros((), dtype=torch.long, device=self.be.device)
+            self.accepts[sp] = (*self._capture(lambda *x: self.accept_rule(*x, sp), (*static, k_in)), (*static, k_in))
+        g, out, static = self.accepts[sp]
+        for dst, src in zip(static, (logits, d.tokens, d.picks, d.q, d.ids, u), strict=False):
             if dst is not None and dst.data_ptr() != src.data_ptr():
-                dst.copy_(src)
+                dst[:src.shape[0]].copy_(src)
+        static[-1].fill_(k)  # (a host int into a device scalar: no sync)
         g.replay()
         return out[0], out[1]
+
+    def _accept_inputs(self, sp: SamplingParams, d: Draft, logits: torch.Tensor) -> tuple:
+        """The acceptance graph's padded inputs: the verify graph's logits [max_draft + 1, V] when its width is that,
+        the sampled draft's buffers (sampled_out[sp]) when it has them, else buffers of their own; the uniforms."""
+        m = self.be.max_draft
+        own = (logits.new_zeros(m + 1, logits.shape[-1]), d.tokens.new_zeros(m), d.picks.new_zeros(m),
+               d.q.new_zeros(m, d.q.shape[-1]), None if d.ids is None else d.ids.new_zeros(m, d.ids.shape[-1]))
+        verify = self.verify_graphs.get(self.width)
+        lg = verify[1][0] if self.width == m + 1 and verify is not None else own[0]
+        drafts = self.sampled_out.get(sp)
+        if drafts is None or drafts[2].shape != own[3].shape or (drafts[3] is None) != (own[4] is None):
+            drafts = own[1:]
+        return (lg, *drafts, self.uniforms_accept)
 
     # ------------------------------------------------------------------ draft trees (runtime/tree.py), sampling
     def verify_tree(self, tokens: torch.Tensor, depth: torch.Tensor, see: torch.Tensor, start: int, w: int, width: int
