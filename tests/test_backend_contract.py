@@ -285,8 +285,9 @@ def test_fused_sampled_draft_equals_the_generic_policy(pair):
 
 
 def test_fused_accept_equals_the_generic_rule(pair):
-    """Sampled acceptance as the backend's graph = sampling.accept_rejection_logits with the same uniforms, for drafts from
-    the fused draft (read in place) and from the generic policy (copied in), all-accepted and rejected rounds alike."""
+    """Sampled acceptance as the backend's graph = sampling.accept_rejection_logits with the same uniforms, for drafts
+    from the fused draft (read in place) and from the generic policy (copied in), all-accepted and rejected rounds
+    alike, several k through one graph per sampling settings."""
     be, bonus, h = _started_with(pair, "fused_accept")
     ops, p0 = be.ops, be.length
     seen = set()

@@ -95,7 +95,8 @@ def accept_rejection_logits(ops, drafts, picks, q, ids, logits, sp: SamplingPara
     it: each row's log-sum-exp, p at the drafts, and the one row the next token is drawn from (k + 1 rows of a 262k
     vocabulary otherwise cost a softmax each). The same decisions up to float rounding.
     k: None, or a 0-d array when the inputs are padded to K = drafts.shape[0] drafts (K + 1 logits rows, K + 1
-    uniforms) of which the first k are live: one shape for every k (a compiled CUDA graph); u[k] draws the next token."""
+    uniforms) of which the first k are live: one shape for every k (a compiled CUDA graph); u[k] draws the next
+    token."""
     x = scaled(ops, logits, sp)
     lse = ops.logsumexp(x)  # [K + 1]
     K = drafts.shape[0]
