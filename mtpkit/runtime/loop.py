@@ -195,9 +195,7 @@ def generate(backend: Backend, prompt: list[int], params: GenerationParams, eos:
         if room < 0:
             yield Round([], 0, 0, finish="context")
             return
-        k = min(params.num_draft_tokens, params.max_new_tokens - emitted - 1, room) if drafting else 0
-        if gate is not None:
-            k = gate.choose(k)
+        k = _round_k(backend, params, gate, emitted) if drafting else 0
         if tree:  # a tree verify writes 1 + w k positions
             k = min(k, room // params.branches)
         if k > 0 and pipelining:
@@ -283,7 +281,7 @@ def pipelined(backend: Backend, params: GenerationParams, gate: Gate | None, k: 
         if not flight:
             return bonus, pipe.h, emitted, finish, last
         if k > 0 and len(flight) < PIPELINE_DEPTH:
-            k = _pipelined_k(backend, params, gate, emitted, flight)
+            k = _round_k(backend, params, gate, emitted, flight)
             continue
         r = flight.popleft()
         n, bonus, drafted, draft_s, verify_s = r.result()
@@ -303,12 +301,14 @@ def pipelined(backend: Backend, params: GenerationParams, gate: Gate | None, k: 
             for r in flight:
                 r.abandon()
             return bonus, pipe.h, emitted, finish, last
-        k = _pipelined_k(backend, params, gate, emitted, flight) if k > 0 else 0
+        k = _round_k(backend, params, gate, emitted, flight) if k > 0 else 0
 
 
-def _pipelined_k(backend: Backend, params: GenerationParams, gate: Gate | None, emitted: int, flight) -> int:
-    """The next pipelined round's k: what the synchronous loop would pick with the rounds in flight counted at their
-    most (k_i + 1 tokens and positions each); 0 = launch no more (drain)."""
+def _round_k(backend: Backend, params: GenerationParams, gate: Gate | None, emitted: int,
+             flight=()) -> int:
+    """The next round's k: at most num_draft_tokens, the budget and the context left (the gate's pick within that),
+    with the pipelined rounds in flight counted at their most (k_i + 1 tokens and positions each); 0 = plain, or for
+    the pipeline launch no more (drain)."""
     ahead = sum(r.k + 1 for r in flight)
     room = backend.max_len - backend.length - ahead - 1
     k = min(params.num_draft_tokens, params.max_new_tokens - emitted - ahead - 1, room)

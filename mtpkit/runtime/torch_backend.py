@@ -811,13 +811,12 @@ class _Graphs:
         """The acceptance graph's padded inputs: the verify graph's logits [max_draft + 1, V] when its width is that,
         the sampled draft's buffers (sampled_out[sp]) when it has them, else buffers of their own; the uniforms."""
         m = self.be.max_draft
-        own = (logits.new_zeros(m + 1, logits.shape[-1]), d.tokens.new_zeros(m), d.picks.new_zeros(m),
-               d.q.new_zeros(m, d.q.shape[-1]), None if d.ids is None else d.ids.new_zeros(m, d.ids.shape[-1]))
         verify = self.verify_graphs.get(self.width)
-        lg = verify[1][0] if self.width == m + 1 and verify is not None else own[0]
+        lg = verify[1][0] if self.width == m + 1 and verify is not None else logits.new_zeros(m + 1, logits.shape[-1])
         drafts = self.sampled_out.get(sp)
-        if drafts is None or drafts[2].shape != own[3].shape or (drafts[3] is None) != (own[4] is None):
-            drafts = own[1:]
+        if drafts is None or drafts[2].shape[-1] != d.q.shape[-1] or (drafts[3] is None) != (d.ids is None):
+            drafts = (d.tokens.new_zeros(m), d.picks.new_zeros(m), d.q.new_zeros(m, d.q.shape[-1]),
+                      None if d.ids is None else d.ids.new_zeros(m, d.ids.shape[-1]))
         return (lg, *drafts, self.uniforms_accept)
 
     # ------------------------------------------------------------------ draft trees (runtime/tree.py), sampling
