@@ -181,20 +181,20 @@ def timeline(be: TorchBackend, k: int, drafter: bool, rounds: int = 10) -> dict:
             "host_ops": [[e.key, e.count // rounds, e.self_cpu_time_total / 1e3 / rounds] for e in ops]}
 
 
-def round_costs(be: TorchBackend, k: int, rounds: int = 150, repeats: int = 3) -> dict:
+def round_costs(be: TorchBackend, k: int, rounds: int = 150, repeats: int = 3, branches: tuple[int, ...] = ()) -> dict:
     """Wall ms per speculative round with k drafts (gate off, so every round drafts k whatever is accepted), greedy
     and sampled at T = 1: rounds queued ahead of the host (the default: loop.pipelined) and one at a time (`_sync`),
-    sampled acceptance as one graph (fused_accept) and eager (the generic rule, host-synced twice), alternated
-    `repeats` times (median)."""
+    sampled acceptance as one graph (fused_accept) and eager (the generic rule, host-synced twice), and draft trees
+    of w chains (`t1_tree{w}`, pipelined; `_sync`: one at a time), alternated `repeats` times (median)."""
     from mtpkit.runtime.sampling import SamplingParams
     torch.manual_seed(5)
     prompt = torch.randint(0, 200_000, (100,)).tolist()
     fused = be.fused_accept
 
-    def per_round(sp: SamplingParams, fa, pipeline: bool) -> float:
+    def per_round(sp: SamplingParams, fa, pipeline: bool, w: int = 1) -> float:
         be.fused_accept = fa
         params = GenerationParams(max_new_tokens=(rounds + 10) * (k + 1), sampling=sp, num_draft_tokens=k, gate=False,
-                                  pipeline=pipeline)
+                                  pipeline=pipeline, branches=w)
         gen = generate(be, prompt, params, set())
         for _ in range(5):  # the prefill, then rounds that capture graphs
             next(gen)
@@ -209,6 +209,8 @@ def round_costs(be: TorchBackend, k: int, rounds: int = 150, repeats: int = 3) -
     variants = {"greedy": (SamplingParams(), fused, True), "greedy_sync": (SamplingParams(), fused, False),
                 "t1_fused_accept": (t1, fused, True), "t1_fused_accept_sync": (t1, fused, False),
                 "t1_eager_accept_sync": (t1, None, False)}
+    for w in branches:
+        variants |= {f"t1_tree{w}": (t1, fused, True, w), f"t1_tree{w}_sync": (t1, fused, False, w)}
     runs: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(repeats):
         for name, v in variants.items():
@@ -267,6 +269,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--rows", type=int, help="override mtpkit.model.layers.SMALL_QUERY_ROWS")
+    ap.add_argument("--branches", default="", help="round costs of draft trees of these widths too, e.g. 2,3,4")
     ap.add_argument("--json")
     ap.add_argument("--quick", action="store_true", help="steps and the loop on 2 prompts only (no invariance check, "
                     "no timeline)")
@@ -282,7 +285,7 @@ def main() -> None:
            "steps": steps(be, a.k)}
     res["invariance"] = None if a.quick else invariance(be, a.k)
     res["loop"] = loop(be, a.k, a.prompts, a.new)
-    res["round_costs"] = round_costs(be, a.k)
+    res["round_costs"] = round_costs(be, a.k, branches=tuple(int(x) for x in a.branches.split(",") if x))
     res["timeline"] = {} if a.quick else {"plain": timeline(be, a.k, False), "spec": timeline(be, a.k, True)}
     res["wall_s"] = time.perf_counter() - t0
     if a.json:
@@ -308,6 +311,10 @@ def main() -> None:
     print(f"  a round of {a.k} drafts (gate off), queued ahead / one at a time: greedy {rc['greedy']:.3f} / "
           f"{rc['greedy_sync']:.3f} ms, T = 1 {rc['t1_fused_accept']:.3f} / {rc['t1_fused_accept_sync']:.3f} ms "
           f"(acceptance as a graph), one at a time with eager acceptance {rc['t1_eager_accept_sync']:.3f} ms")
+    trees = sorted(n for n in rc if n.startswith("t1_tree") and not n.endswith("_sync"))
+    if trees:
+        print("  T = 1 draft trees, queued ahead / one at a time: " + " | ".join(
+            f"w = {n[7:]} {rc[n]:.3f} / {rc[n + '_sync']:.3f} ms" for n in trees))
 
 
 if __name__ == "__main__":

@@ -125,9 +125,9 @@ class Session:
         self.tokenizer = tokenizer
         self.config = target_config
         self.drafter_path = drafter_path
-        # the online gate's state per (greedy, branches, lazy_rows, pipeline): round costs and acceptance, kept from one
-        # generation to the next
-        self.gates: dict[tuple[bool, int, bool, bool], Gate] = {}
+        # the online gate's state per (greedy, branches, lazy_rows, pipeline, verify): round costs and acceptance, kept
+        # from one generation to the next
+        self.gates: dict[tuple[bool, int, bool, bool, str], Gate] = {}
         self.eos = {target_config.eos_token_id}
         if tokenizer is not None:
             self.eos.add(tokenizer.eos_id)
@@ -149,7 +149,8 @@ class Session:
                top_p: float = 1.0, top_k: int = 0, seed: int = 0, num_draft_tokens: int = 5,
                min_confidence: float | str | None = "auto", stats: Stats | None = None,
                use_drafter: bool = True, draft_temperature: float | None = None, gate: bool = True,
-               branches: int = 1, lazy_rows: bool = True, pipeline: bool = True) -> Iterator[Round]:
+               branches: int = 1, lazy_rows: bool = True, pipeline: bool = True, verify: str = "block"
+               ) -> Iterator[Round]:
         """Yield one Round per target forward; pass a Stats to have it filled as you go.
 
         use_drafter=False decodes plainly through the same loop (the baseline of every speedup).
@@ -169,6 +170,9 @@ class Session:
         row head (q8_head.c); False: the backend's own step, every row (llama.cpp's decode: the bench's baseline).
         pipeline (default): where the backend can (torch on CUDA: Backend.pipeline) drafting rounds are queued ahead
         of the host, round r + 1 launched before round r is read (loop.pipelined); False: one round at a time.
+        verify (sampling, one chain, every verify row computed): "block" (default) = block verification, which accepts
+        at least as many drafts in expectation as "token" = token-wise rejection (sampling.accept_block_logits); both
+        keep the target's distribution. Draft trees and verify_rows (llama.cpp) judge token-wise.
         """
         if min_confidence == "auto":
             tree = branches > 1 and temperature > 0  # a tree drafts every chain to k
@@ -177,7 +181,7 @@ class Session:
         params = GenerationParams(max_new_tokens, SamplingParams(temperature, top_p, top_k), num_draft_tokens, seed,
                                   min_confidence or None,
                                   self.draft_temperature if draft_temperature is None else draft_temperature, gate,
-                                  branches, lazy_rows, pipeline)
+                                  branches, lazy_rows, pipeline, verify)
         ids = self._ids(prompt)
         st = stats if stats is not None else Stats()
         t0 = time.perf_counter()
@@ -190,8 +194,9 @@ class Session:
     def _gate(self, params: GenerationParams) -> Gate:
         greedy = params.sampling.greedy
         # a tree's rounds cost and yield other than a chain's; a verify of every head row costs more than verify_rows;
-        # a pipelined round costs less than one the host waits for
-        key = (greedy, 1 if greedy else params.branches, params.lazy_rows, params.pipeline)
+        # a pipelined round costs less than one the host waits for; the block rule accepts more than the token-wise one
+        key = (greedy, 1 if greedy else params.branches, params.lazy_rows, params.pipeline,
+               "" if greedy else params.verify)
         if key not in self.gates:
             self.gates[key] = Gate(1, RoundCosts(), greedy)
         self.gates[key] = self.gates[key].for_k(params.num_draft_tokens)  # a new K keeps the round costs

@@ -184,6 +184,8 @@ def run(prompt: str = typer.Argument(None, help="Text to continue (or --prompt-f
                                                      "drafter's calibrated factor); the output stays the target's."),
         branches: int = typer.Option(1, "--branches", help="Sampling, torch backend: draft trees of this many "
                                      "first-draft candidates a round, each with its chain (1 = one chain)."),
+        verify: str = typer.Option("block", "--verify", help="Sampling, one chain: block (block verification: at "
+                                   "least as many drafts accepted) | token (token-wise rejection)."),
         seed: int = typer.Option(0),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object (tokens, text, stats)."),
         compare: bool = typer.Option(False, help="Also run plain decoding and print the speedup.")) -> None:
@@ -194,7 +196,8 @@ def run(prompt: str = typer.Argument(None, help="Text to continue (or --prompt-f
     from mtpkit.runtime.sampling import SamplingParams
     # validate before the slow load (the loop builds the same objects again)
     GenerationParams(max_new_tokens, SamplingParams(temperature, top_p, top_k), num_draft_tokens,
-                     draft_temperature=1.0 if draft_temperature is None else draft_temperature, branches=branches)
+                     draft_temperature=1.0 if draft_temperature is None else draft_temperature, branches=branches,
+                     verify=verify)
     prompt = _prompt(prompt, prompt_file)
     s = mtpkit.load(target=target, drafter=drafter, backend=backend, max_draft=max(16, num_draft_tokens),
                     max_len=context, device=device, dtype=dtype, threads=threads, compile=compile)
@@ -204,7 +207,7 @@ def run(prompt: str = typer.Argument(None, help="Text to continue (or --prompt-f
         typer.echo(f"note: no drafter for target {target!r}: plain decoding (train one with `mtpkit distill`)", err=True)
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
               num_draft_tokens=num_draft_tokens, min_confidence="auto" if min_confidence is None else min_confidence,
-              draft_temperature=draft_temperature, gate=gate, branches=branches)
+              draft_temperature=draft_temperature, gate=gate, branches=branches, verify=verify)
     if as_json:
         r = s.generate(prompt, **kw)
         st = r.stats

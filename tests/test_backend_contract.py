@@ -24,7 +24,7 @@ from mtpkit.runtime import BACKENDS
 from mtpkit.runtime.draft import draft
 from mtpkit.runtime.loop import GenerationParams, generate
 from mtpkit.runtime.oracle import OracleDrafter
-from mtpkit.runtime.sampling import SamplingParams, accept_rejection_logits, probs
+from mtpkit.runtime.sampling import VERIFY, SamplingParams, probs
 from mtpkit.runtime.tree import accept_tree, draft_tree, kept_rows
 from tests.conftest import tiny_drafter, tiny_target
 
@@ -285,9 +285,9 @@ def test_fused_sampled_draft_equals_the_generic_policy(pair):
 
 
 def test_fused_accept_equals_the_generic_rule(pair):
-    """Sampled acceptance as the backend's graph = sampling.accept_rejection_logits with the same uniforms, for drafts
-    from the fused draft (read in place) and from the generic policy (copied in), all-accepted and rejected rounds
-    alike, several k through one graph per sampling settings."""
+    """Sampled acceptance as the backend's graph = sampling.VERIFY's rule (block verification and token-wise
+    rejection) with the same uniforms, for drafts from the fused draft (read in place) and from the generic policy
+    (copied in), all-accepted and rejected rounds alike, several k through one graph per sampling settings and rule."""
     be, bonus, h = _started_with(pair, "fused_accept")
     ops, p0 = be.ops, be.length
     seen = set()
@@ -299,10 +299,11 @@ def test_fused_accept_equals_the_generic_rule(pair):
                 u = ops.rand(ops.generator(100 + s), d.tokens.numel() + 1, like=h)
                 if s == 0:
                     u = u * 0  # a draft is accepted wherever the target gives it any probability
-                want = ops.to_list(ops.cat(accept_rejection_logits(ops, d.tokens, d.picks, d.q, d.ids, logits, sp, u)))
-                got = ops.to_list(ops.cat(be.fused_accept(d, logits, sp, u)))
-                assert got == want, (sp, k, s)
-                seen.add(want[0] == d.tokens.numel())
+                for verify, rule in VERIFY.items():
+                    want = ops.to_list(ops.cat(rule(ops, d.tokens, d.picks, d.q, d.ids, logits, sp, u)))
+                    got = ops.to_list(ops.cat(be.fused_accept(d, logits, sp, u, verify)))
+                    assert got == want, (sp, k, s, verify)
+                    seen.add(want[0] == d.tokens.numel())
             be.rollback(p0)
     assert seen == {True, False}  # both all-accepted and rejected rounds were compared
 
@@ -335,7 +336,7 @@ def test_tree_rows_equal_chains_and_keep_moves_the_branch(pair):
     w, k = 3, 2
     drafts = [280, 7, 291, 13, 40, 270]  # step-major: chain c = drafts[c::w]
     tree = ops.cat([bonus, ops.tokens(drafts)])
-    lt, ht = be.verify_tree(tree, w)
+    lt, ht = (x * 1 for x in be.verify_tree(tree, w))
     for c in range(w):
         be.rollback(p0)
         lc, hc = be.verify(ops.cat([bonus, ops.tokens(drafts[c::w])]))
@@ -347,7 +348,7 @@ def test_tree_rows_equal_chains_and_keep_moves_the_branch(pair):
         be.verify_tree(tree, w)
         be.keep(p0, kept_rows(w, c, n))
         assert be.length == p0 + 1 + n
-        got = be.verify(ops.tokens([5, 6]))[0]
+        got = be.verify(ops.tokens([5, 6]))[0] * 1  # a copy (CUDA graphs: the graph's output, rewritten below)
         be.rollback(p0)
         be.verify(ops.cat([bonus, ops.tokens(drafts[c::w][:n])]))
         _close(got, be.verify(ops.tokens([5, 6]))[0], tol, f"after keeping chain {c}, {n} drafts")
@@ -371,7 +372,7 @@ def test_fused_tree_draft_and_acceptance_equal_the_generic_policy(pair):
             logits, _ = be.verify_tree(fused.verify_tokens(ops, bonus), w)
             for s in range(5):
                 u = ops.rand(ops.generator(100 + s), w + k + 1, like=h) * (1 if s else 0)
-                want = ops.to_list(ops.cat(accept_tree(ops, fused, probs(ops, logits, sp), u)))
+                want = ops.to_list(ops.cat(accept_tree(ops, fused, logits, sp, u)))
                 assert ops.to_list(ops.cat(be.fused_accept_tree(fused, logits, sp, u))) == want, (sp, w, k, s)
                 seen.add(want[0] < w)
             be.rollback(p0)

@@ -50,6 +50,7 @@ def test_prompt_cases(tmp_path):
     fails_cleanly(["run", "-f", str(tmp_path / "missing.txt"), *t], "No such file or directory")
     fails_cleanly(["run", "-f", str(tmp_path), *t], "Is a directory")
     fails_cleanly(["run", "x", "--temperature", "nan", *t], "temperature")
+    fails_cleanly(["run", "x", "--verify", "blocks", *t], "verify must be one of block, token")
     fails_cleanly(["run", "x", "--context", "1", *t], "at least 2 positions")
 
 

@@ -92,6 +92,7 @@ def test_bench_bad_input(pair, tmp_path):
     fails_cleanly(base + ["--limit", "0"], "--limit")
     fails_cleanly(base + ["--verify-rows", "some"], "--verify-rows must be one of lazy, all, both")
     fails_cleanly(base + ["--pipeline", "maybe"], "--pipeline must be one of on, off, both")
+    fails_cleanly(base + ["--verify", "some"], "--verify must be one of block, token, both")
     fails_cleanly(base[:-4] + ["--suite", "nope", "--device", "cpu"], "unknown suite")
     fails_cleanly(["bench", "--target", str(target), "--suite", str(suite), "--device", "cpu"], "no drafter")
     (tmp_path / "not.json").write_text('{"a": 1}')
@@ -156,9 +157,23 @@ def test_pipeline_both_runs_one_round_at_a_time_beside(pair):
     assert methods[2].must_match and methods[2].gen["gate"] and any("pipelined" in n for n in notes)
     for m in methods[1:]:
         m.run([2, 3, 4], 4)
-    assert sorted(k[-1] for k in s.gates) == [False, True]  # a pipelined round costs less: its own round costs
+    assert sorted(k[3] for k in s.gates) == [False, True]  # a pipelined round costs less: its own round costs
     methods = _methods(s, notes, pipeline="off")
     assert [(m.name, m.gen["pipeline"]) for m in methods] == [("plain", False), ("speculative", False)]
+
+
+def test_verify_both_runs_token_wise_rejection_beside(pair):
+    """--verify both (sampling): `speculative_token` (token-wise rejection) beside `speculative` (block verification),
+    each with its own gate (their acceptance differs); --verify token makes token-wise the only one."""
+    s, notes = _session(pair), []
+    methods = _methods(s, notes, verify="both", temperature=1.0)
+    assert [(m.name, m.gen["verify"]) for m in methods] == [("plain", "block"), ("speculative", "block"),
+                                                            ("speculative_token", "token")]
+    assert methods[2].must_match and methods[2].gen["gate"]
+    for m in methods[1:]:
+        m.run([2, 3, 4], 4)
+    assert sorted(k[-1] for k in s.gates) == ["block", "token"]
+    assert [m.gen["verify"] for m in _methods(s, notes, verify="token", temperature=1.0)] == ["token", "token"]
 
 
 def test_spread_takes_categories_in_turn():

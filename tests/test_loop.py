@@ -386,7 +386,7 @@ def test_accept_rows_reads_only_the_rows_acceptance_needs_and_equals_accept(temp
             picks = np.array([g.choice(q.shape[1], p=qi / qi.sum(dtype=np.float64)) for qi in q])
             d = Draft((picks if dense else ids[np.arange(k), picks]).astype(np.int64), picks, q, ids)
         seed = int(g.integers(1 << 30))
-        want = accept(be, d, logits, sp, NumpyOps.generator(seed))
+        want = accept(be, d, logits, sp, NumpyOps.generator(seed), verify="token")  # accept_rows judges token-wise
         read = []
         got = accept_rows(be, d, lambda i, read=read, x=logits: read.append(i) or x[i], sp, NumpyOps.generator(seed))
         assert got == want, (trial, sp, k)

@@ -10,6 +10,7 @@ launched past an EOS; and the caps near the budget and the end of the context mu
 from __future__ import annotations
 
 import pytest
+import torch
 
 from mtpkit.model.config import FULL, SLIDING
 from mtpkit.runtime import loop as loop_mod
@@ -35,9 +36,9 @@ def backend(request):
 
 
 def _run(be, pipeline: bool, n_new: int = 60, temperature: float = 0.0, gate: bool = False, eos=(),
-         use_drafter: bool = True, seed: int = 3):
+         use_drafter: bool = True, seed: int = 3, branches: int = 1):
     params = GenerationParams(n_new, SamplingParams(temperature=temperature), K, seed=seed, gate=gate,
-                              pipeline=pipeline)
+                              pipeline=pipeline, branches=branches)
     rounds = list(generate(be, PROMPT, params, set(eos), use_drafter=use_drafter))
     return [x for r in rounds for x in r.tokens], rounds, be.length
 
@@ -49,7 +50,7 @@ def launches(monkeypatch):
     real = Pipeline.launch
 
     def counted(self, k, *a):
-        calls.append(k)
+        calls.append(k if len(a) < 5 else (k, a[4]))  # (k, w) for a round launched with its width
         return real(self, k, *a)
     monkeypatch.setattr(Pipeline, "launch", counted)
     return calls
@@ -82,6 +83,54 @@ def test_pipelined_rounds_equal_the_synchronous_loop(backend, launches, temperat
     else:
         assert {a for _, _, a in full_p} & {1, 2, 3, 4}  # drafts were accepted: the rounds differ in what they keep
     assert len(toks_p) == 60 and len_p == len(PROMPT) + 60 - 1
+
+
+@pytest.mark.parametrize("w", [2, 3])
+def test_pipelined_tree_rounds_equal_the_synchronous_tree_loop(backend, launches, w):
+    """Sampled draft trees of w chains queued ahead of the host: the device-side acceptance, the accepted chain's
+    K/V moved into place and the next round's bonus, h and length give the synchronous tree loop's rounds (same k,
+    same uniforms); a wrong move or h would change the target's later rows and so the rounds. Also with an EOS: the
+    round launched past it is abandoned and the host's cache length ends where the synchronous loop's does."""
+    toks_s, rounds_s, _ = _run(backend, False, temperature=1.0, branches=w)
+    assert not launches
+    toks_p, rounds_p, len_p = _run(backend, True, temperature=1.0, branches=w)
+    assert len(launches) >= 8 and {x[1] for x in launches} == {w}
+    full_s, full_p = _full_rounds(rounds_s), _full_rounds(rounds_p)
+    assert sum(len(t) for t, _, _ in full_p) >= 60 - 3 * (K + 1)
+    assert full_p == full_s[:len(full_p)]
+    # first drafts were accepted (a chain's rows moved into place), with the dense head chains past their first draft
+    assert max(a for _, _, a in full_p) >= (2 if backend.drafter.config.head == "dense" else 1)
+    assert len(toks_p) == 60 and len_p == len(PROMPT) + 60 - 1
+    eos = toks_s[30]
+    cut = toks_s[:toks_s.index(eos) + 1]
+    got_s, _, len_s = _run(backend, False, temperature=1.0, branches=w, eos=[eos])
+    got_p, rounds, len_p = _run(backend, True, temperature=1.0, branches=w, eos=[eos])
+    assert got_p == got_s == cut and rounds[-1].finish == "eos" and len_p == len_s
+
+
+def test_pipelined_tree_moves_a_later_chain_into_place(launches, monkeypatch):
+    """The dense head (near-uniform q at T = 1: first drafts can be accepted); uniforms forced so that rounds accept the second first-draft candidate and its whole chain (u = 1 - 1e-6 for
+    candidate 0, 0 for candidate 1 and the chain's drafts): the kept rows are 1 + i w + 1, moved on the device, and h
+    is the last of them. The drafts (u = 0.5) and the tokens drawn from the target's rows depend on both, so the
+    pipelined rounds equal the synchronous ones only if the move and h are right."""
+    from mtpkit.runtime.torch_backend import TorchOps
+    t = tiny_target(5, **TARGET)
+    backend = with_cpu_graphs(TorchBackend(t, tiny_drafter(t, 5, head="dense"), max_len=256, max_draft=8))
+    w, calls = 3, []
+
+    def rand(rng, n, like):
+        calls.append(n)
+        if len(calls) % 2:  # a round's draft uniforms (w k), then its acceptance's (w + k + 1)
+            return torch.full((n,), 0.5)
+        k = n - w - 1
+        return torch.tensor([1 - 1e-6, 0.0, 0.0] + [0.0] * (k - 1) + [0.5, 0.5])
+    monkeypatch.setattr(TorchOps, "rand", staticmethod(rand))
+    toks_s, rounds_s, len_s = _run(backend, False, temperature=1.0, branches=w)
+    calls.clear()
+    toks_p, rounds_p, len_p = _run(backend, True, temperature=1.0, branches=w)
+    full_s, full_p = _full_rounds(rounds_s), _full_rounds(rounds_p)
+    assert len(full_p) >= 6 and full_p == full_s[:len(full_p)]
+    assert sum(a == K for _, _, a in full_p) >= len(full_p) // 2  # whole chains kept (mostly candidate 1's)
 
 
 def test_pipelined_gate_keeps_greedy_identity(backend, launches):

@@ -16,6 +16,8 @@ from mtpkit.runtime.tree import TreeDraft, accept_tree, kept_rows, layout
 from tests.conftest import tiny_drafter, tiny_target
 from tests.test_loop import CHI2_999, _chi2, _run
 
+T1 = SamplingParams(temperature=1.0)
+
 
 def test_layout_rows_see_their_chain_only():
     depth, see = layout(2, 2)  # rows: b, c0 d0, c1 d0, c0 d1, c1 d1
@@ -25,16 +27,21 @@ def test_layout_rows_see_their_chain_only():
     assert kept_rows(2, 1, 2) == [2, 4] and kept_rows(3, 0, 0) == []
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_tree_rows_compute_what_each_chain_computes_and_keep_moves_the_branch(seed):
+@pytest.mark.parametrize("seed,graphs", [(0, False), (1, False), (2, False), (0, True), (1, True)])
+def test_tree_rows_compute_what_each_chain_computes_and_keep_moves_the_branch(seed, graphs):
     """The contract test's tree check (test_backend_contract) where the sliding layers' ring wraps inside the tree: a
     ring of 4 + 64 slots, the tree at positions 66..72. A tree verify's rows equal each chain verified alone; after
-    keep(), the next step computes what it computes after verifying that chain alone."""
+    keep(), the next step computes what it computes after verifying that chain alone. graphs: the CUDA-graph paths
+    (CPU stand-in), whose move graph is captured at the first keep of each length (its warm-up runs must not move
+    overlapping rows twice)."""
+    from tests.conftest import with_cpu_graphs
     target = tiny_target(seed, sliding_window=4)
     drafter = tiny_drafter(target, seed)
     V = target.config.vocab_size
     g = torch.Generator().manual_seed(seed)
     be = TorchBackend(target, drafter, max_len=256, max_draft=8)
+    if graphs:
+        be = with_cpu_graphs(be)
     assert be.cache.has_ring and be.cache.ring_size == 68
     prompt = torch.randint(0, V, (66,), generator=g).tolist()
     w, k = 3, 2
@@ -43,20 +50,20 @@ def test_tree_rows_compute_what_each_chain_computes_and_keep_moves_the_branch(se
     with torch.no_grad():
         be.start(prompt)
         p0 = be.length
-        lt, ht = be.verify_tree(toks, w)
+        lt, ht = (x.clone() for x in be.verify_tree(toks, w))
         for c in range(w):
             be.rollback(p0)
             lc, hc = be.verify(chain(c))
             rows = [0, *kept_rows(w, c, k)]
             torch.testing.assert_close(lt[rows], lc, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(ht[rows], hc, rtol=1e-5, atol=1e-5)
-        for c in range(w):
+        for c in (1, 0, 2):  # chain 1 first: its rows 2, 5 move onto 1, 2 (overlapping), where a move of 2 rows starts
             for n in range(k + 1):
                 be.rollback(p0)
                 be.verify_tree(toks, w)
                 be.keep(p0, kept_rows(w, c, n))
                 assert be.length == p0 + 1 + n
-                got = be.verify(torch.tensor([5, 6]))[0]
+                got = be.verify(torch.tensor([5, 6]))[0].clone()  # (graphs: a view of the graph's output)
                 be.rollback(p0)
                 be.verify(chain(c)[:n + 1])
                 torch.testing.assert_close(got, be.verify(torch.tensor([5, 6]))[0], rtol=1e-5, atol=1e-5)
@@ -105,9 +112,9 @@ def test_tree_acceptance_preserves_the_target_distribution(ops_name, w):
     chosen = set()
     for _ in range(n_rounds):
         d = _tree_round(g, q0, ids0, Q1, ids1, w)
-        rows = np.concatenate([P0[None], after[d.tokens.T.reshape(-1)]]).astype(np.float32)
+        rows = np.log(np.concatenate([P0[None], after[d.tokens.T.reshape(-1)]])).astype(np.float32)  # logits
         d = TreeDraft(*(arr(x) for x in (d.tokens, d.picks, d.q.astype(np.float32), d.ids, d.valid)))
-        c, n, nxt = ops.to_list(ops.cat(accept_tree(ops, d, arr(rows), ops.rand(rng, w + 3, like=arr(rows)))))
+        c, n, nxt = ops.to_list(ops.cat(accept_tree(ops, d, arr(rows), T1, ops.rand(rng, w + 3, like=arr(rows)))))
         chosen.add(c)
         toks = (d.tokens[c].tolist()[:n] if n else []) + [nxt]
         first[toks[0]] += 1
@@ -117,6 +124,52 @@ def test_tree_acceptance_preserves_the_target_distribution(ops_name, w):
     assert _chi2(torch.from_numpy(first), n_rounds * torch.from_numpy(P0)) < CHI2_999[7]
     assert _chi2(torch.from_numpy(second), torch.from_numpy(given)) < CHI2_999[7]
     assert len(chosen) >= 3  # rounds accepted different chains, and some none (c = w)
+
+
+@pytest.mark.parametrize("ops_name", ["numpy", "torch"])
+def test_padded_tree_acceptance_is_the_rule_on_k_live_drafts(ops_name):
+    """accept_tree on chains padded to K = 4 drafts (junk past k, logits rows of junk chains' depths, junk uniforms
+    past w + k) with k live decides what it decides on the k drafts alone: every k, every outcome kind (a chain
+    accepted to its end, rejected inside, none of the first drafts), dense and sparse q, top-k / top-p."""
+    V, N, w, K = 12, 6, 3, 4
+    g = np.random.default_rng(1)
+    ops = NumpyOps() if ops_name == "numpy" else TorchBackend(tiny_target(0), None, max_len=8).ops
+    arr = (lambda x: x) if ops_name == "numpy" else torch.from_numpy
+    seen = set()
+    for trial in range(400):
+        k = 1 + trial % K
+        sp = [T1, SamplingParams(temperature=0.7, top_k=5), SamplingParams(temperature=1.2, top_p=0.8)][trial % 3]
+        sparse = trial % 2 == 0
+        ids = np.stack([np.stack([g.permutation(V)[:N] for _ in range(K)]) for _ in range(w)]) if sparse else None
+        q = g.random((w, K, N if sparse else V)) ** 2
+        q /= q.sum(-1, keepdims=True)
+        q[:, 0] = q[0, 0]  # the shared first step
+        if sparse:
+            ids[:, 0] = ids[0, 0]
+        picks = np.stack([g.permutation(q.shape[-1])[:w] for _ in range(K)], 1)  # distinct first picks
+        picks[:, 1:] = g.integers(0, q.shape[-1], (w, K - 1))
+        toks = picks if ids is None else np.take_along_axis(ids, picks[..., None], -1)[..., 0]
+        valid = np.array([True] * w)
+        # concentrated target rows (sometimes on the drafts) so that chains are accepted far into them
+        logits = 3 * g.standard_normal((1 + w * K, V)).astype(np.float32)
+        for i in range(K):
+            for c in range(w):
+                if g.random() < 0.7 and i + 1 < K:
+                    logits[1 + i * w + c, toks[c, i + 1]] += 8
+        if g.random() < 0.7:
+            logits[0, toks[g.integers(w), 0]] += 8
+        u = g.random(w + K + 1).astype(np.float32)
+        cut = lambda x, k=k: None if x is None else arr(np.ascontiguousarray(x[:, :k]))  # noqa: E731
+        d_k = TreeDraft(cut(toks), cut(picks), cut(q.astype(np.float32)), cut(ids), arr(valid))
+        rows_k = np.concatenate([logits[:1], logits[1:].reshape(K, w, V)[:k].reshape(k * w, V)])
+        want = ops.to_list(ops.cat(accept_tree(ops, d_k, arr(rows_k), sp, arr(u[:w + k + 1]))))
+        d_K = TreeDraft(*(None if x is None else arr(x) for x in (toks, picks, q.astype(np.float32), ids, valid)))
+        k0 = np.array(k) if ops_name == "numpy" else torch.tensor(k)
+        got = ops.to_list(ops.cat(accept_tree(ops, d_K, arr(logits), sp, arr(u), k0)))
+        assert got == want, (trial, k)
+        c, n, _ = want
+        seen.add("none" if c == w else "all" if n == k else "cut")
+    assert seen == {"none", "all", "cut"}
 
 
 def test_sampled_tree_loop_matches_target_distribution():

@@ -46,6 +46,8 @@ def bench_command(
                                         "`speculative_all_rows` beside it."),
         pipeline: str = typer.Option("on", "--pipeline", help="on: drafting rounds queued ahead of the host where the "
                                      "backend can (torch on CUDA) | off | both: also run `speculative_sync` beside it."),
+        verify: str = typer.Option("block", "--verify", help="Sampling, one chain: block (block verification, the "
+                                   "default) | token (token-wise rejection) | both: also run `speculative_token`."),
         min_confidence: float = typer.Option(None, "--min-confidence",
                                              help="Adaptive drafting threshold, as in `mtpkit run` (default: per backend, "
                                                   "off on GPU; 0 = off)."),
@@ -78,7 +80,7 @@ def bench_command(
                       num_draft_tokens=num_draft_tokens, min_confidence="auto" if min_confidence is None else min_confidence,
                       repeats=repeats, seed=seed, threads=threads, baselines=baselines, lookup_tokens=lookup_tokens,
                       compile=compile, gate=gate, branches=branches, llamacpp_bin=llamacpp_bin,
-                      verify_rows=verify_rows, pipeline=pipeline)
+                      verify_rows=verify_rows, pipeline=pipeline, verify=verify)
     doc = run_bench(cfg, note=lambda s: typer.echo(f"note: {s}", err=True), progress=not quiet)
     table = markdown(doc)
     if jp:

@@ -175,7 +175,7 @@ def _lookup_class():
 
 
 def our_methods(session, gen: dict[str, Any], info: dict[str, Any], gate: str = "on", branches: int = 1,
-                rows: str = "lazy", pipeline: str = "on") -> list[Method]:
+                rows: str = "lazy", pipeline: str = "on", verify: str = "block") -> list[Method]:
     """Plain and speculative decoding through our loop; `info` = session.backend.info(). gate: on = speculative
     with the online gate (the default), off = speculative drafting k every round, both = the two side by side.
     branches > 1 (sampling): speculative drafts trees of that many branches, and `speculative_chain` (one chain a
@@ -185,9 +185,10 @@ def our_methods(session, gen: dict[str, Any], info: dict[str, Any], gate: str = 
     is not all, `plain_rows` = plain decoding through it (llama.cpp: the head by q8_head.c), greedy-checked against
     plain: speculation's own gain is speculative over plain_rows. pipeline: on = drafting rounds queued ahead of the
     host where the backend can (Backend.pipeline: CUDA graphs), off = one round at a time, both = `speculative_sync`
-    (one at a time) beside."""
+    (one at a time) beside. verify (sampling, one chain): block (block verification) | token | both =
+    `speculative_token` (token-wise rejection) beside."""
     mb, dmb = info.target_bytes / 2**20, info.drafter_bytes / 2**20
-    gen = dict(gen, lazy_rows=rows != "all", pipeline=pipeline != "off")
+    gen = dict(gen, lazy_rows=rows != "all", pipeline=pipeline != "off", verify="token" if verify == "token" else "block")
     w = f"mtpkit {info.name} {info.dtype}"
     out: list[Method] = [OurLoop("plain", "mtpkit loop, no drafter (the baseline of every speedup)", w, mb,
                                  session=session, use_drafter=False, gen=dict(gen, lazy_rows=False), device=info.device)]
@@ -215,7 +216,9 @@ def our_methods(session, gen: dict[str, Any], info: dict[str, Any], gate: str = 
     for name, what, flags, on in (
             ("speculative_all_rows", "the target's head on every verify row", {"lazy_rows": False}, rows == "both"),
             ("speculative_sync", "one round at a time (no rounds queued ahead of the host)", {"pipeline": False},
-             pipeline == "both")):
+             pipeline == "both"),
+            ("speculative_token", "token-wise rejection (not block verification)", {"verify": "token"},
+             verify == "both")):
         if on:  # `speculative` with one setting changed
             out.append(OurLoop(name, f"mtpkit shared-cache speculative loop, {what}", f"{w} + drafter", mb + dmb,
                                reference="plain", must_match=True, session=session, use_drafter=True,

@@ -71,7 +71,8 @@ def markdown(doc: dict[str, Any]) -> str:
                 + (f" --gate {s['gate']}" if s.get("gate", "on") != "on" else "")
                 + (f" --branches {s['branches']}" if s.get("branches", 1) != 1 else "")
                 + (f" --verify-rows {s['verify_rows']}" if s.get("verify_rows", "lazy") != "lazy" else "")
-                + (f" --pipeline {s['pipeline']}" if s.get("pipeline", "on") != "on" else "") + "`")
+                + (f" --pipeline {s['pipeline']}" if s.get("pipeline", "on") != "on" else "")
+                + (f" --verify {s['verify']}" if s.get("verify", "block") != "block" else "") + "`")
     return "\n".join(out) + "\n"
 
 

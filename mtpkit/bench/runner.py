@@ -37,6 +37,7 @@ BASELINES = ("hf", "llamacpp", "llama_server", "mlx_lm", "torch")
 GATE = ("on", "off", "both")
 ROWS = ("lazy", "all", "both")
 PIPELINE = ("on", "off", "both")
+VERIFY = ("block", "token", "both")
 
 
 @dataclass
@@ -62,6 +63,7 @@ class BenchConfig:
     branches: int = 1  # sampling: speculative drafts trees of this many branches, `speculative_chain` beside it
     verify_rows: str = "lazy"  # lazy (the backend's verify_rows where it has one) | all | both (+ speculative_all_rows)
     pipeline: str = "on"  # on (rounds queued ahead of the host where the backend can) | off | both (+ speculative_sync)
+    verify: str = "block"  # sampling, one chain: block verification | token (token-wise) | both (+ speculative_token)
     llamacpp_bin: str | None = None  # llama.cpp's programs (llama_server baseline); None = MTPKIT_LLAMACPP_BIN / build cache
 
     def check(self) -> None:
@@ -81,6 +83,8 @@ class BenchConfig:
             raise MtpkitError(f"--verify-rows must be one of {', '.join(ROWS)}, got {self.verify_rows!r}")
         if self.pipeline not in PIPELINE:
             raise MtpkitError(f"--pipeline must be one of {', '.join(PIPELINE)}, got {self.pipeline!r}")
+        if self.verify not in VERIFY:
+            raise MtpkitError(f"--verify must be one of {', '.join(VERIFY)}, got {self.verify!r}")
         if self.gate not in GATE:
             raise MtpkitError(f"--gate must be one of {', '.join(GATE)}, got {self.gate!r}")
         if self.llamacpp_bin is not None:
@@ -223,7 +227,7 @@ def _build_methods(cfg: BenchConfig, session, prompts_len: int, note: Callable[[
                min_confidence=cfg.min_confidence)
     info = session.backend.info()
     methods = our_methods(session, gen, info, gate=cfg.gate, branches=cfg.branches, rows=cfg.verify_rows,
-                          pipeline=cfg.pipeline)
+                          pipeline=cfg.pipeline, verify=cfg.verify)
     if cfg.pipeline != "on" and session.backend.pipeline is None:
         note(f"backend {info.name} has no pipelined rounds (CUDA graphs only): --pipeline {cfg.pipeline} runs the same "
              "loop as on")

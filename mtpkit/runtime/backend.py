@@ -10,7 +10,7 @@ Arrays are the backend's own (`ops` says which: numpy, or torch on the backend's
 (greedy, sampled, adaptive stop, the draft temperature), what to accept and when to stop live once, in
 runtime/draft.py, sampling.py, gate.py and loop.py. A backend may offer `fused_greedy_draft(token, h, k)` and
 `fused_sampled_draft(token, h, k, sp, u)` (the CUDA-graphed drafts), `fused_plain(token, n, sp, u)`: n plain
-decoding steps with no host sync between them, and `fused_accept(draft, logits, sp, u)`: sampled acceptance as one
+decoding steps with no host sync between them, and `fused_accept(draft, logits, sp, u, verify)`: sampled acceptance as one
 graph; the shared contract test proves them equal to the generic policy.
 
 Backends register in runtime/__init__.py and expose `Options` (a dataclass of their load-time options) and
@@ -112,8 +112,8 @@ class Backend:
     # position `length`, the cache advances by n), each step's token picked from its logits at sp (argmax, or
     # ops.pick(probs, u[i])); h = the last step's post-norm hidden. Greedy: what n verify([token]) steps give.
     fused_plain = None
-    # optional: (draft, logits [k + 1, V], sp, u [k + 1]) -> (n, next token) as 0-d arrays: what
-    # sampling.accept_rejection_logits(ops, ..., logits, sp, u) computes, run as one replayed graph
+    # optional: (draft, logits [k + 1, V], sp, u [k + 1], verify) -> (n, next token) as 0-d arrays: what
+    # sampling.VERIFY[verify](ops, ..., logits, sp, u) computes (block or token-wise), run as one replayed graph
     fused_accept = None
     # optional, sampled draft trees (runtime/tree.py): verify_tree(tokens [1 + w k], w, k_max) -> (logits, hidden) of
     # the rows in the tree's layout (k_max: the longest chain of the generation); keep(start, rows): those rows become the positions after start, the cache ends
@@ -130,7 +130,8 @@ class Backend:
     # work (it may compute a row before it is read). Where the head is most of a verify
     # (llama.cpp on a CPU: runtime/ggml_head.py) a rejected draft then costs no head rows
     verify_rows = None
-    # optional: (bonus, h) -> a pipeline whose launch(k, draft_sp, sp, u_draft, u_accept) queues a whole round (draft,
+    # optional: (bonus, h) -> a pipeline whose launch(k, draft_sp, sp, u_draft, u_accept, w, k_max, verify) queues a
+    # whole round (w > 1: a draft tree of w chains, verified padded to 1 + w k_max rows; verify: fused_accept's) (draft,
     # verify, acceptance, and the next round's bonus, h and cache length written on the device) without a host sync
     # and returns a Launched whose result() -> (n, next token, drafts, draft_s, verify_s) waits for it (rounds are
     # read in launch order; each commits the host's cache length), abandon() forgets one launched past the end.

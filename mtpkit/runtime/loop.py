@@ -20,7 +20,8 @@ the backend's own step (llama.cpp's decode: the bench's `plain`, the stock basel
 A backend with `pipeline` (the torch backend's CUDA graphs) runs drafting rounds queued ahead of the host
 (`pipelined`): the round's bonus, h and cache length stay on the device, so round r + 1 is launched before round r is
 read and the host's work between rounds (reading one, the gate, the caller) overlaps the GPU's instead of idling it
-(H100: a round of 5 drafts 2.26 -> 1.89 ms greedy, 2.60 -> 2.12 ms at T = 1). Its k is picked one round earlier, capped
+(H100: a round of 5 drafts 2.26 -> 1.89 ms greedy, 2.60 -> 2.12 ms at T = 1), draft trees too (branches > 1: the
+accepted chain's K/V moved into place on the device). Its k is picked one round earlier, capped
 by what the rounds in flight may still emit; the gate prices it by the time between reads (the first round of a
 stream: by the device's time for it).
 """
@@ -36,7 +37,7 @@ from mtpkit.errors import MtpkitError
 from mtpkit.runtime.backend import Backend, Draft
 from mtpkit.runtime.draft import draft
 from mtpkit.runtime.gate import Gate, RoundCosts
-from mtpkit.runtime.sampling import SamplingParams, accept_greedy, accept_rejection, accept_rejection_logits, probs
+from mtpkit.runtime.sampling import VERIFY, SamplingParams, accept_greedy, accept_rejection, probs
 from mtpkit.runtime.tree import TreeDraft, accept_tree, draft_tree, kept_rows
 
 PLAIN_CHUNK = 16  # fused plain decoding: steps queued per host sync (a chunk past EOS is wasted work)
@@ -66,6 +67,9 @@ class GenerationParams:
     branches: int = 1  # sampling: w first-draft candidates, each with its chain (runtime/tree.py); 1 = one chain
     lazy_rows: bool = True  # steps through the backend's verify_rows where it has one (head rows as acceptance reads them)
     pipeline: bool = True  # drafting rounds queued ahead of the host where the backend can (Backend.pipeline: CUDA)
+    # sampling, one chain whose every verify row is computed: "block" = block verification (sampling.accept_block_logits),
+    # "token" = token-wise rejection (sampling.accept_rejection_logits); trees and verify_rows judge token-wise
+    verify: str = "block"
 
     def __post_init__(self) -> None:
         if self.max_new_tokens <= 0:
@@ -78,6 +82,8 @@ class GenerationParams:
             raise MtpkitError(f"branches must be >= 1, got {self.branches}")
         if not self.draft_temperature > 0:
             raise MtpkitError(f"draft_temperature must be positive, got {self.draft_temperature}")
+        if self.verify not in VERIFY:
+            raise MtpkitError(f"verify must be one of {', '.join(VERIFY)}, got {self.verify!r}")
 
     @property
     def draft_sampling(self) -> SamplingParams:
@@ -91,18 +97,19 @@ def first_token(ops, logits, sp: SamplingParams, rng) -> int:
     return ops.to_list(pick)[0]
 
 
-def accept(backend: Backend, d: Draft, logits, sp: SamplingParams, rng) -> tuple[int, int, list[int]]:
+def accept(backend: Backend, d: Draft, logits, sp: SamplingParams, rng, verify: str = "block"
+           ) -> tuple[int, int, list[int]]:
     """(n accepted, next token, the drafts) as host ints for draft d (k tokens) against target logits [k + 1, V]:
-    one host transfer. Sampling: the rejection rule on the device (the backend's fused_accept, a replayed CUDA
-    graph, when it has one), with k + 1 uniforms drawn here."""
+    one host transfer. Sampling: the rule `verify` names (sampling.VERIFY) on the device (the backend's fused_accept,
+    a replayed CUDA graph, when it has one), with k + 1 uniforms drawn here."""
     ops = backend.ops
     if sp.greedy:
         return accept_greedy(ops, d.tokens, logits)
     u = ops.rand(rng, d.tokens.shape[0] + 1, like=logits)
     if backend.fused_accept is not None:
-        n, nxt = backend.fused_accept(d, logits, sp, u)
+        n, nxt = backend.fused_accept(d, logits, sp, u, verify)
     else:
-        n, nxt = accept_rejection_logits(ops, d.tokens, d.picks, d.q, d.ids, logits, sp, u)
+        n, nxt = VERIFY[verify](ops, d.tokens, d.picks, d.q, d.ids, logits, sp, u)
     vals = ops.to_list(ops.cat([n, nxt, d.tokens]))
     return vals[0], vals[1], vals[2:]
 
@@ -144,7 +151,7 @@ def accept_branches(backend: Backend, d: TreeDraft, logits, sp: SamplingParams, 
     if backend.fused_accept_tree is not None:
         c, n, nxt = backend.fused_accept_tree(d, logits, sp, u)
     else:
-        c, n, nxt = accept_tree(ops, d, probs(ops, logits, sp), u)
+        c, n, nxt = accept_tree(ops, d, logits, sp, u)
     vals = ops.to_list(ops.cat([c, n, nxt, ops.index(d.tokens, ops.clamp_max(c, w - 1))]))
     return vals[0], vals[1], vals[2], vals[3:]
 
@@ -183,8 +190,9 @@ def generate(backend: Backend, prompt: list[int], params: GenerationParams, eos:
     yield Round(out, 0, 0, verify_s=backend.elapsed(t0, backend.clock()), prefill=True, finish=finish)
     drafting = use_drafter and backend.has_drafter
     lazy = params.lazy_rows and backend.verify_rows is not None
-    pipelining = (drafting and params.pipeline and backend.pipeline is not None and not tree and not lazy
+    pipelining = (drafting and params.pipeline and backend.pipeline is not None and not lazy
                   and params.min_confidence is None)
+    w = params.branches if tree else 1  # chains a round drafts
     if not (drafting and params.gate):
         gate = None
     else:
@@ -195,12 +203,10 @@ def generate(backend: Backend, prompt: list[int], params: GenerationParams, eos:
         if room < 0:
             yield Round([], 0, 0, finish="context")
             return
-        k = _round_k(backend, params, gate, emitted) if drafting else 0
-        if tree:  # a tree verify writes 1 + w k positions
-            k = min(k, room // params.branches)
+        k = _round_k(backend, params, gate, emitted, w=w) if drafting else 0
         if k > 0 and pipelining:
-            bonus, h, emitted, finish, last = yield from pipelined(backend, params, gate, k, bonus, h, emitted, eos,
-                                                                   rng, last)
+            bonus, h, emitted, finish, last = yield from pipelined(backend, params, gate, k, w, bonus, h, emitted,
+                                                                   eos, rng, last)
             continue
         if k == 0 and backend.fused_plain is not None:  # plain steps, PLAIN_CHUNK of them per host sync
             m = min(PLAIN_CHUNK, params.max_new_tokens - emitted, room + 1)
@@ -242,7 +248,7 @@ def generate(backend: Backend, prompt: list[int], params: GenerationParams, eos:
                 head_rows = row_logits.computed
             else:
                 logits, hidden = backend.verify(ops.cat([b, d.tokens]))
-                n, bonus, drafted = accept(backend, d, logits, sp, rng)
+                n, bonus, drafted = accept(backend, d, logits, sp, rng, params.verify)
             backend.rollback(p0 + n + 1)
             h = hidden[n]
         t2 = backend.clock()
@@ -258,14 +264,15 @@ def generate(backend: Backend, prompt: list[int], params: GenerationParams, eos:
 PIPELINE_DEPTH = 2  # rounds in flight: the host reads round r while round r + 1 runs
 
 
-def pipelined(backend: Backend, params: GenerationParams, gate: Gate | None, k: int, bonus: int, h, emitted: int,
-              eos: set[int], rng, last: float):
+def pipelined(backend: Backend, params: GenerationParams, gate: Gate | None, k: int, w: int, bonus: int, h,
+              emitted: int, eos: set[int], rng, last: float):
     """Drafting rounds queued ahead of the host (Backend.pipeline), from the loop's state after a round, starting
     with k drafts. Round r + 1 is launched before round r is read, so the host's work (reading a round, the gate, the
     caller between rounds) overlaps the device's instead of leaving it idle. What is not known yet at a launch is
-    bounded: the rounds in flight emit at most k_i + 1 tokens and write k_i + 1 positions each, so each round's k is
+    bounded: the rounds in flight emit at most k_i + 1 tokens and keep k_i + 1 positions each, so each round's k is
     capped by the budget and the context left after them, and picked by the gate from what it had seen one round
-    earlier. The same uniforms in the same order as the synchronous loop: with the same k per round, the same tokens
+    earlier. w > 1: sampled draft trees of w chains (runtime/tree.py), the accepted chain moved into place on the
+    device. The same uniforms in the same order as the synchronous loop: with the same k per round, the same tokens
     (greedy: plain greedy's whatever k). Returns (bonus, h, emitted, finish, last) once the gate picks k = 0 (plain
     steps follow in the caller), the caps reach 0 (the last rounds run synchronously), or the generation ends (a
     round launched past the end is abandoned: its work is lost, the cache's length stays)."""
@@ -275,13 +282,13 @@ def pipelined(backend: Backend, params: GenerationParams, gate: Gate | None, k: 
     finish, read = None, 0
     while True:
         if k > 0:
-            u_draft = None if sp.greedy else ops.rand(rng, k, like=h)  # (the synchronous loop's order: draft, accept)
-            u_accept = None if sp.greedy else ops.rand(rng, k + 1, like=h)
-            flight.append(pipe.launch(k, dsp, sp, u_draft, u_accept))
+            u_draft = None if sp.greedy else ops.rand(rng, w * k, like=h)  # (the synchronous loop's order)
+            u_accept = None if sp.greedy else ops.rand(rng, (w > 1) * w + k + 1, like=h)
+            flight.append(pipe.launch(k, dsp, sp, u_draft, u_accept, w, params.num_draft_tokens, params.verify))
         if not flight:
             return bonus, pipe.h, emitted, finish, last
         if k > 0 and len(flight) < PIPELINE_DEPTH:
-            k = _round_k(backend, params, gate, emitted, flight)
+            k = _round_k(backend, params, gate, emitted, flight, w)
             continue
         r = flight.popleft()
         n, bonus, drafted, draft_s, verify_s = r.result()
@@ -301,17 +308,17 @@ def pipelined(backend: Backend, params: GenerationParams, gate: Gate | None, k: 
             for r in flight:
                 r.abandon()
             return bonus, pipe.h, emitted, finish, last
-        k = _round_k(backend, params, gate, emitted, flight) if k > 0 else 0
+        k = _round_k(backend, params, gate, emitted, flight, w) if k > 0 else 0
 
 
 def _round_k(backend: Backend, params: GenerationParams, gate: Gate | None, emitted: int,
-             flight=()) -> int:
+             flight=(), w: int = 1) -> int:
     """The next round's k: at most num_draft_tokens, the budget and the context left (the gate's pick within that),
-    with the pipelined rounds in flight counted at their most (k_i + 1 tokens and positions each); 0 = plain, or for
-    the pipeline launch no more (drain)."""
+    with the pipelined rounds in flight counted at their most (k_i + 1 tokens and kept positions each); a draft tree
+    of w chains writes 1 + w k positions. 0 = plain, or for the pipeline launch no more (drain)."""
     ahead = sum(r.k + 1 for r in flight)
     room = backend.max_len - backend.length - ahead - 1
-    k = min(params.num_draft_tokens, params.max_new_tokens - emitted - ahead - 1, room)
+    k = min(params.num_draft_tokens, params.max_new_tokens - emitted - ahead - 1, room // w)
     if k <= 0:
         return 0
     return gate.choose(k) if gate is not None else k

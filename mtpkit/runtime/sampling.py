@@ -104,6 +104,49 @@ def accept_rejection_logits(ops, drafts, picks, q, ids, logits, sp: SamplingPara
     return _reject(ops, picks, q, ids, pd, lambda n: ops.exp(ops.index(x, n) - ops.index(lse, n)), u, k)
 
 
+def accept_block_logits(ops, drafts, picks, q, ids, logits, sp: SamplingParams, u, k=None):
+    """Block verification (Sun et al. 2024, "Block Verification Accelerates Speculative Decoding", Algorithm 2): the
+    same inputs and outputs as accept_rejection_logits, and the output is distributed as p too, but the drafts are
+    judged as one block, which accepts at least as many of them in expectation (token-wise rejection stops at the
+    first draft whose ratio test fails; the block rule can keep a longer prefix whose joint weight is still there).
+    With w_0 = 1, w_i = min(1, w_{i-1} p_i(d_i) / q_i(d_i)) and rho_i = sum_x max(0, w_i p_{i+1}(x) - q_{i+1}(x)):
+    stop after i drafts with probability h_i = rho_i / (rho_i + 1 - w_i) (i < k; h_k = w_k), tried from i = k down,
+    u[i - 1] deciding i; n = the first i that stops (0 if none); the next token is drawn with u[k] from
+    norm(max(0, w_n p_{n+1} - q_{n+1})) (n < k) or p_{k+1}. rho needs p only at q's candidates and the mass outside
+    them (1 - their sum): no row of the vocabulary beyond its log-sum-exp and the one drawn from."""
+    K = drafts.shape[0]
+    if K == 0:
+        return accept_rejection_logits(ops, drafts, picks, q, ids, logits, sp, u, k)
+    x = scaled(ops, logits, sp)
+    lse = ops.logsumexp(x)  # [K + 1]
+    pd = ops.exp(ops.take_along(x[:K], drafts[:, None])[:, 0] - lse[:K])
+    qd = ops.take_along(q, picks[:, None])[:, 0]
+    at = ops.arange(K, like=pd)  # draft i + 1 at index i
+    live = at < (K if k is None else k)
+    ratio = ops.where(live, pd / ops.where(live, qd, 1.0), 0.0)
+    ws = [ratio[0] * 0 + 1]  # w_0 .. w_K
+    for i in range(K):
+        ws.append(ops.clamp_max(ws[-1] * ratio[i], 1))
+    w = ops.stack(ws)
+    pc = ops.exp((x[:K] if ids is None else ops.take_along(x[:K], ids)) - lse[:K, None])  # p_{i+1} at q_{i+1}'s ids
+    outside = 0.0 if ids is None else 1 - pc.sum(-1)
+    rho = w[:K] * outside + ops.where(w[:K, None] * pc > q, w[:K, None] * pc - q, 0.0).sum(-1)  # rho_0 .. rho_{K-1}
+    last = at + 1 == (K if k is None else k)  # i = k: h_k = w_k
+    den = ops.cat([rho[1:] + 1 - w[1:K], ratio[:1] * 0 + 1])  # (i = K: unused) -> [K], i = 1..K
+    mid = ops.cat([rho[1:], ratio[:1] * 0]) / ops.where(den > 0, den, 1.0)
+    h = ops.where(last, w[1:], ops.where(live, mid, 0.0))
+    ok = ops.where(u[:K] < h, 1.0, 0.0)
+    n = ops.count((ops.cumsum(ok) - ok) < ok.sum())[0]  # the largest i with u[i - 1] < h_i, 0 if none
+    j = ops.clamp_max(n, K - 1)
+    more = n < (K if k is None else k)
+    row = ops.exp(ops.index(x, n) - ops.index(lse, n)) * ops.index(w, n)
+    dist = ops.residual(row, ops.index(q, j) * more, None if ids is None else ops.index(ids, j))
+    return n, ops.pick(dist, u[K] if k is None else ops.index(u, k))
+
+
+VERIFY = {"block": accept_block_logits, "token": accept_rejection_logits}  # a sampled chain's rule, by name
+
+
 def _reject(ops, picks, q, ids, pd, row, u, k=None):
     """The rejection rule on p at the drafts pd [K] and row(n) -> p [V] of row n; k: the live drafts (None: all K)."""
     K = pd.shape[0]

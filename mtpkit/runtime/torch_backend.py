@@ -3,8 +3,8 @@
 On CUDA (`cuda_graphs=True`) each verify width 1..k+1 (one padded width when compiled, below) and the draft
 steps (greedy, and sampled per sampling settings, with uniforms drawn ahead) are captured once as CUDA graphs
 over the static KV cache and replayed: one launch per target forward, one per draft step plus one per round for
-the drafter's attention inputs, one for sampled acceptance (sampling.accept_rejection_logits: one graph per sampling
-settings for every k, its inputs padded to max_draft), and one host sync per round (acceptance's result: n, the
+the drafter's attention inputs, one for sampled acceptance (sampling.VERIFY's rule: one graph per sampling settings
+and rule for every k, its inputs padded to max_draft), and one host sync per round (acceptance's result: n, the
 next token and the drafts in one transfer; `Pipeline`: an async copy, read one round later, while the next round
 runs). Positions and lengths enter the graphs as device tensors (GemmaModel.step and the cache's ring arithmetic
 are tensor-only).
@@ -39,7 +39,7 @@ from mtpkit.model.gemma import GemmaModel
 from mtpkit.model.layers import weight_major
 from mtpkit.progress import note
 from mtpkit.runtime.backend import Backend, BackendInfo, Draft, DraftStep, Loaded
-from mtpkit.runtime.sampling import SamplingParams, accept_greedy_device, accept_rejection_logits, probs
+from mtpkit.runtime.sampling import VERIFY, SamplingParams, accept_greedy_device, probs
 
 COMPILE = ("none", "drafter", "all")  # what TorchBackend(compile=...) compiles
 RECOMPILE_LIMIT = 64  # compiled variants of one step (one per sampling settings, per shape) a process may hold
@@ -390,10 +390,11 @@ class TorchBackend(Backend):
         m = len(rows)
         if rows != list(range(1, m + 1)):
             src = torch.tensor(rows, device=self.device) + start
+            dst = torch.arange(start + 1, start + 1 + m, device=self.device)
             if self._graphs is not None:
-                self._graphs.keep(src, start)
+                self._graphs.move(src, dst)
             else:
-                self.cache.move(src, torch.arange(start + 1, start + 1 + m, device=self.device))
+                self.cache.move(src, dst)
         self.rollback(start + 1 + m)
 
     def _pad_rows(self, n: int, w: int) -> torch.Tensor:
@@ -518,6 +519,7 @@ class Launched:
     k: int
     host: torch.Tensor
     marks: tuple  # clock() at the draft's start, after the draft, after acceptance and commit
+    written: int  # positions the round's verify wrote: k + 1, or 1 + w k for a draft tree
 
     def result(self) -> tuple[int, int, list[int], float, float]:
         """(n accepted, next token, the k drafts, draft seconds, verify seconds): waits for the round; commits the
@@ -534,11 +536,11 @@ class Launched:
         self._commit(0)
 
     def _commit(self, kept: int) -> None:
-        """The host's cache length after this round: its k + 1 positions written (the ring's rollback check sees
-        them), `kept` of them kept."""
+        """The host's cache length after this round: its positions written (the ring's rollback check sees them),
+        `kept` of them kept."""
         cache = self.pipe.be.cache
         start = cache.length
-        cache.advance(start, self.k + 1)
+        cache.advance(start, self.written)
         self.pipe.be.rollback(start + kept)
 
 
@@ -567,10 +569,14 @@ class Pipeline:
 
     @torch.inference_mode()
     def launch(self, k: int, dsp: SamplingParams, sp: SamplingParams, u_draft: torch.Tensor | None,
-               u_accept: torch.Tensor | None) -> Launched:
+               u_accept: torch.Tensor | None, w: int = 1, k_max: int | None = None, verify: str = "block") -> Launched:
+        """Queue a round of k drafts; w > 1 (sampling): a draft tree of w chains (runtime/tree.py), verified padded to
+        1 + w k_max rows, the accepted chain's K/V moved into place on the device."""
         be, g = self.be, self.be._graphs
         if not 1 <= k <= be.max_draft:
             raise MtpkitError(f"a pipelined round drafts 1..{be.max_draft} tokens, got {k}")
+        if w > 1:
+            return self._launch_tree(k, w, max(k, k_max or k), dsp, sp, u_draft, u_accept)
         t0 = be.clock()
         d = Draft(g.draft(self.tok, self.h, k, self.len)) if sp.greedy else g.draft_sampled(self.tok, self.h, k,
                                                                                              self.len, dsp, u_draft)
@@ -579,15 +585,41 @@ class Pipeline:
         if sp.greedy:
             n, nxt = accept_greedy_device(be.ops, d.tokens, logits)
         else:
-            n, nxt = g.accept(d, logits, sp, u_accept)
+            n, nxt = g.accept(d, logits, sp, u_accept, verify)
         vals = torch.cat([n.view(1), nxt.view(1), d.tokens])
         self.len.add_(n + 1)  # the next round's bonus, h and length
         self.tok.copy_(nxt.view(1))
         self.h.copy_(hidden.index_select(0, n.view(1))[0])
+        return self._queue(k, k + 1, vals, t0, t1)
+
+    def _launch_tree(self, k: int, w: int, k_max: int, dsp: SamplingParams, sp: SamplingParams, u_draft: torch.Tensor,
+                     u_accept: torch.Tensor) -> Launched:
+        """loop.generate's tree round on the device: the n kept tokens are chain c's first n drafts (c = w: none, n = 0),
+        rows 1 + i w + c of the verify, moved to the positions after the bonus (all k of them: those past n lie past the
+        length); h is the last kept row's."""
+        be, g = self.be, self.be._graphs
+        t0 = be.clock()
+        td = g.draft_tree(self.tok, self.h, k, w, self.len, dsp, u_draft)
+        t1 = be.clock()
+        depth, see = be._tree_layout(w, k)
+        logits, hidden = g.verify_tree(td.verify_tokens(be.ops, self.tok), depth, see, self.len, w, 1 + w * k_max)
+        c, n, nxt = g.accept_tree(td, logits, sp, u_accept)
+        c = c.clamp_max(w - 1)
+        ar = torch.arange(k, device=be.device)
+        g.move(self.len + 1 + ar * w + c, self.len + 1 + ar)
+        last = torch.where(n > 0, 1 + (n - 1) * w + c, 0)
+        vals = torch.cat([n.view(1), nxt.view(1), td.tokens.index_select(0, c.view(1))[0]])
+        self.len.add_(n + 1)
+        self.tok.copy_(nxt.view(1))
+        self.h.copy_(hidden.index_select(0, last.view(1))[0])
+        return self._queue(k, 1 + w * k, vals, t0, t1)
+
+    def _queue(self, k: int, written: int, vals: torch.Tensor, t0: Any, t1: Any) -> Launched:
+        """The round's outcome [n, next, drafts] to a pinned slot by an async copy."""
         host = self.slots[self.turn][:k + 2]
         self.turn = (self.turn + 1) % self.SLOTS
         host.copy_(vals, non_blocking=True)
-        return Launched(self, k, host, (t0, t1, be.clock()))
+        return Launched(self, k, host, (t0, t1, self.be.clock()), written)
 
 
 class _Graphs:
@@ -609,7 +641,7 @@ class _Graphs:
         self.draft_steps: list[tuple] = []  # step i: (graph, (token, h) outputs)
         self.sampled_steps: dict[SamplingParams, list[tuple]] = {}  # per sampling settings, step i: (graph, outputs)
         self.sampled_out: dict[SamplingParams, tuple] = {}  # per sampling settings: (tokens, picks, q, ids) [max_draft, ..]
-        self.accepts: dict[SamplingParams, tuple] = {}  # sampled acceptance, every k: (graph, out, inputs)
+        self.accepts: dict[tuple, tuple] = {}  # sampled acceptance per (sp, verify), every k: (graph, out, inputs)
         self.uniforms_accept = torch.zeros(be.max_draft + 1, device=be.device)
         self.uniforms = torch.zeros(be.max_draft, device=be.device)  # the sampled steps' u, written per round
         # compiled target steps all run one padded width (plain and verify): compiled kernels are chosen per
@@ -621,12 +653,15 @@ class _Graphs:
         self.sampled_step = be._sampled_step
         self.accept_rule, self.sample = self._accept_rule, self._sample  # sampled acceptance; a sampled plain pick
         self.tree_first, self.tree_rows = be._tree_first, be._tree_rows
+        self.tree_accept_rule = self._tree_accept_rule
         self.tree_graphs: dict[int, tuple] = {}  # tree verify per padded width
         self.tree_layouts: dict[tuple, tuple] = {}  # padded (depth, see) per layout
         self.tree_steps: dict[tuple, list] = {}  # per (sampling settings, w): step i's (graph, outputs)
         self.tree_out: dict[tuple, tuple] = {}  # per (sp, w): (tokens, picks, q, ids, valid) [w, max_draft, ..]
-        self.tree_accepts: dict[tuple, tuple] = {}  # per (sp, w, k): (graph, out, static inputs)
-        self.keeps: dict[int, tuple] = {}  # per kept rows m: (graph, src [m] input, dst start input)
+        self.tree_accepts: dict[tuple, tuple] = {}  # per (sp, w, K): (graph, out), every k <= K
+        self.tree_accept_inputs: dict[tuple, tuple] = {}  # ... its static inputs, padded to K
+        self.tree_width: dict[int, int] = {}  # per w: the padded width of the last tree verify (1 + w K)
+        self.moves: dict[int, tuple] = {}  # per rows moved m: (graph, (src [m], dst [m]) inputs)
         self.uniforms_tree: dict[int, torch.Tensor] = {}  # per w: a tree draft's w max_draft uniforms
         self.pipe_state: tuple | None = None  # Pipeline's (bonus [1], h [d], length [1], pinned result slots)
         if be.compile == "all":
@@ -638,6 +673,7 @@ class _Graphs:
             self.tree_first = torch.compile(self.tree_first, fullgraph=True, dynamic=False)
             self.tree_rows = torch.compile(self.tree_rows, fullgraph=True, dynamic=False)
             self.accept_rule = torch.compile(self.accept_rule, fullgraph=True, dynamic=False)
+            self.tree_accept_rule = torch.compile(self.tree_accept_rule, fullgraph=True, dynamic=False)
             self.sample = torch.compile(self.sample, fullgraph=True, dynamic=False)
 
     def _capture(self, fn, inputs: tuple[torch.Tensor, ...]):
@@ -779,27 +815,29 @@ class _Graphs:
         return out
 
     def _accept_rule(self, lg: torch.Tensor, toks: torch.Tensor, picks: torch.Tensor, q: torch.Tensor,
-                     ids: torch.Tensor | None, u: torch.Tensor, k: torch.Tensor, sp: SamplingParams) -> torch.Tensor:
-        """[n, next]: sampling.accept_rejection_logits on inputs padded to max_draft drafts, k of them live (the
-        acceptance graph; compiled with the steps)."""
-        return torch.stack(accept_rejection_logits(self.be.ops, toks, picks, q, ids, lg, sp, u, k))
+                     ids: torch.Tensor | None, u: torch.Tensor, k: torch.Tensor, sp: SamplingParams, verify: str
+                     ) -> torch.Tensor:
+        """[n, next]: the rule `verify` names (sampling.VERIFY) on inputs padded to max_draft drafts, k of them live
+        (the acceptance graph; compiled with the steps)."""
+        return torch.stack(VERIFY[verify](self.be.ops, toks, picks, q, ids, lg, sp, u, k))
 
     def _sample(self, logits: torch.Tensor, u: torch.Tensor, sp: SamplingParams) -> torch.Tensor:
         """A sampled plain step's pick from its logits [V] with uniform u, as the plain chunk's graph captures it."""
         return self.be.ops.pick(probs(self.be.ops, logits, sp), u)
 
     @torch.inference_mode()
-    def accept(self, d: Draft, logits: torch.Tensor, sp: SamplingParams, u: torch.Tensor
+    def accept(self, d: Draft, logits: torch.Tensor, sp: SamplingParams, u: torch.Tensor, verify: str = "block"
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """sampling.accept_rejection_logits(ops, d..., logits, sp, u) as one graph per sampling settings, for every k:
+        """sampling.VERIFY[verify](ops, d..., logits, sp, u) as one graph per sampling settings and rule, for every k:
         its inputs padded to max_draft drafts, k a device scalar. It reads the sampled draft's buffers and the verify
         graph's logits where those graphs wrote them (rows copied in only when they are other tensors)."""
         k = d.tokens.numel()
-        if sp not in self.accepts:
+        if (sp, verify) not in self.accepts:
             static = self._accept_inputs(sp, d, logits)
             k_in = torch.zeros((), dtype=torch.long, device=self.be.device)
-            self.accepts[sp] = (*self._capture(lambda *x: self.accept_rule(*x, sp), (*static, k_in)), (*static, k_in))
-        g, out, static = self.accepts[sp]
+            self.accepts[sp, verify] = (*self._capture(lambda *x: self.accept_rule(*x, sp, verify), (*static, k_in)),
+                                        (*static, k_in))
+        g, out, static = self.accepts[sp, verify]
         for dst, src in zip(static, (logits, d.tokens, d.picks, d.q, d.ids, u), strict=False):
             if dst is not None and dst.data_ptr() != src.data_ptr():
                 dst[:src.shape[0]].copy_(src)
@@ -820,8 +858,8 @@ class _Graphs:
         return (lg, *drafts, self.uniforms_accept)
 
     # ------------------------------------------------------------------ draft trees (runtime/tree.py), sampling
-    def verify_tree(self, tokens: torch.Tensor, depth: torch.Tensor, see: torch.Tensor, start: int, w: int, width: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def verify_tree(self, tokens: torch.Tensor, depth: torch.Tensor, see: torch.Tensor, start: int | torch.Tensor,
+                    w: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A tree verify as one graph per width (rows padded to `width`: one compiled shape for every k of a w). A padding
         row is a copy of the last row (its token, position, depth and ancestors; no row sees it), so it writes the K/V
         the last row writes, where that row writes them: nothing past the tree's own positions."""
@@ -842,6 +880,7 @@ class _Graphs:
             if self.be.compile == "all":
                 note(f"torch.compile: the target's draft-tree step of {width} rows (once per process; cached on disk)")
             self.tree_graphs[width] = (*self._capture(fn, static), static)
+        self.tree_width[w] = width
         g, (logits, hidden), (t_in, p_in, d_in, s_in) = self.tree_graphs[width]
         torch.index_select(tokens.view(-1), 0, rows, out=t_in.view(width))
         torch.add(rows, start, out=p_in)
@@ -899,38 +938,49 @@ class _Graphs:
 
     @torch.inference_mode()
     def accept_tree(self, d, logits: torch.Tensor, sp: SamplingParams, u: torch.Tensor) -> tuple:
-        """tree.accept_tree(ops, d, probs(ops, logits, sp), u) as one graph per (sp, w, k)."""
-        from mtpkit.runtime.tree import TreeDraft, accept_tree
+        """tree.accept_tree(ops, d, logits, sp, u) as one graph per (sp, w, K) for every k <= K: the chains padded to K
+        drafts (K of the last tree verify of w chains, whose padded logits it reads in place), k a device scalar."""
         w, k = d.shape
-        given = (logits, d.tokens, d.picks, d.q, d.ids, d.valid, u)
-        key = (sp, w, k)
-        if key not in self.tree_accepts:
-            ops = self.be.ops
-
-            def fn(lg, toks, picks, q, ids, valid, uu):
-                return torch.stack(accept_tree(ops, TreeDraft(toks, picks, q, ids, valid), probs(ops, lg, sp), uu))
-            static = (*given[:6], u.clone())
-            self.tree_accepts[key] = (*self._capture(fn, static), static)
-        g, out, static = self.tree_accepts[key]
-        for dst, src in zip(static, given, strict=True):
-            if dst is not None and dst.data_ptr() != src.data_ptr():
-                dst.copy_(src)
+        K = max(k, (self.tree_width.get(w, 1) - 1) // w)
+        key = (sp, w, K)
+        if key not in self.tree_accept_inputs:
+            verify = self.tree_graphs.get(1 + w * K)
+            lg = verify[1][0] if verify is not None else logits.new_zeros(1 + w * K, logits.shape[-1])
+            pad = lambda x: None if x is None else x.new_zeros(w, K, *x.shape[2:])  # noqa: E731
+            self.tree_accept_inputs[key] = (lg, pad(d.tokens), pad(d.picks), pad(d.q), pad(d.ids), d.valid.clone(),
+                                            u.new_zeros(w + K + 1), torch.zeros((), dtype=torch.long, device=self.be.device))
+        static = self.tree_accept_inputs[key]
+        lg, toks, picks, q, ids, valid, uu, k_in = static
+        if lg.data_ptr() != logits.data_ptr():
+            lg[:logits.shape[0]].copy_(logits)
+        for dst, src in ((toks, d.tokens), (picks, d.picks), (q, d.q), (ids, d.ids)):
+            if dst is not None:
+                dst[:, :k].copy_(src)
+        valid.copy_(d.valid)
+        uu[:u.shape[0]].copy_(u)
+        k_in.fill_(k)  # (a host int into a device scalar: no sync)
+        if key not in self.tree_accepts:  # (captured on this round's inputs: its warm-up runs read real drafts)
+            self.tree_accepts[key] = self._capture(lambda *x: self.tree_accept_rule(*x, sp), static)
+        g, out = self.tree_accepts[key]
         g.replay()
         return out[0], out[1], out[2]
 
+    def _tree_accept_rule(self, lg: torch.Tensor, toks: torch.Tensor, picks: torch.Tensor, q: torch.Tensor,
+                          ids: torch.Tensor | None, valid: torch.Tensor, u: torch.Tensor, k: torch.Tensor,
+                          sp: SamplingParams) -> torch.Tensor:
+        """[c, n, next]: tree.accept_tree on chains padded to K drafts, k of them live (compiled with the steps)."""
+        from mtpkit.runtime.tree import TreeDraft, accept_tree
+        return torch.stack(accept_tree(self.be.ops, TreeDraft(toks, picks, q, ids, valid), lg, sp, u, k))
+
     @torch.inference_mode()
-    def keep(self, src: torch.Tensor, start: int) -> None:
-        """cache.move(src, start + 1 + arange(m)) as one graph per m."""
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """cache.move(src, dst) as one graph per m = src.numel(), captured moving dst onto itself: the warm-up runs
+        then change nothing (a move is not idempotent where src and dst overlap, as a tree's rows do)."""
         m = src.numel()
-        if m not in self.keeps:
-            static = (src.clone(), torch.zeros((), dtype=torch.long, device=self.be.device) + start)
-            ar = torch.arange(1, m + 1, device=self.be.device)
-
-            def fn(s_in, st):
-                self.be.cache.move(s_in, st + ar)
-            self.keeps[m] = (self._capture(fn, static)[0], static)  # (its warm-up moves this round's rows: harmless)
-        g, (s_in, st) = self.keeps[m]
+        if m not in self.moves:
+            static = (dst.clone(), dst.clone())
+            self.moves[m] = (self._capture(lambda s_in, d_in: self.be.cache.move(s_in, d_in), static)[0], static)
+        g, (s_in, d_in) = self.moves[m]
         s_in.copy_(src)
-        st.fill_(start)
+        d_in.copy_(dst)
         g.replay()
-
