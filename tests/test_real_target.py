@@ -254,6 +254,7 @@ def test_gguf_export_and_llamacpp_backend_on_the_real_target(real, tmp_path):
             assert np.array_equal(rh._run(norm[:w], w, "q8_head"), want[:w]), w
         for sp in (dict(temperature=1.0), dict(temperature=0.8, top_p=0.9)):  # fixed k: the same drafts either way
             runs = [s.generate("Write a short poem about the sea.", max_new_tokens=40, seed=3, lazy_rows=lazy,
-                               gate=False, num_draft_tokens=3, min_confidence=None, **sp) for lazy in (True, False)]
+                               gate=False, num_draft_tokens=3, min_confidence=None, verify="token", **sp)
+                    for lazy in (True, False)]  # (verify_rows judges token-wise: every row, the same rule)
             assert runs[0].tokens == runs[1].tokens and runs[0].stats.accepted > 0, sp
         be.close()
