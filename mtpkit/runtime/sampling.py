@@ -10,6 +10,8 @@ rules to the candidates is the same as applying them to a dense row filled with 
   each d_i was drawn from q_i (chi-square tested per backend in tests/test_backend_contract.py).
   q stays sparse: q_i is over the candidate ids of step i, and the residual is p_i with q_i subtracted there.
   It runs on the device with no host sync (a GPU backend replays it as one CUDA graph: Backend.fused_accept).
+- `accept_block_logits`: block verification (Sun et al. 2024): the same output distribution, the drafts judged as
+  one block, at least as many kept in expectation; the default for a sampled chain (`VERIFY`, loop's `verify`).
 """
 
 from __future__ import annotations
