@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-import mtpkit
-import mtpkit.runtime.loop as loop
-from mtpkit.runtime.sampling import accept_rejection_logits, scaled
-from mtpkit.suites import load_suite
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tree_tau import chosen_prompts  # noqa: E402
+
+import mtpkit  # noqa: E402
+import mtpkit.runtime.loop as loop  # noqa: E402
+from mtpkit.runtime.sampling import accept_rejection_logits, scaled  # noqa: E402
 
 
 def expected(ops, drafts, picks, q, ids, logits, sp) -> tuple[float, float]:
@@ -64,14 +68,7 @@ def main() -> None:
     a = ap.parse_args()
     t0 = time.monotonic()
     s = mtpkit.load("gemma3-270m", threads=a.threads)
-    prompts = load_suite(a.suite, None)
-    if a.per_category:
-        by: dict[str, list] = {}
-        for p in prompts:
-            by.setdefault(p.category, []).append(p)
-        prompts = [p for v in by.values() for p in v[:a.per_category]]
-    else:
-        prompts = prompts[:a.limit]
+    prompts = chosen_prompts(a.suite, a.limit, a.per_category)
     seen: list[tuple[str, float, float]] = []
     category = [""]
 

@@ -18,6 +18,17 @@ import mtpkit
 from mtpkit.suites import load_suite
 
 
+def chosen_prompts(suite: str, limit: int, per_category: int | None) -> list:
+    """The suite's first `limit` prompts, or the first `per_category` of each category."""
+    prompts = load_suite(suite, None)
+    if not per_category:
+        return prompts[:limit]
+    by: dict[str, list] = {}
+    for p in prompts:
+        by.setdefault(p.category, []).append(p)
+    return [p for v in by.values() for p in v[:per_category]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--suite", default="humaneval")
@@ -34,14 +45,7 @@ def main() -> None:
     a = ap.parse_args()
     t0 = time.monotonic()
     s = mtpkit.load("gemma3-270m", threads=a.threads)
-    prompts = load_suite(a.suite, None)
-    if a.per_category:
-        by: dict[str, list] = {}
-        for p in prompts:
-            by.setdefault(p.category, []).append(p)
-        prompts = [p for v in by.values() for p in v[:a.per_category]]
-    else:
-        prompts = prompts[:a.limit]
+    prompts = chosen_prompts(a.suite, a.limit, a.per_category)
     ids = [s.tokenizer.encode(p.text) for p in prompts]
     res = {"suite": a.suite, "prompts": len(prompts), "per_category": a.per_category, "new": a.new, "temperature": a.temperature, "seeds": a.seeds,
            "configs": []}
