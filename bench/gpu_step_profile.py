@@ -111,13 +111,15 @@ def steps(be: TorchBackend, k: int) -> dict:
 
 def sampled_steps(be: TorchBackend, tok: torch.Tensor, h: torch.Tensor, k: int, p0: int) -> dict:
     """What a T = 1 round adds to a greedy one: the sampled draft graphs and the sampled acceptance graph (probs on
-    k + 1 rows of the vocabulary, the residual, the pick), beside acceptance at T = 0 on the device."""
+    k + 1 rows of the vocabulary, the residual, the pick; block verification, and token-wise rejection as
+    `..._token`), beside acceptance at T = 0 on the device."""
     from mtpkit.runtime.sampling import SamplingParams, accept_greedy_device
     t1 = SamplingParams(temperature=1.0)
     d = be.fused_sampled_draft(tok, h, k, t1, torch.rand(k, device="cuda"))  # captures the sampled steps
     logits, _ = be.verify(torch.cat([tok.view(1), d.tokens]))
     be.rollback(p0)
-    be.fused_accept(d, logits, t1, torch.rand(k + 1, device="cuda"))  # captures the acceptance graph
+    for verify in ("block", "token"):  # captures each rule's acceptance graph
+        be.fused_accept(d, logits, t1, torch.rand(k + 1, device="cuda"), verify)
     gr = be._graphs
 
     def draft():
@@ -125,7 +127,8 @@ def sampled_steps(be: TorchBackend, tok: torch.Tensor, h: torch.Tensor, k: int, 
         for g, _ in gr.sampled_steps[t1][:k]:
             g.replay()
     out = {}
-    for name, fn in [(f"draft{k}_t1", draft), (f"accept{k + 1}_t1", gr.accepts[t1][0].replay),
+    for name, fn in [(f"draft{k}_t1", draft), (f"accept{k + 1}_t1", gr.accepts[t1, "block"][0].replay),
+                     (f"accept{k + 1}_t1_token", gr.accepts[t1, "token"][0].replay),
                      (f"accept{k + 1}_greedy_device", lambda: accept_greedy_device(be.ops, d.tokens, logits))]:
         n, busy, top = kernels(fn)
         out[name] = {"ms": gpu_ms(fn), "kernels": n, "kernel_ms": busy, "top": top}

@@ -1,11 +1,12 @@
 """Loop tau of draft trees against one chain, and of block verification against token-wise rejection, at T > 0 and
 fixed k (gate off), on the real target: tokens per target forward of the loop itself (loop-faithful), the same
 prompts and seeds for every (k, w, verify). Acceptance does not depend on the device, so this CPU run says what
-trees or the block rule give a GPU's rounds in tokens; their price is the GPU's to measure. Trees judge token-wise.
+trees or the block rule give a GPU's rounds in tokens; their price is the GPU's to measure. A tree's accepted chain
+is judged by the rule named too.
 
     python bench/tree_tau.py --suite humaneval --limit 10 --widths 1,2,3,4 -k 2,3,5 --new 64 --json OUT
     python bench/tree_tau.py --suite mtbench --per-category 2 ...
-    python bench/tree_tau.py --widths 1 --verify token,block ...
+    python bench/tree_tau.py --widths 1,2 --verify token,block ...
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def main() -> None:
     ap.add_argument("--widths", default="1,2,3,4", help="first-draft candidates w (1 = one chain)")
     ap.add_argument("-k", default="2,3,5", help="drafts per chain")
     ap.add_argument("--new", type=int, default=64)
-    ap.add_argument("--verify", default="token", help="rules for one chain (w = 1): token, block or both, e.g. token,block")
+    ap.add_argument("--verify", default="token", help="rules for a chain (one a round, or a tree's accepted one): token, block, e.g. token,block")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--seeds", type=int, default=1, help="generations per prompt (seeds 0..)")
     ap.add_argument("--threads", type=int, default=2)
@@ -50,8 +51,7 @@ def main() -> None:
     res = {"suite": a.suite, "prompts": len(prompts), "per_category": a.per_category, "new": a.new, "temperature": a.temperature, "seeds": a.seeds,
            "configs": []}
     for k in (int(x) for x in a.k.split(",")):
-        for w, verify in ((w, v) for w in (int(x) for x in a.widths.split(",")) for v in a.verify.split(",")
-                          if w == 1 or v == "token"):
+        for w, verify in ((w, v) for w in (int(x) for x in a.widths.split(",")) for v in a.verify.split(",")):
             per_cat: dict[str, list[int]] = {}
             first = [0, 0]  # rounds, rounds whose first draft was accepted
             for p, x in zip(prompts, ids, strict=True):

@@ -184,8 +184,9 @@ def run(prompt: str = typer.Argument(None, help="Text to continue (or --prompt-f
                                                      "drafter's calibrated factor); the output stays the target's."),
         branches: int = typer.Option(1, "--branches", help="Sampling, torch backend: draft trees of this many "
                                      "first-draft candidates a round, each with its chain (1 = one chain)."),
-        verify: str = typer.Option("block", "--verify", help="Sampling, one chain: block (block verification: at "
-                                   "least as many drafts accepted) | token (token-wise rejection)."),
+        verify: str = typer.Option("block", "--verify", help="Sampling: a chain's drafts (a tree's accepted one "
+                                   "too) judged by block (block verification: at least as many drafts accepted) | "
+                                   "token (token-wise rejection)."),
         seed: int = typer.Option(0),
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object (tokens, text, stats)."),
         compare: bool = typer.Option(False, help="Also run plain decoding and print the speedup.")) -> None:

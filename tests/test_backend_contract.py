@@ -357,7 +357,8 @@ def test_tree_rows_equal_chains_and_keep_moves_the_branch(pair):
 
 def test_fused_tree_draft_and_acceptance_equal_the_generic_policy(pair):
     """Same uniforms -> the same tree (tokens, picks, ids, valid, q) from the backend's graphs as from tree.draft_tree's
-    steps, and the acceptance graph decides as tree.accept_tree, for accepted and rejected rounds."""
+    steps, and the acceptance graph decides as tree.accept_tree, for accepted and rejected rounds, with the accepted
+    chain judged by either rule (block verification, token-wise)."""
     be, bonus, h = _started_with(pair, "fused_tree_draft")
     ops, p0 = be.ops, be.length
     seen = set()
@@ -370,10 +371,12 @@ def test_fused_tree_draft_and_acceptance_equal_the_generic_policy(pair):
                 assert (a is None) == (b is None) and (a is None or ops.to_list(a) == ops.to_list(b)), what
             _close(fused.q, generic.q, 1e-6, "draft probabilities")
             logits, _ = be.verify_tree(fused.verify_tokens(ops, bonus), w)
-            for s in range(5):
-                u = ops.rand(ops.generator(100 + s), w + k + 1, like=h) * (1 if s else 0)
-                want = ops.to_list(ops.cat(accept_tree(ops, fused, logits, sp, u)))
-                assert ops.to_list(ops.cat(be.fused_accept_tree(fused, logits, sp, u))) == want, (sp, w, k, s)
+            for s in range(6):
+                u = ops.rand(ops.generator(100 + s), w + k + 1, like=h) * (1 if s > 1 else 0)
+                verify = ("block", "token")[s % 2]
+                want = ops.to_list(ops.cat(accept_tree(ops, fused, logits, sp, u, verify=verify)))
+                got = ops.to_list(ops.cat(be.fused_accept_tree(fused, logits, sp, u, verify)))
+                assert got == want, (sp, w, k, s, verify)
                 seen.add(want[0] < w)
             be.rollback(p0)
     assert seen == {True, False}

@@ -36,9 +36,9 @@ def backend(request):
 
 
 def _run(be, pipeline: bool, n_new: int = 60, temperature: float = 0.0, gate: bool = False, eos=(),
-         use_drafter: bool = True, seed: int = 3, branches: int = 1):
+         use_drafter: bool = True, seed: int = 3, branches: int = 1, verify: str = "block"):
     params = GenerationParams(n_new, SamplingParams(temperature=temperature), K, seed=seed, gate=gate,
-                              pipeline=pipeline, branches=branches)
+                              pipeline=pipeline, branches=branches, verify=verify)
     rounds = list(generate(be, PROMPT, params, set(eos), use_drafter=use_drafter))
     return [x for r in rounds for x in r.tokens], rounds, be.length
 
@@ -85,15 +85,16 @@ def test_pipelined_rounds_equal_the_synchronous_loop(backend, launches, temperat
     assert len(toks_p) == 60 and len_p == len(PROMPT) + 60 - 1
 
 
-@pytest.mark.parametrize("w", [2, 3])
-def test_pipelined_tree_rounds_equal_the_synchronous_tree_loop(backend, launches, w):
+@pytest.mark.parametrize("w,verify", [(2, "block"), (3, "block"), (2, "token")])
+def test_pipelined_tree_rounds_equal_the_synchronous_tree_loop(backend, launches, w, verify):
     """Sampled draft trees of w chains queued ahead of the host: the device-side acceptance, the accepted chain's
     K/V moved into place and the next round's bonus, h and length give the synchronous tree loop's rounds (same k,
     same uniforms); a wrong move or h would change the target's later rows and so the rounds. Also with an EOS: the
-    round launched past it is abandoned and the host's cache length ends where the synchronous loop's does."""
-    toks_s, rounds_s, _ = _run(backend, False, temperature=1.0, branches=w)
+    round launched past it is abandoned and the host's cache length ends where the synchronous loop's does. The
+    accepted chain judged by either rule."""
+    toks_s, rounds_s, _ = _run(backend, False, temperature=1.0, branches=w, verify=verify)
     assert not launches
-    toks_p, rounds_p, len_p = _run(backend, True, temperature=1.0, branches=w)
+    toks_p, rounds_p, len_p = _run(backend, True, temperature=1.0, branches=w, verify=verify)
     assert len(launches) >= 8 and {x[1] for x in launches} == {w}
     full_s, full_p = _full_rounds(rounds_s), _full_rounds(rounds_p)
     assert sum(len(t) for t, _, _ in full_p) >= 60 - 3 * (K + 1)
@@ -103,8 +104,8 @@ def test_pipelined_tree_rounds_equal_the_synchronous_tree_loop(backend, launches
     assert len(toks_p) == 60 and len_p == len(PROMPT) + 60 - 1
     eos = toks_s[30]
     cut = toks_s[:toks_s.index(eos) + 1]
-    got_s, _, len_s = _run(backend, False, temperature=1.0, branches=w, eos=[eos])
-    got_p, rounds, len_p = _run(backend, True, temperature=1.0, branches=w, eos=[eos])
+    got_s, _, len_s = _run(backend, False, temperature=1.0, branches=w, eos=[eos], verify=verify)
+    got_p, rounds, len_p = _run(backend, True, temperature=1.0, branches=w, eos=[eos], verify=verify)
     assert got_p == got_s == cut and rounds[-1].finish == "eos" and len_p == len_s
 
 

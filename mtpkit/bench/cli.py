@@ -46,8 +46,9 @@ def bench_command(
                                         "`speculative_all_rows` beside it."),
         pipeline: str = typer.Option("on", "--pipeline", help="on: drafting rounds queued ahead of the host where the "
                                      "backend can (torch on CUDA) | off | both: also run `speculative_sync` beside it."),
-        verify: str = typer.Option("block", "--verify", help="Sampling, one chain: block (block verification, the "
-                                   "default) | token (token-wise rejection) | both: also run `speculative_token`."),
+        verify: str = typer.Option("block", "--verify", help="Sampling: a chain's drafts (a tree's accepted one "
+                                   "too) judged by block (block verification, the default) | token (token-wise "
+                                   "rejection) | both: also run `speculative_token`."),
         min_confidence: float = typer.Option(None, "--min-confidence",
                                              help="Adaptive drafting threshold, as in `mtpkit run` (default: per backend, "
                                                   "off on GPU; 0 = off)."),

@@ -185,8 +185,8 @@ def our_methods(session, gen: dict[str, Any], info: dict[str, Any], gate: str = 
     is not all, `plain_rows` = plain decoding through it (llama.cpp: the head by q8_head.c), greedy-checked against
     plain: speculation's own gain is speculative over plain_rows. pipeline: on = drafting rounds queued ahead of the
     host where the backend can (Backend.pipeline: CUDA graphs), off = one round at a time, both = `speculative_sync`
-    (one at a time) beside. verify (sampling, one chain): block (block verification) | token | both =
-    `speculative_token` (token-wise rejection) beside."""
+    (one at a time) beside. verify (sampling: a round's chain, or a tree's accepted one): block (block
+    verification) | token | both = `speculative_token` (token-wise rejection) beside."""
     mb, dmb = info.target_bytes / 2**20, info.drafter_bytes / 2**20
     gen = dict(gen, lazy_rows=rows != "all", pipeline=pipeline != "off", verify="token" if verify == "token" else "block")
     w = f"mtpkit {info.name} {info.dtype}"

@@ -63,7 +63,7 @@ class BenchConfig:
     branches: int = 1  # sampling: speculative drafts trees of this many branches, `speculative_chain` beside it
     verify_rows: str = "lazy"  # lazy (the backend's verify_rows where it has one) | all | both (+ speculative_all_rows)
     pipeline: str = "on"  # on (rounds queued ahead of the host where the backend can) | off | both (+ speculative_sync)
-    verify: str = "block"  # sampling, one chain: block verification | token (token-wise) | both (+ speculative_token)
+    verify: str = "block"  # sampling, a chain (a tree's too): block verification | token | both (+ speculative_token)
     llamacpp_bin: str | None = None  # llama.cpp's programs (llama_server baseline); None = MTPKIT_LLAMACPP_BIN / build cache
 
     def check(self) -> None:

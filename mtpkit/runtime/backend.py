@@ -123,7 +123,7 @@ class Backend:
     keep = None
     draft_rows = None
     fused_tree_draft = None  # optional: (token, h, k, w, sp, u [w k]) -> TreeDraft, equal to tree.draft_tree(...)
-    fused_accept_tree = None  # optional: (tree, logits, sp, u) -> (c, n, next): tree.accept_tree as one graph
+    fused_accept_tree = None  # optional: (tree, logits, sp, u, verify) -> (c, n, next): tree.accept_tree as one graph
     # optional: (tokens [n], reach [n] or None) -> (rows, hidden [n, d]): verify() with each row's logits computed when
     # first read, rows(i) -> [V], equal to verify()'s row i, rows.computed: the rows computed so far; acceptance reads
     # rows 0..n only (loop.accept_rows); reach: the gate's chance that each row is read, for the backend to plan its

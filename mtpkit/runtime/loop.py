@@ -67,8 +67,9 @@ class GenerationParams:
     branches: int = 1  # sampling: w first-draft candidates, each with its chain (runtime/tree.py); 1 = one chain
     lazy_rows: bool = True  # steps through the backend's verify_rows where it has one (head rows as acceptance reads them)
     pipeline: bool = True  # drafting rounds queued ahead of the host where the backend can (Backend.pipeline: CUDA)
-    # sampling, one chain whose every verify row is computed: "block" = block verification (sampling.accept_block_logits),
-    # "token" = token-wise rejection (sampling.accept_rejection_logits); trees and verify_rows judge token-wise
+    # sampling, a chain whose every verify row is computed (one a round, or a tree's accepted one): "block" = block
+    # verification (sampling.accept_block_logits), "token" = token-wise rejection (sampling.accept_rejection_logits);
+    # verify_rows (llama.cpp) judges token-wise
     verify: str = "block"
 
     def __post_init__(self) -> None:
@@ -142,16 +143,18 @@ def accept_rows(backend: Backend, d: Draft, rows, sp: SamplingParams, rng) -> tu
     return vals[0], vals[1], vals[2:]
 
 
-def accept_branches(backend: Backend, d: TreeDraft, logits, sp: SamplingParams, rng) -> tuple[int, int, int, list[int]]:
+def accept_branches(backend: Backend, d: TreeDraft, logits, sp: SamplingParams, rng,
+                    verify: str = "block") -> tuple[int, int, int, list[int]]:
     """(chain c, n accepted, next token, chain c's drafts) as host ints for a draft tree against the verify's logits
-    [1 + w k, V] (tree.accept_tree; the backend's fused_accept_tree when it has one): one host transfer."""
+    [1 + w k, V] (tree.accept_tree, the accepted chain judged by the rule `verify` names; the backend's
+    fused_accept_tree when it has one): one host transfer."""
     ops = backend.ops
     w, k = d.shape
     u = ops.rand(rng, w + k + 1, like=logits)
     if backend.fused_accept_tree is not None:
-        c, n, nxt = backend.fused_accept_tree(d, logits, sp, u)
+        c, n, nxt = backend.fused_accept_tree(d, logits, sp, u, verify)
     else:
-        c, n, nxt = accept_tree(ops, d, logits, sp, u)
+        c, n, nxt = accept_tree(ops, d, logits, sp, u, verify=verify)
     vals = ops.to_list(ops.cat([c, n, nxt, ops.index(d.tokens, ops.clamp_max(c, w - 1))]))
     return vals[0], vals[1], vals[2], vals[3:]
 
@@ -232,7 +235,7 @@ def generate(backend: Backend, prompt: list[int], params: GenerationParams, eos:
             t1 = backend.clock()
             p0 = backend.length
             logits, hidden = backend.verify_tree(td.verify_tokens(ops, b), params.branches, params.num_draft_tokens)
-            c, n, bonus, drafted = accept_branches(backend, td, logits, sp, rng)
+            c, n, bonus, drafted = accept_branches(backend, td, logits, sp, rng, params.verify)
             rows = kept_rows(params.branches, c, n)
             backend.keep(p0, rows)
             h = hidden[rows[-1] if rows else 0]

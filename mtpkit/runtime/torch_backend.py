@@ -576,7 +576,7 @@ class Pipeline:
         if not 1 <= k <= be.max_draft:
             raise MtpkitError(f"a pipelined round drafts 1..{be.max_draft} tokens, got {k}")
         if w > 1:
-            return self._launch_tree(k, w, max(k, k_max or k), dsp, sp, u_draft, u_accept)
+            return self._launch_tree(k, w, max(k, k_max or k), dsp, sp, u_draft, u_accept, verify)
         t0 = be.clock()
         d = Draft(g.draft(self.tok, self.h, k, self.len)) if sp.greedy else g.draft_sampled(self.tok, self.h, k,
                                                                                              self.len, dsp, u_draft)
@@ -593,7 +593,7 @@ class Pipeline:
         return self._queue(k, k + 1, vals, t0, t1)
 
     def _launch_tree(self, k: int, w: int, k_max: int, dsp: SamplingParams, sp: SamplingParams, u_draft: torch.Tensor,
-                     u_accept: torch.Tensor) -> Launched:
+                     u_accept: torch.Tensor, verify: str = "block") -> Launched:
         """loop.generate's tree round on the device: the n kept tokens are chain c's first n drafts (c = w: none, n = 0),
         rows 1 + i w + c of the verify, moved to the positions after the bonus (all k of them: those past n lie past the
         length); h is the last kept row's."""
@@ -603,7 +603,7 @@ class Pipeline:
         t1 = be.clock()
         depth, see = be._tree_layout(w, k)
         logits, hidden = g.verify_tree(td.verify_tokens(be.ops, self.tok), depth, see, self.len, w, 1 + w * k_max)
-        c, n, nxt = g.accept_tree(td, logits, sp, u_accept)
+        c, n, nxt = g.accept_tree(td, logits, sp, u_accept, verify)
         c = c.clamp_max(w - 1)
         ar = torch.arange(k, device=be.device)
         g.move(self.len + 1 + ar * w + c, self.len + 1 + ar)
@@ -937,15 +937,16 @@ class _Graphs:
         return out
 
     @torch.inference_mode()
-    def accept_tree(self, d, logits: torch.Tensor, sp: SamplingParams, u: torch.Tensor) -> tuple:
-        """tree.accept_tree(ops, d, logits, sp, u) as one graph per (sp, w, K) for every k <= K: the chains padded to K
-        drafts (K of the last tree verify of w chains, whose padded logits it reads in place), k a device scalar."""
+    def accept_tree(self, d, logits: torch.Tensor, sp: SamplingParams, u: torch.Tensor, verify: str = "block") -> tuple:
+        """tree.accept_tree(ops, d, logits, sp, u, verify=verify) as one graph per (sp, w, K, verify) for every k <= K:
+        the chains padded to K drafts (K of the last tree verify of w chains, whose padded logits it reads in place), k
+        a device scalar."""
         w, k = d.shape
         K = max(k, (self.tree_width.get(w, 1) - 1) // w)
-        key = (sp, w, K)
+        key = (sp, w, K, verify)
         if key not in self.tree_accept_inputs:
-            verify = self.tree_graphs.get(1 + w * K)
-            lg = verify[1][0] if verify is not None else logits.new_zeros(1 + w * K, logits.shape[-1])
+            tv = self.tree_graphs.get(1 + w * K)  # the padded tree verify's graph, (graph, outputs)
+            lg = tv[1][0] if tv is not None else logits.new_zeros(1 + w * K, logits.shape[-1])
             pad = lambda x: None if x is None else x.new_zeros(w, K, *x.shape[2:])  # noqa: E731
             self.tree_accept_inputs[key] = (lg, pad(d.tokens), pad(d.picks), pad(d.q), pad(d.ids), d.valid.clone(),
                                             u.new_zeros(w + K + 1), torch.zeros((), dtype=torch.long, device=self.be.device))
@@ -960,17 +961,17 @@ class _Graphs:
         uu[:u.shape[0]].copy_(u)
         k_in.fill_(k)  # (a host int into a device scalar: no sync)
         if key not in self.tree_accepts:  # (captured on this round's inputs: its warm-up runs read real drafts)
-            self.tree_accepts[key] = self._capture(lambda *x: self.tree_accept_rule(*x, sp), static)
+            self.tree_accepts[key] = self._capture(lambda *x: self.tree_accept_rule(*x, sp, verify), static)
         g, out = self.tree_accepts[key]
         g.replay()
         return out[0], out[1], out[2]
 
     def _tree_accept_rule(self, lg: torch.Tensor, toks: torch.Tensor, picks: torch.Tensor, q: torch.Tensor,
                           ids: torch.Tensor | None, valid: torch.Tensor, u: torch.Tensor, k: torch.Tensor,
-                          sp: SamplingParams) -> torch.Tensor:
+                          sp: SamplingParams, verify: str = "block") -> torch.Tensor:
         """[c, n, next]: tree.accept_tree on chains padded to K drafts, k of them live (compiled with the steps)."""
         from mtpkit.runtime.tree import TreeDraft, accept_tree
-        return torch.stack(accept_tree(self.be.ops, TreeDraft(toks, picks, q, ids, valid), lg, sp, u, k))
+        return torch.stack(accept_tree(self.be.ops, TreeDraft(toks, picks, q, ids, valid), lg, sp, u, k, verify))
 
     @torch.inference_mode()
     def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:

@@ -9,8 +9,10 @@ its own, so branches are just rows), verifies the 1 + w k tokens in one target f
   r_{c+1} = norm(max(0, r_c - q_c)) and q_{c+1} = q_c without x_c, renormalized; r_0 = the target's p. Each
   stage samples its r exactly whatever the next candidate is, so the first token is distributed as p; when
   all w are rejected it is drawn from r_w.
-- the accepted candidate's chain: the usual rejection rule (sampling.accept_rejection_logits) against the target's
-  rows of that chain, which were computed with that chain as their context.
+- the accepted candidate's chain: a one-chain rule (sampling.VERIFY: block verification by default, or token-wise
+  rejection) against the target's rows of that chain, which were computed with that chain as their context. Given
+  candidate c accepted, its chain's later drafts were drawn from q after c whatever the other candidates were, so
+  the chain is an ordinary one from there.
 The output is distributed as the target's sampling distribution (chi-square tested in tests/test_tree.py).
 
 Layout of a round (w chains, k drafts each, step-major): verify row 0 is the bonus token b; row 1 + i w + c is
@@ -26,7 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from mtpkit.runtime.sampling import SamplingParams, accept_rejection_logits, probs
+from mtpkit.runtime.sampling import VERIFY, SamplingParams, probs
 
 
 @dataclass
@@ -97,13 +99,15 @@ def draft_tree(backend, token: Any, h: Any, k: int, w: int, sp: SamplingParams, 
     return TreeDraft(t(toks), t(pks), t(qs), None if s.ids is None else t(idss), ops.stack(valid))
 
 
-def accept_tree(ops, d: TreeDraft, logits: Any, sp: SamplingParams, u: Any, k: Any = None) -> tuple[Any, Any, Any]:
+def accept_tree(ops, d: TreeDraft, logits: Any, sp: SamplingParams, u: Any, k: Any = None,
+                verify: str = "block") -> tuple[Any, Any, Any]:
     """d (w chains of K drafts), logits [1 + w K, V] the target's at the verify's rows (layout), u [w + K + 1]
     uniforms -> (chain c, drafts accepted n, next token) as 0-d arrays; c = w when no first draft was accepted
     (then n = 0). k: None, or a 0-d array when the chains are padded to K drafts of which the first k are live (one
     shape for every k: a compiled CUDA graph); u[w + k] draws the token when no first draft is accepted. The target's
-    p only where the rule reads it (row 0's, and the accepted chain's through accept_rejection_logits). No host sync
-    and no branch on a device value (a GPU backend can replay it as one graph)."""
+    p only where the rule reads it (row 0's, and the accepted chain's through the rule `verify` names in
+    sampling.VERIFY, from the accepted candidate on). No host sync and no branch on a device value (a GPU backend can
+    replay it as one graph)."""
     w, K = d.shape
     r = probs(ops, logits[0], sp)  # the first token's target: r_0 = p, then the residuals
     q = d.q[0, 0]
@@ -120,9 +124,8 @@ def accept_tree(ops, d: TreeDraft, logits: Any, sp: SamplingParams, u: Any, k: A
     cc = ops.clamp_max(chosen, w - 1)
     rows = logits[1:].reshape(K, w, -1)  # [K, w, V]: chain c's rows are rows[:, c]
     ids = None if d.ids is None else ops.index(d.ids, cc)[1:]
-    n, nxt = accept_rejection_logits(ops, ops.index(d.tokens, cc)[1:], ops.index(d.picks, cc)[1:],
-                                     ops.index(d.q, cc)[1:], ids, ops.column(rows, cc), sp, u[w:w + K],
-                                     None if k is None else k - 1)
+    n, nxt = VERIFY[verify](ops, ops.index(d.tokens, cc)[1:], ops.index(d.picks, cc)[1:], ops.index(d.q, cc)[1:],
+                            ids, ops.column(rows, cc), sp, u[w:w + K], None if k is None else k - 1)
     none = chosen == w
     return chosen, ops.where(none, 0, n + 1), ops.where(none, ops.pick(r, u[w + K] if k is None else ops.index(u, k + w)),
                                                       nxt)
