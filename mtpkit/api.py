@@ -170,9 +170,10 @@ class Session:
         row head (q8_head.c); False: the backend's own step, every row (llama.cpp's decode: the bench's baseline).
         pipeline (default): where the backend can (torch on CUDA: Backend.pipeline) drafting rounds are queued ahead
         of the host, round r + 1 launched before round r is read (loop.pipelined); False: one round at a time.
-        verify (sampling, one chain, every verify row computed): "block" (default) = block verification, which accepts
-        at least as many drafts in expectation as "token" = token-wise rejection (sampling.accept_block_logits); both
-        keep the target's distribution. Draft trees and verify_rows (llama.cpp) judge token-wise.
+        verify (sampling: a round's chain, or a draft tree's accepted one, every verify row computed): "block"
+        (default) = block verification, which accepts at least as many drafts in expectation as "token" = token-wise
+        rejection (sampling.accept_block_logits); both keep the target's distribution. verify_rows (llama.cpp)
+        judges token-wise.
         """
         if min_confidence == "auto":
             tree = branches > 1 and temperature > 0  # a tree drafts every chain to k
