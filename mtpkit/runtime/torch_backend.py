@@ -658,7 +658,7 @@ class _Graphs:
         self.tree_layouts: dict[tuple, tuple] = {}  # padded (depth, see) per layout
         self.tree_steps: dict[tuple, list] = {}  # per (sampling settings, w): step i's (graph, outputs)
         self.tree_out: dict[tuple, tuple] = {}  # per (sp, w): (tokens, picks, q, ids, valid) [w, max_draft, ..]
-        self.tree_accepts: dict[tuple, tuple] = {}  # per (sp, w, K): (graph, out), every k <= K
+        self.tree_accepts: dict[tuple, tuple] = {}  # per (sp, w, K, verify): (graph, out), every k <= K
         self.tree_accept_inputs: dict[tuple, tuple] = {}  # ... its static inputs, padded to K
         self.tree_width: dict[int, int] = {}  # per w: the padded width of the last tree verify (1 + w K)
         self.moves: dict[int, tuple] = {}  # per rows moved m: (graph, (src [m], dst [m]) inputs)
